@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Quick start, command 2 (and all CI runs): bring the local stack up, then
+# formatting, lints, unit tests and integration tests against the stack.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+scripts/stack.sh up
+# shellcheck disable=SC1091
+source .stack/env
+
+echo "[test] cargo fmt --check" >&2
+cargo fmt --all -- --check
+echo "[test] cargo clippy" >&2
+cargo clippy --quiet --all-targets -- -D warnings
+echo "[test] cargo test" >&2
+cargo test --quiet --all-targets

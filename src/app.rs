@@ -1,0 +1,81 @@
+//! Builds the clients from [`Settings`] and runs the daemon until SIGTERM or
+//! SIGINT. The only place that wires configuration to I/O.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::config::Settings;
+use crate::daemon::Daemon;
+use crate::pipeline::Services;
+use crate::telemetry::error_chain;
+use crate::{db, fetch};
+
+/// Errors while starting or running the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// MongoDB client set-up.
+    #[error("MongoDB: {0}")]
+    Mongo(#[from] mongodb::error::Error),
+    /// S3 client set-up.
+    #[error(transparent)]
+    Storage(#[from] fetch::Error),
+    /// The scheduler could not start.
+    #[error("scheduler: {0}")]
+    Scheduler(#[from] tokio_cron_scheduler::JobSchedulerError),
+    /// Signal handler installation.
+    #[error("signals: {0}")]
+    Signal(#[from] std::io::Error),
+}
+
+/// Builds the MongoDB and S3 clients (no request is made yet).
+pub async fn services(settings: Settings) -> Result<Services, Error> {
+    let db = db::connect(&settings.mongodb).await?;
+    let storage = fetch::Storage::new(&settings.s3)?;
+    Ok(Services {
+        db,
+        storage,
+        settings: Arc::new(settings),
+    })
+}
+
+/// Creates indexes, retrying with backoff until MongoDB answers or the
+/// daemon is asked to stop: a database that is down at start-up delays the
+/// daemon, it does not kill it.
+async fn ensure_indexes(services: &Services, daemon: &Daemon) {
+    let shutdown = daemon.shutdown_token();
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match db::ensure_indexes(&services.db).await {
+            Ok(()) => return,
+            Err(e) => warn!(error = %error_chain(&e), "Creating indexes failed; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// `importd run`: the daemon, until SIGTERM/SIGINT.
+pub async fn run(settings: Settings) -> Result<(), Error> {
+    let services = services(settings).await?;
+    let daemon = Daemon::new(services.clone(), crate::claim::Claimer::default_owner());
+    let shutdown = daemon.shutdown_token();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sigterm.recv() => info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+        }
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        shutdown.cancel();
+    });
+    ensure_indexes(&services, &daemon).await;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    daemon.run().await?;
+    info!("Stopped");
+    Ok(())
+}

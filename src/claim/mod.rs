@@ -1,0 +1,450 @@
+//! Claims, leases and state transitions of `queues` documents: the ONLY
+//! writer of queue state.
+//!
+//! Guarantees:
+//! - A claim is one atomic `findOneAndUpdate` whose filter is
+//!   `status: "pending"` and no live lease, oldest first by `claim_order`. It
+//!   sets `status: "processing"`, `in_progress: true`, the lease (owner,
+//!   expiry, heartbeat) and `$inc`s `attempts`, and returns the document. Two
+//!   daemons can never both win one document: the server applies the update
+//!   to a document only while it still matches the filter.
+//! - `attempts` after the claim is the fencing token. Every later write to
+//!   the document ([`Lease`]) filters on `_id`, `status: "processing"`,
+//!   `lease.owner` and `attempts`; zero matches means the lease is lost
+//!   ([`Error::LeaseLost`]) and the holder must stop writing at once.
+//! - An expired lease is never claimed directly: [`Claimer::rescue_expired`]
+//!   (its own periodic task) moves `processing` documents whose lease expired
+//!   back to `pending`, guarded on that expiry, and the next claim takes them.
+//! - `claim_order` is stamped on pending documents from `created_at`, else
+//!   `createdAt`, else the `_id` timestamp, because dashboards differ in what
+//!   they set and a sort on missing fields would put those first.
+//!
+//! The claim filter is an equality on `status` over the few pending imports
+//! (never rows): on the target server a limit-1 query over a range costs time
+//! in proportion to the matches (STACK.md).
+
+use std::time::Duration;
+
+use bson::oid::ObjectId;
+use bson::{Bson, DateTime, Document, doc};
+use mongodb::options::ReturnDocument;
+use mongodb::{Collection, Database};
+
+use crate::domain::{FileError, JobState, collections};
+
+mod spec;
+
+pub use spec::spec_from_doc;
+
+/// Errors of the claim layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The lease on this import is no longer ours (expired and rescued,
+    /// claimed by another daemon, or the document changed state).
+    #[error("lease lost on import {queue_id} (attempt {attempt})")]
+    LeaseLost {
+        /// Queue document.
+        queue_id: ObjectId,
+        /// Our fencing token.
+        attempt: i64,
+    },
+    /// MongoDB failed.
+    #[error(transparent)]
+    Mongo(#[from] mongodb::error::Error),
+}
+
+impl Error {
+    /// Whether retrying later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::LeaseLost { .. } => false,
+            Self::Mongo(e) => crate::db::is_transient(e),
+        }
+    }
+}
+
+/// Result alias of this layer.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Claims imports for one daemon instance.
+#[derive(Clone)]
+pub struct Claimer {
+    queues: Collection<Document>,
+    owner: String,
+    lease: Duration,
+}
+
+/// A claimed import: the document as the claim returned it, and its lease.
+#[derive(Debug)]
+pub struct ClaimedJob {
+    /// The queue document after the claim.
+    pub doc: Document,
+    /// Fenced handle for every later write to the document.
+    pub lease: Lease,
+}
+
+/// Fenced handle on one claimed queue document.
+#[derive(Clone, Debug)]
+pub struct Lease {
+    queues: Collection<Document>,
+    /// Queue document id.
+    pub queue_id: ObjectId,
+    /// Fencing token: the `attempts` value set by our claim.
+    pub attempt: i64,
+    /// This daemon's owner id.
+    pub owner: String,
+    duration: Duration,
+}
+
+/// What a heartbeat learned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// The dashboard set `cancel_requested: true`.
+    pub cancel_requested: bool,
+}
+
+/// Progress counters stored under `progress` (dashboard contract).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Progress {
+    /// Data rows in the file, once known (end of file reached).
+    pub total_rows: Option<u64>,
+    /// Rows with an outcome.
+    pub processed_rows: u64,
+    /// Rows that created a record.
+    pub imported_rows: u64,
+    /// Rows that updated an existing record.
+    pub updated_rows: u64,
+    /// Rows left alone as duplicates.
+    pub skipped_rows: u64,
+    /// Rows that failed.
+    pub failed_rows: u64,
+    /// 0–100: by rows when the total is known, else by bytes read.
+    pub percent: f64,
+}
+
+impl Progress {
+    fn to_doc(self) -> Document {
+        doc! {
+            "total_rows": self.total_rows.map(|n| n as i64),
+            "processed_rows": self.processed_rows as i64,
+            "imported_rows": self.imported_rows as i64,
+            "updated_rows": self.updated_rows as i64,
+            "skipped_rows": self.skipped_rows as i64,
+            "failed_rows": self.failed_rows as i64,
+            "percent": (self.percent * 10.0).round() / 10.0,
+        }
+    }
+}
+
+/// Where a resumed run may continue: everything before is committed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Last physical line whose record is committed (0 = none).
+    pub line: u64,
+    /// Byte offset in the object where the next record starts.
+    pub byte: u64,
+    /// Data records consumed up to `line`.
+    pub records: u64,
+}
+
+impl Checkpoint {
+    fn to_doc(self) -> Document {
+        doc! { "line": self.line as i64, "byte": self.byte as i64, "records": self.records as i64 }
+    }
+
+    /// Reads `checkpoint` from a queue document (absent → start of file).
+    pub fn from_queue_doc(doc: &Document) -> Self {
+        let Ok(c) = doc.get_document("checkpoint") else {
+            return Self::default();
+        };
+        let n = |k: &str| match c.get(k) {
+            Some(Bson::Int64(v)) => u64::try_from(*v).unwrap_or(0),
+            Some(Bson::Int32(v)) => u64::try_from(*v).unwrap_or(0),
+            _ => 0,
+        };
+        Self {
+            line: n("line"),
+            byte: n("byte"),
+            records: n("records"),
+        }
+    }
+}
+
+/// How an import ended.
+#[derive(Clone, Debug)]
+pub enum Final {
+    /// Every line has an outcome.
+    Completed,
+    /// A file-level error.
+    Failed(FileError),
+    /// Cancelled on request.
+    Cancelled,
+}
+
+impl Final {
+    /// The state it stores.
+    pub fn state(&self) -> JobState {
+        match self {
+            Self::Completed => JobState::Completed,
+            Self::Failed(_) => JobState::Failed,
+            Self::Cancelled => JobState::Cancelled,
+        }
+    }
+}
+
+fn now_plus(d: Duration) -> DateTime {
+    DateTime::from_millis(DateTime::now().timestamp_millis() + d.as_millis() as i64)
+}
+
+impl Claimer {
+    /// A claimer for `owner` (unique per daemon process).
+    pub fn new(db: &Database, owner: impl Into<String>, lease: Duration) -> Self {
+        Self {
+            queues: db.collection(collections::QUEUES),
+            owner: owner.into(),
+            lease,
+        }
+    }
+
+    /// A unique owner id for this process: host, pid and a random suffix.
+    pub fn default_owner() -> String {
+        let host = hostname::get()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "unknown-host".to_owned());
+        let rand = uuid::Uuid::new_v4().simple().to_string();
+        format!("{host}:{}:{}", std::process::id(), &rand[..8])
+    }
+
+    /// This claimer's owner id.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Gives pending documents without `claim_order` one: `created_at`,
+    /// else `createdAt`, else the `_id` timestamp. Returns how many.
+    pub async fn stamp_claim_order(&self) -> Result<u64> {
+        let mut cursor = self
+            .queues
+            .find(doc! { "status": JobState::Pending.as_str(), "claim_order": Bson::Null })
+            .projection(doc! { "created_at": 1, "createdAt": 1 })
+            .limit(1000)
+            .await?;
+        let mut stamped = 0;
+        while cursor.advance().await? {
+            let d = cursor.deserialize_current()?;
+            let Ok(id) = d.get_object_id("_id") else {
+                continue;
+            };
+            let order = d
+                .get_datetime("created_at")
+                .or_else(|_| d.get_datetime("createdAt"))
+                .copied()
+                .unwrap_or_else(|_| DateTime::from_system_time(id.timestamp().to_system_time()));
+            let r = self
+                .queues
+                .update_one(
+                    doc! { "_id": id, "claim_order": Bson::Null },
+                    doc! { "$set": { "claim_order": order } },
+                )
+                .await?;
+            stamped += r.modified_count;
+        }
+        Ok(stamped)
+    }
+
+    /// Claims the oldest pending import of one of `sources`, if any.
+    pub async fn claim_next(&self, sources: &[&str]) -> Result<Option<ClaimedJob>> {
+        let now = DateTime::now();
+        let expires = now_plus(self.lease);
+        let filter = doc! {
+            "status": JobState::Pending.as_str(),
+            "source": { "$in": sources },
+            // A pending document normally has no lease at all; one whose
+            // lease is still live (written by hand, or by a dashboard retry
+            // racing a rescue) is not ours to take.
+            "lease.expires_at": { "$not": { "$gt": now } },
+        };
+        let update = doc! {
+            "$set": {
+                "status": JobState::Processing.as_str(),
+                "in_progress": true,
+                "lease": { "owner": &self.owner, "expires_at": expires, "heartbeat_at": now },
+            },
+            "$min": { "started_at": now },
+            "$inc": { "attempts": 1_i64 },
+        };
+        let doc = self
+            .queues
+            .find_one_and_update(filter, update)
+            .sort(doc! { "claim_order": 1 })
+            .return_document(ReturnDocument::After)
+            .await?;
+        Ok(doc.map(|doc| {
+            let queue_id = doc.get_object_id("_id").unwrap_or_default();
+            let attempt = match doc.get("attempts") {
+                Some(Bson::Int64(n)) => *n,
+                Some(Bson::Int32(n)) => i64::from(*n),
+                _ => 1,
+            };
+            ClaimedJob {
+                lease: Lease {
+                    queues: self.queues.clone(),
+                    queue_id,
+                    attempt,
+                    owner: self.owner.clone(),
+                    duration: self.lease,
+                },
+                doc,
+            }
+        }))
+    }
+
+    /// Moves `processing` imports whose lease expired back to `pending`, so
+    /// the next claim (by any daemon) takes them. Returns how many.
+    pub async fn rescue_expired(&self) -> Result<u64> {
+        let now = DateTime::now();
+        let r = self
+            .queues
+            .update_many(
+                doc! {
+                    "status": JobState::Processing.as_str(),
+                    "lease.expires_at": { "$lt": now },
+                },
+                doc! {
+                    "$set": { "status": JobState::Pending.as_str(), "in_progress": false, "rescued_at": now },
+                    "$unset": { "lease": "" },
+                },
+            )
+            .await?;
+        Ok(r.modified_count)
+    }
+}
+
+impl Lease {
+    fn guard(&self) -> Document {
+        doc! {
+            "_id": self.queue_id,
+            "status": JobState::Processing.as_str(),
+            "lease.owner": &self.owner,
+            "attempts": self.attempt,
+        }
+    }
+
+    fn lost(&self) -> Error {
+        Error::LeaseLost {
+            queue_id: self.queue_id,
+            attempt: self.attempt,
+        }
+    }
+
+    /// Lease duration.
+    pub fn duration(&self) -> Duration {
+        self.duration
+    }
+
+    /// Extends the lease and reports whether cancellation was requested.
+    pub async fn heartbeat(&self) -> Result<Heartbeat> {
+        let now = DateTime::now();
+        let doc = self
+            .queues
+            .find_one_and_update(
+                self.guard(),
+                doc! { "$set": { "lease.expires_at": now_plus(self.duration), "lease.heartbeat_at": now } },
+            )
+            .projection(doc! { "cancel_requested": 1 })
+            .return_document(ReturnDocument::After)
+            .await?
+            .ok_or_else(|| self.lost())?;
+        Ok(Heartbeat {
+            cancel_requested: doc.get_bool("cancel_requested").unwrap_or(false),
+        })
+    }
+
+    /// Stores progress and checkpoint, and extends the lease.
+    pub async fn save_progress(&self, progress: Progress, checkpoint: Checkpoint) -> Result<()> {
+        let now = DateTime::now();
+        let r = self
+            .queues
+            .update_one(
+                self.guard(),
+                doc! { "$set": {
+                    "progress": progress.to_doc(),
+                    "checkpoint": checkpoint.to_doc(),
+                    "lease.expires_at": now_plus(self.duration),
+                    "lease.heartbeat_at": now,
+                } },
+            )
+            .await?;
+        if r.matched_count == 0 {
+            return Err(self.lost());
+        }
+        Ok(())
+    }
+
+    /// Records data found once the import is claimed (e.g. `started_at`).
+    pub async fn set_fields(&self, fields: Document) -> Result<()> {
+        let r = self
+            .queues
+            .update_one(self.guard(), doc! { "$set": fields })
+            .await?;
+        if r.matched_count == 0 {
+            return Err(self.lost());
+        }
+        Ok(())
+    }
+
+    /// Moves the import to its final state, in one update guarded on our
+    /// lease. `extra` is merged into the `$set` (totals, `log_id`, report).
+    pub async fn finish(&self, outcome: &Final, progress: Progress, extra: Document) -> Result<()> {
+        let now = DateTime::now();
+        let mut set = doc! {
+            "status": outcome.state().as_str(),
+            "in_progress": false,
+            "completed_at": now,
+            "progress": progress.to_doc(),
+            // Exactly-once notification starts here (report/notify).
+            "notify.state": "pending",
+        };
+        if let Final::Failed(e) = outcome {
+            set.insert("error", doc! { "code": e.code(), "message": e.to_string() });
+        }
+        set.extend(extra);
+        let r = self
+            .queues
+            .update_one(
+                self.guard(),
+                doc! { "$set": set, "$unset": { "lease": "" } },
+            )
+            .await?;
+        if r.matched_count == 0 {
+            return Err(self.lost());
+        }
+        Ok(())
+    }
+
+    /// Gives the import back (shutdown, persistent transient errors): it is
+    /// `pending` again at once, and its checkpoint says where to resume.
+    pub async fn release(&self, progress: Progress, checkpoint: Checkpoint) -> Result<()> {
+        let r = self
+            .queues
+            .update_one(
+                self.guard(),
+                doc! {
+                    "$set": {
+                        "status": JobState::Pending.as_str(),
+                        "in_progress": false,
+                        "progress": progress.to_doc(),
+                        "checkpoint": checkpoint.to_doc(),
+                        "released_at": DateTime::now(),
+                    },
+                    "$unset": { "lease": "" },
+                },
+            )
+            .await?;
+        if r.matched_count == 0 {
+            return Err(self.lost());
+        }
+        Ok(())
+    }
+}

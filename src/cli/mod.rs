@@ -1,0 +1,6 @@
+//! Library side of the command-line tools: each subcommand is one function
+//! here; `main.rs` only parses arguments and prints.
+
+pub mod demo;
+pub mod enqueue;
+pub mod status;

@@ -1,0 +1,124 @@
+//! `importd status ID`: an import's state, progress and error, read from
+//! its queue document and summary. Read only.
+
+use std::time::{Duration, Instant};
+
+use bson::oid::ObjectId;
+use bson::{Bson, Document, doc};
+use mongodb::Database;
+
+use crate::domain::collections;
+
+/// An import as support sees it.
+#[derive(Clone, Debug)]
+pub struct ImportStatus {
+    /// The queue document.
+    pub queue: Document,
+    /// Its `csv_imports` summary, once created.
+    pub summary: Option<Document>,
+}
+
+impl ImportStatus {
+    /// `status` of the queue document.
+    pub fn state(&self) -> &str {
+        self.queue.get_str("status").unwrap_or("unknown")
+    }
+
+    /// Whether no daemon will touch it again.
+    pub fn is_final(&self) -> bool {
+        matches!(self.state(), "completed" | "failed" | "cancelled")
+    }
+
+    /// Human summary, several lines.
+    pub fn render(&self) -> String {
+        let q = &self.queue;
+        let mut out = format!(
+            "import {}\n  status:   {}\n",
+            q.get_object_id("_id")
+                .map(|i| i.to_hex())
+                .unwrap_or_default(),
+            self.state()
+        );
+        if let Ok(csv) = q.get_array("csv")
+            && let Some(Bson::Document(c)) = csv.first()
+        {
+            out.push_str(&format!(
+                "  file:     {}\n",
+                c.get_str("name").unwrap_or("?")
+            ));
+        }
+        if let Ok(p) = q.get_document("progress") {
+            let n = |k: &str| {
+                p.get(k)
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "-".into())
+            };
+            out.push_str(&format!(
+                "  rows:     {} processed, {} imported, {} failed ({}%)\n",
+                n("processed_rows"),
+                n("imported_rows"),
+                n("failed_rows"),
+                n("percent")
+            ));
+        }
+        if let Ok(e) = q.get_document("error") {
+            out.push_str(&format!(
+                "  error:    {}: {}\n",
+                e.get_str("code").unwrap_or("?"),
+                e.get_str("message").unwrap_or("?")
+            ));
+        }
+        if let Ok(a) = q
+            .get_i64("attempts")
+            .or(q.get_i32("attempts").map(i64::from))
+        {
+            out.push_str(&format!("  attempts: {a}\n"));
+        }
+        if let Some(s) = &self.summary
+            && let Ok(logs) = s.get_array("logs")
+        {
+            for l in logs.iter().filter_map(Bson::as_document).take(10) {
+                out.push_str(&format!(
+                    "  line {}: {} ({})\n",
+                    l.get_i64("line").unwrap_or(0),
+                    l.get_str("message").unwrap_or(""),
+                    l.get_str("field").unwrap_or("-"),
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Reads an import's status; `None` if there is no such queue document.
+pub async fn status(db: &Database, id: ObjectId) -> mongodb::error::Result<Option<ImportStatus>> {
+    let Some(queue) = db
+        .collection::<Document>(collections::QUEUES)
+        .find_one(doc! { "_id": id })
+        .await?
+    else {
+        return Ok(None);
+    };
+    let summary = db
+        .collection::<Document>(collections::CSV_IMPORTS)
+        .find_one(doc! { "queue_id": id })
+        .projection(doc! { "logs": { "$slice": 10 } })
+        .await?;
+    Ok(Some(ImportStatus { queue, summary }))
+}
+
+/// Polls until the import is final or `timeout` passes.
+pub async fn wait_final(
+    db: &Database,
+    id: ObjectId,
+    timeout: Duration,
+) -> mongodb::error::Result<Option<ImportStatus>> {
+    let start = Instant::now();
+    loop {
+        let s = status(db, id).await?;
+        if s.as_ref().is_none_or(ImportStatus::is_final) || start.elapsed() >= timeout {
+            return Ok(s);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -1,0 +1,705 @@
+//! Configuration: `config/default.toml`, then `config/{IMPORTD_ENV}.toml`
+//! (default `local`), then `IMPORTD__SECTION__KEY` environment variables.
+//!
+//! The files are deserialised into raw structs, then validated once into the
+//! typed [`Settings`] (durations, non-zero counts, enums). An invalid value
+//! fails start-up with an [`Error`] naming its key. Secrets are
+//! [`SecretString`]s: they never reach a log line or `Debug` output, and
+//! [`Settings::masked`] is the only way the configuration is printed.
+//!
+//! This module reads files and the environment and nothing else.
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// A configuration problem; the message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or a value has the wrong type.
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A value has the right type but is not acceptable.
+    #[error("configuration key `{key}`: {message}")]
+    Invalid {
+        /// Dotted key, e.g. `scheduler.lease_seconds`.
+        key: &'static str,
+        /// What is wrong and what is accepted.
+        message: String,
+    },
+}
+
+/// Result alias of this layer.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn invalid(key: &'static str, message: impl Into<String>) -> Error {
+    Error::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw shape of the files.
+
+#[derive(Deserialize)]
+struct Raw {
+    app_secret: SecretString,
+    mongodb: RawMongo,
+    s3: RawS3,
+    smtp: RawSmtp,
+    scheduler: RawScheduler,
+    import: RawImport,
+    http: RawHttp,
+    crm: RawCrm,
+    log: RawLog,
+}
+
+#[derive(Deserialize)]
+struct RawMongo {
+    uri: SecretString,
+    database: String,
+}
+
+#[derive(Deserialize)]
+struct RawS3 {
+    endpoint: String,
+    region: String,
+    bucket: String,
+    access_key: SecretString,
+    secret_key: SecretString,
+    path_style: bool,
+    request_timeout_seconds: u64,
+    stream_timeout_seconds: u64,
+}
+
+#[derive(Deserialize)]
+struct RawSmtp {
+    host: String,
+    port: u16,
+    username: String,
+    password: SecretString,
+    tls: String,
+    from: String,
+    timeout_seconds: u64,
+}
+
+#[derive(Deserialize)]
+struct RawScheduler {
+    tick: String,
+    lease_seconds: u64,
+    max_concurrent_imports: usize,
+    max_attempts: u32,
+    rescue_interval_seconds: u64,
+    shutdown_grace_seconds: u64,
+}
+
+#[derive(Deserialize)]
+struct RawImport {
+    batch_size: usize,
+    writers: usize,
+    channel_batches: usize,
+    max_file_bytes: u64,
+    max_rows: u64,
+    max_field_chars: usize,
+    number_locale: String,
+    date_order: String,
+    progress_interval_ms: u64,
+}
+
+#[derive(Deserialize)]
+struct RawHttp {
+    enabled: bool,
+    bind: String,
+}
+
+#[derive(Deserialize)]
+struct RawCrm {
+    webhook_url: String,
+}
+
+#[derive(Deserialize)]
+struct RawLog {
+    format: String,
+    filter: String,
+}
+
+// ---------------------------------------------------------------------------
+// Validated settings.
+
+/// The daemon's whole configuration, validated.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Name of the environment file that was applied (`local`, `production`).
+    pub env: String,
+    /// HS256 key shared with the dashboard (status API, webhook token).
+    pub app_secret: SecretString,
+    /// MongoDB connection.
+    pub mongodb: MongoSettings,
+    /// Object storage.
+    pub s3: S3Settings,
+    /// Outgoing mail.
+    pub smtp: SmtpSettings,
+    /// Claiming and leases.
+    pub scheduler: SchedulerSettings,
+    /// The import pipeline.
+    pub import: ImportSettings,
+    /// Health, metrics and status API listener.
+    pub http: HttpSettings,
+    /// CRM integration.
+    pub crm: CrmSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// MongoDB connection.
+#[derive(Clone, Debug)]
+pub struct MongoSettings {
+    /// Connection string; secret because it may carry a password.
+    pub uri: SecretString,
+    /// Database holding `queues`, `deals` and the rest.
+    pub database: String,
+}
+
+/// S3-compatible object storage.
+#[derive(Clone, Debug)]
+pub struct S3Settings {
+    /// e.g. `http://127.0.0.1:9000` or `https://s3.wasabisys.com`.
+    pub endpoint: String,
+    /// Signing region; must equal the server's.
+    pub region: String,
+    /// Bucket of uploads and error reports.
+    pub bucket: String,
+    /// Access key id.
+    pub access_key: SecretString,
+    /// Secret access key.
+    pub secret_key: SecretString,
+    /// Path-style addressing (`endpoint/bucket/key`) instead of virtual hosts.
+    pub path_style: bool,
+    /// Timeout of one ordinary request.
+    pub request_timeout: Duration,
+    /// Timeout of one streaming GET (covers the whole body).
+    pub stream_timeout: Duration,
+}
+
+/// How the SMTP connection is secured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// Plain text (local catcher only).
+    None,
+    /// Plain connection upgraded with STARTTLS.
+    StartTls,
+    /// TLS from the first byte (port 465).
+    Tls,
+}
+
+/// Outgoing mail.
+#[derive(Clone, Debug)]
+pub struct SmtpSettings {
+    /// Server host name.
+    pub host: String,
+    /// Server port.
+    pub port: u16,
+    /// Login; `None` when no AUTH is used.
+    pub username: Option<String>,
+    /// Password for `username`.
+    pub password: SecretString,
+    /// Transport security.
+    pub tls: SmtpTls,
+    /// `From:` mailbox, e.g. `CRM Imports <imports@example.com>`.
+    pub from: String,
+    /// Timeout of one SMTP conversation.
+    pub timeout: Duration,
+}
+
+/// Claiming and leases.
+#[derive(Clone, Debug)]
+pub struct SchedulerSettings {
+    /// Cron expression (with seconds) of the claim tick.
+    pub tick: String,
+    /// Lease of a claimed import; renewed every third of it.
+    pub lease: Duration,
+    /// Imports one daemon runs at once.
+    pub max_concurrent_imports: NonZeroUsize,
+    /// Claims after which an import fails with `too_many_attempts`.
+    pub max_attempts: u32,
+    /// Interval of the expired-lease rescue.
+    pub rescue_interval: Duration,
+    /// Time allowed on SIGTERM to checkpoint and release leases.
+    pub shutdown_grace: Duration,
+}
+
+/// Decimal separator of numbers in CSV cells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NumberLocale {
+    /// `5,000.50`
+    Dot,
+    /// `5.000,50`
+    Comma,
+}
+
+/// Order of day and month in numeric dates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DateOrder {
+    /// 31/12/2025
+    Dmy,
+    /// 12/31/2025
+    Mdy,
+}
+
+/// The import pipeline.
+#[derive(Clone, Debug)]
+pub struct ImportSettings {
+    /// Rows per bulk write.
+    pub batch_size: NonZeroUsize,
+    /// Bulk writes in flight per import.
+    pub writers: NonZeroUsize,
+    /// Batches buffered between parser and writers.
+    pub channel_batches: NonZeroUsize,
+    /// Largest accepted object (bytes); `None` = no limit.
+    pub max_file_bytes: Option<u64>,
+    /// Most accepted data rows; `None` = no limit.
+    pub max_rows: Option<u64>,
+    /// Longest accepted field value, in characters.
+    pub max_field_chars: usize,
+    /// Decimal separator of `value`.
+    pub number_locale: NumberLocale,
+    /// Day/month order of numeric dates.
+    pub date_order: DateOrder,
+    /// Least time between two progress updates of one import.
+    pub progress_interval: Duration,
+}
+
+/// HTTP listener.
+#[derive(Clone, Debug)]
+pub struct HttpSettings {
+    /// Whether the listener runs.
+    pub enabled: bool,
+    /// Address to bind; port 0 picks a free port.
+    pub bind: SocketAddr,
+}
+
+/// CRM integration.
+#[derive(Clone, Debug)]
+pub struct CrmSettings {
+    /// Completion webhook; `None` = off.
+    pub webhook_url: Option<String>,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line (journald).
+    Json,
+    /// Human-readable.
+    Pretty,
+}
+
+/// Logging.
+#[derive(Clone, Debug)]
+pub struct LogSettings {
+    /// Output format.
+    pub format: LogFormat,
+    /// `EnvFilter` directive.
+    pub filter: String,
+}
+
+/// Where the configuration files are and which environment file applies.
+#[derive(Clone, Debug)]
+pub struct Source {
+    /// Directory holding `default.toml` and the environment files.
+    pub dir: PathBuf,
+    /// Environment file name without `.toml`.
+    pub env: String,
+}
+
+impl Source {
+    /// `IMPORTD_CONFIG_DIR` (default `./config`) and `IMPORTD_ENV`
+    /// (default `local`).
+    pub fn from_env() -> Self {
+        Self {
+            dir: std::env::var_os("IMPORTD_CONFIG_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("config")),
+            env: std::env::var("IMPORTD_ENV").unwrap_or_else(|_| "local".to_owned()),
+        }
+    }
+
+    /// Like [`Source::from_env`], with an explicit directory.
+    pub fn with_dir(dir: impl AsRef<Path>) -> Self {
+        Self {
+            dir: dir.as_ref().to_owned(),
+            ..Self::from_env()
+        }
+    }
+}
+
+impl Settings {
+    /// Loads files and `IMPORTD__…` environment variables, then validates.
+    pub fn load(source: &Source) -> Result<Self> {
+        let default = source.dir.join("default.toml");
+        if !default.is_file() {
+            return Err(invalid(
+                "IMPORTD_CONFIG_DIR",
+                format!("{} not found", default.display()),
+            ));
+        }
+        let env_file = source.dir.join(format!("{}.toml", source.env));
+        if !env_file.is_file() {
+            return Err(invalid(
+                "IMPORTD_ENV",
+                format!("no environment file {}", env_file.display()),
+            ));
+        }
+        let raw: Raw = config::Config::builder()
+            .add_source(config::File::from(default))
+            .add_source(config::File::from(env_file))
+            .add_source(
+                config::Environment::with_prefix("IMPORTD")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()?
+            .try_deserialize()?;
+        Self::validate(raw, source.env.clone())
+    }
+
+    fn validate(raw: Raw, env: String) -> Result<Self> {
+        let positive = |key: &'static str, v: usize| {
+            NonZeroUsize::new(v).ok_or_else(|| invalid(key, "must be at least 1"))
+        };
+        let smtp_tls = match raw.smtp.tls.as_str() {
+            "none" => SmtpTls::None,
+            "starttls" => SmtpTls::StartTls,
+            "tls" => SmtpTls::Tls,
+            other => {
+                return Err(invalid(
+                    "smtp.tls",
+                    format!("`{other}` is not one of none, starttls, tls"),
+                ));
+            }
+        };
+        if raw.smtp.from.parse::<lettre::message::Mailbox>().is_err() {
+            return Err(invalid(
+                "smtp.from",
+                "not a mailbox like `Name <user@example.com>`",
+            ));
+        }
+        if raw.scheduler.lease_seconds < 3 {
+            return Err(invalid("scheduler.lease_seconds", "must be at least 3"));
+        }
+        if raw.scheduler.max_attempts == 0 {
+            return Err(invalid("scheduler.max_attempts", "must be at least 1"));
+        }
+        validate_cron(&raw.scheduler.tick)?;
+        if raw.import.batch_size > 10_000 {
+            // One outcome document per batch must stay far below 16 MB.
+            return Err(invalid("import.batch_size", "must be at most 10000"));
+        }
+        if raw.import.max_field_chars == 0 {
+            return Err(invalid("import.max_field_chars", "must be at least 1"));
+        }
+        let number_locale = match raw.import.number_locale.as_str() {
+            "dot" => NumberLocale::Dot,
+            "comma" => NumberLocale::Comma,
+            other => {
+                return Err(invalid(
+                    "import.number_locale",
+                    format!("`{other}` is not one of dot, comma"),
+                ));
+            }
+        };
+        let date_order = match raw.import.date_order.as_str() {
+            "dmy" => DateOrder::Dmy,
+            "mdy" => DateOrder::Mdy,
+            other => {
+                return Err(invalid(
+                    "import.date_order",
+                    format!("`{other}` is not one of dmy, mdy"),
+                ));
+            }
+        };
+        let bind = raw.http.bind.parse().map_err(|_| {
+            invalid(
+                "http.bind",
+                format!("`{}` is not an address like 127.0.0.1:8080", raw.http.bind),
+            )
+        })?;
+        let webhook_url = match raw.crm.webhook_url.trim() {
+            "" => None,
+            url if url.starts_with("http://") || url.starts_with("https://") => {
+                Some(url.to_owned())
+            }
+            _ => {
+                return Err(invalid(
+                    "crm.webhook_url",
+                    "must be an http(s) URL or empty",
+                ));
+            }
+        };
+        if !(raw.s3.endpoint.starts_with("http://") || raw.s3.endpoint.starts_with("https://")) {
+            return Err(invalid("s3.endpoint", "must be an http(s) URL"));
+        }
+        if raw.s3.bucket.is_empty() {
+            return Err(invalid("s3.bucket", "must not be empty"));
+        }
+        if raw.mongodb.database.is_empty() {
+            return Err(invalid("mongodb.database", "must not be empty"));
+        }
+        let format = match raw.log.format.as_str() {
+            "json" => LogFormat::Json,
+            "pretty" => LogFormat::Pretty,
+            other => {
+                return Err(invalid(
+                    "log.format",
+                    format!("`{other}` is not one of json, pretty"),
+                ));
+            }
+        };
+        let nonzero = |v: u64| (v > 0).then_some(v);
+        Ok(Self {
+            env,
+            app_secret: raw.app_secret,
+            mongodb: MongoSettings {
+                uri: raw.mongodb.uri,
+                database: raw.mongodb.database,
+            },
+            s3: S3Settings {
+                endpoint: raw.s3.endpoint.trim_end_matches('/').to_owned(),
+                region: raw.s3.region,
+                bucket: raw.s3.bucket,
+                access_key: raw.s3.access_key,
+                secret_key: raw.s3.secret_key,
+                path_style: raw.s3.path_style,
+                request_timeout: Duration::from_secs(raw.s3.request_timeout_seconds.max(1)),
+                stream_timeout: Duration::from_secs(raw.s3.stream_timeout_seconds.max(1)),
+            },
+            smtp: SmtpSettings {
+                host: raw.smtp.host,
+                port: raw.smtp.port,
+                username: Some(raw.smtp.username).filter(|u| !u.is_empty()),
+                password: raw.smtp.password,
+                tls: smtp_tls,
+                from: raw.smtp.from,
+                timeout: Duration::from_secs(raw.smtp.timeout_seconds.max(1)),
+            },
+            scheduler: SchedulerSettings {
+                tick: raw.scheduler.tick,
+                lease: Duration::from_secs(raw.scheduler.lease_seconds),
+                max_concurrent_imports: positive(
+                    "scheduler.max_concurrent_imports",
+                    raw.scheduler.max_concurrent_imports,
+                )?,
+                max_attempts: raw.scheduler.max_attempts,
+                rescue_interval: Duration::from_secs(raw.scheduler.rescue_interval_seconds.max(1)),
+                shutdown_grace: Duration::from_secs(raw.scheduler.shutdown_grace_seconds),
+            },
+            import: ImportSettings {
+                batch_size: positive("import.batch_size", raw.import.batch_size)?,
+                writers: positive("import.writers", raw.import.writers)?,
+                channel_batches: positive("import.channel_batches", raw.import.channel_batches)?,
+                max_file_bytes: nonzero(raw.import.max_file_bytes),
+                max_rows: nonzero(raw.import.max_rows),
+                max_field_chars: raw.import.max_field_chars,
+                number_locale,
+                date_order,
+                progress_interval: Duration::from_millis(raw.import.progress_interval_ms),
+            },
+            http: HttpSettings {
+                enabled: raw.http.enabled,
+                bind,
+            },
+            crm: CrmSettings { webhook_url },
+            log: LogSettings {
+                format,
+                filter: raw.log.filter,
+            },
+        })
+    }
+
+    /// The effective configuration as TOML, every secret masked.
+    pub fn masked(&self) -> String {
+        fn secret(s: &SecretString) -> &'static str {
+            if s.expose_secret().is_empty() {
+                "\"\" # (not set)"
+            } else {
+                "\"********\""
+            }
+        }
+        let opt = |v: Option<u64>| v.map_or_else(|| "0 # (no limit)".to_owned(), |v| v.to_string());
+        format!(
+            r#"# environment: {env}
+app_secret = {app_secret}
+
+[mongodb]
+uri = "{uri}"
+database = "{database}"
+
+[s3]
+endpoint = "{endpoint}"
+region = "{region}"
+bucket = "{bucket}"
+access_key = {access_key}
+secret_key = {secret_key}
+path_style = {path_style}
+request_timeout_seconds = {req_timeout}
+stream_timeout_seconds = {stream_timeout}
+
+[smtp]
+host = "{smtp_host}"
+port = {smtp_port}
+username = "{smtp_user}"
+password = {smtp_password}
+tls = "{smtp_tls}"
+from = "{smtp_from}"
+timeout_seconds = {smtp_timeout}
+
+[scheduler]
+tick = "{tick}"
+lease_seconds = {lease}
+max_concurrent_imports = {max_concurrent}
+max_attempts = {max_attempts}
+rescue_interval_seconds = {rescue}
+shutdown_grace_seconds = {grace}
+
+[import]
+batch_size = {batch_size}
+writers = {writers}
+channel_batches = {channel_batches}
+max_file_bytes = {max_file_bytes}
+max_rows = {max_rows}
+max_field_chars = {max_field_chars}
+number_locale = "{number_locale}"
+date_order = "{date_order}"
+progress_interval_ms = {progress_ms}
+
+[http]
+enabled = {http_enabled}
+bind = "{http_bind}"
+
+[crm]
+webhook_url = "{webhook}"
+
+[log]
+format = "{log_format}"
+filter = "{log_filter}"
+"#,
+            env = self.env,
+            app_secret = secret(&self.app_secret),
+            uri = mask_uri(self.mongodb.uri.expose_secret()),
+            database = self.mongodb.database,
+            endpoint = self.s3.endpoint,
+            region = self.s3.region,
+            bucket = self.s3.bucket,
+            access_key = secret(&self.s3.access_key),
+            secret_key = secret(&self.s3.secret_key),
+            path_style = self.s3.path_style,
+            req_timeout = self.s3.request_timeout.as_secs(),
+            stream_timeout = self.s3.stream_timeout.as_secs(),
+            smtp_host = self.smtp.host,
+            smtp_port = self.smtp.port,
+            smtp_user = self.smtp.username.as_deref().unwrap_or(""),
+            smtp_password = secret(&self.smtp.password),
+            smtp_tls = match self.smtp.tls {
+                SmtpTls::None => "none",
+                SmtpTls::StartTls => "starttls",
+                SmtpTls::Tls => "tls",
+            },
+            smtp_from = self.smtp.from,
+            smtp_timeout = self.smtp.timeout.as_secs(),
+            tick = self.scheduler.tick,
+            lease = self.scheduler.lease.as_secs(),
+            max_concurrent = self.scheduler.max_concurrent_imports,
+            max_attempts = self.scheduler.max_attempts,
+            rescue = self.scheduler.rescue_interval.as_secs(),
+            grace = self.scheduler.shutdown_grace.as_secs(),
+            batch_size = self.import.batch_size,
+            writers = self.import.writers,
+            channel_batches = self.import.channel_batches,
+            max_file_bytes = opt(self.import.max_file_bytes),
+            max_rows = opt(self.import.max_rows),
+            max_field_chars = self.import.max_field_chars,
+            number_locale = match self.import.number_locale {
+                NumberLocale::Dot => "dot",
+                NumberLocale::Comma => "comma",
+            },
+            date_order = match self.import.date_order {
+                DateOrder::Dmy => "dmy",
+                DateOrder::Mdy => "mdy",
+            },
+            progress_ms = self.import.progress_interval.as_millis(),
+            http_enabled = self.http.enabled,
+            http_bind = self.http.bind,
+            webhook = self.crm.webhook_url.as_deref().map_or("", mask_url_query),
+            log_format = match self.log.format {
+                LogFormat::Json => "json",
+                LogFormat::Pretty => "pretty",
+            },
+            log_filter = self.log.filter,
+        )
+    }
+}
+
+fn validate_cron(expr: &str) -> Result<()> {
+    // Same parser and options as tokio-cron-scheduler, so what passes here
+    // schedules there.
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .build()
+        .parse(expr)
+        .map(|_| ())
+        .map_err(|e| {
+            invalid(
+                "scheduler.tick",
+                format!("`{expr}` is not a cron expression with seconds ({e})"),
+            )
+        })
+}
+
+/// Replaces the password of `scheme://user:password@host` with `********`.
+fn mask_uri(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:********@{}", &rest[at + 1..])
+        }
+        None => uri.to_owned(),
+    }
+}
+
+/// Webhook URLs may carry a token in their query string: hide it.
+fn mask_url_query(url: &str) -> &str {
+    url.split('?').next().unwrap_or(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_password_is_masked() {
+        assert_eq!(
+            mask_uri("mongodb://app:hunter2@db.example.com:27017/crm?tls=true"),
+            "mongodb://app:********@db.example.com:27017/crm?tls=true"
+        );
+        assert_eq!(
+            mask_uri("mongodb://127.0.0.1:27017/?directConnection=true"),
+            "mongodb://127.0.0.1:27017/?directConnection=true"
+        );
+    }
+
+    #[test]
+    fn cron_with_seconds_is_required() {
+        assert!(validate_cron("*/5 * * * * *").is_ok());
+        assert!(validate_cron("every five seconds").is_err());
+    }
+}

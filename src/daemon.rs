@@ -1,0 +1,179 @@
+//! The daemon loop: a tokio-cron-scheduler job on `scheduler.tick` claims
+//! pending imports while a slot is free, and a second job rescues expired
+//! leases every `scheduler.rescue_interval`.
+//!
+//! Guarantees:
+//! - Ticks never overlap (a tick still claiming makes the next one a no-op),
+//!   and a tick only claims and spawns: a slow import never delays the next
+//!   tick.
+//! - At most `scheduler.max_concurrent_imports` imports run at once: a tick
+//!   takes a semaphore permit before each claim, so nothing is claimed that
+//!   cannot start at once (a claimed import is never left waiting).
+//! - Shutdown: stop claiming, let every running import finish its batches in
+//!   flight, checkpoint and release its lease, within the grace period.
+//! - MongoDB trouble never ends the daemon: a failed tick is logged and the
+//!   next one tries again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Mutex, Semaphore};
+use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::claim::{self, Claimer};
+use crate::pipeline::{self, Services};
+use crate::telemetry::error_chain;
+
+/// Sources this daemon imports. Contacts stay pending for a daemon that
+/// implements them, rather than being failed by this one.
+pub const SOURCES: [&str; 1] = ["deals"];
+
+struct Inner {
+    services: Services,
+    claimer: Claimer,
+    slots: Arc<Semaphore>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    tick_lock: Mutex<()>,
+}
+
+/// A running (or runnable) daemon; cheap to clone.
+#[derive(Clone)]
+pub struct Daemon {
+    inner: Arc<Inner>,
+}
+
+impl Daemon {
+    /// A daemon for `services`, claiming as `owner`.
+    pub fn new(services: Services, owner: String) -> Self {
+        let settings = services.settings.clone();
+        let claimer = Claimer::new(&services.db, owner, settings.scheduler.lease);
+        Self {
+            inner: Arc::new(Inner {
+                slots: Arc::new(Semaphore::new(
+                    settings.scheduler.max_concurrent_imports.get(),
+                )),
+                services,
+                claimer,
+                tasks: TaskTracker::new(),
+                shutdown: CancellationToken::new(),
+                tick_lock: Mutex::new(()),
+            }),
+        }
+    }
+
+    /// Token that stops the daemon when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    /// This daemon's lease owner id.
+    pub fn owner(&self) -> &str {
+        self.inner.claimer.owner()
+    }
+
+    /// One tick: claims imports while slots are free and starts them.
+    /// Returns how many were claimed.
+    pub async fn tick(&self) -> claim::Result<usize> {
+        let inner = &self.inner;
+        let Ok(_guard) = inner.tick_lock.try_lock() else {
+            return Ok(0);
+        };
+        if inner.shutdown.is_cancelled() || inner.slots.available_permits() == 0 {
+            return Ok(0);
+        }
+        inner.claimer.stamp_claim_order().await?;
+        let mut claimed = 0;
+        while !inner.shutdown.is_cancelled() {
+            let Ok(permit) = inner.slots.clone().try_acquire_owned() else {
+                break;
+            };
+            let Some(job) = inner.claimer.claim_next(&SOURCES).await? else {
+                break;
+            };
+            claimed += 1;
+            let span = info_span!(
+                "import",
+                queue_id = %job.lease.queue_id,
+                attempt = job.lease.attempt,
+            );
+            let services = inner.services.clone();
+            let shutdown = inner.shutdown.clone();
+            inner.tasks.spawn(
+                async move {
+                    info!("Claimed import");
+                    pipeline::run(&services, job, shutdown).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        }
+        Ok(claimed)
+    }
+
+    async fn tick_logged(&self) {
+        if let Err(e) = self.tick().await {
+            warn!(error = %error_chain(&e), "Claim tick failed; the next tick retries");
+        }
+    }
+
+    async fn rescue_logged(&self) {
+        match self.inner.claimer.rescue_expired().await {
+            Ok(0) => {}
+            Ok(n) => info!(imports = n, "Rescued imports whose lease expired"),
+            Err(e) => warn!(error = %error_chain(&e), "Lease rescue failed"),
+        }
+    }
+
+    /// Runs the scheduler until the shutdown token is cancelled, then drains
+    /// running imports within `grace`.
+    pub async fn run(&self) -> Result<(), JobSchedulerError> {
+        let settings = self.inner.services.settings.clone();
+        let mut sched = JobScheduler::new().await?;
+        let d = self.clone();
+        sched
+            .add(Job::new_async(
+                settings.scheduler.tick.as_str(),
+                move |_, _| {
+                    let d = d.clone();
+                    Box::pin(async move { d.tick_logged().await })
+                },
+            )?)
+            .await?;
+        let d = self.clone();
+        sched
+            .add(Job::new_repeated_async(
+                settings.scheduler.rescue_interval,
+                move |_, _| {
+                    let d = d.clone();
+                    Box::pin(async move { d.rescue_logged().await })
+                },
+            )?)
+            .await?;
+        sched.start().await?;
+        info!(owner = self.owner(), tick = %settings.scheduler.tick, "Scheduler started");
+        self.inner.shutdown.cancelled().await;
+        info!("Shutting down: no more claims; finishing batches in flight");
+        sched.shutdown().await?;
+        self.drain(settings.scheduler.shutdown_grace).await;
+        Ok(())
+    }
+
+    /// Waits for running imports to checkpoint and release, up to `grace`.
+    pub async fn drain(&self, grace: Duration) {
+        self.inner.shutdown.cancel();
+        self.inner.tasks.close();
+        if tokio::time::timeout(grace, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            error!(
+                grace_seconds = grace.as_secs(),
+                "Imports did not stop within the grace period; their leases will expire"
+            );
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! MongoDB connection and the indexes importd relies on.
+//!
+//! Indexes are created at start-up and are idempotent (creating an existing
+//! index with the same keys and options is a no-op). Every index on a
+//! collection written per row costs insert throughput, so `deals` gets none:
+//! its idempotency key is its `_id` (see `domain::ids`).
+
+use std::time::Duration;
+
+use bson::{Document, doc};
+use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::{Client, Database, IndexModel};
+use secrecy::ExposeSecret;
+
+use crate::config::MongoSettings;
+use crate::domain::collections;
+
+/// Connects (lazily: the driver dials on first use) to the configured database.
+pub async fn connect(settings: &MongoSettings) -> mongodb::error::Result<Database> {
+    let mut options = ClientOptions::parse(settings.uri.expose_secret()).await?;
+    options.app_name.get_or_insert_with(|| "importd".to_owned());
+    options
+        .server_selection_timeout
+        .get_or_insert(Duration::from_secs(10));
+    options
+        .connect_timeout
+        .get_or_insert(Duration::from_secs(5));
+    let client = Client::with_options(options)?;
+    Ok(client.database(&settings.database))
+}
+
+fn index(keys: Document, name: &str, unique: bool) -> IndexModel {
+    IndexModel::builder()
+        .keys(keys)
+        .options(
+            IndexOptions::builder()
+                .name(name.to_owned())
+                .unique(unique.then_some(true))
+                .build(),
+        )
+        .build()
+}
+
+/// Creates every index importd needs. Safe to run on every start.
+pub async fn ensure_indexes(db: &Database) -> mongodb::error::Result<()> {
+    let specs: [(&str, Document, &str, bool); 6] = [
+        // The claim: equality on status over the few pending imports, oldest first.
+        (
+            collections::QUEUES,
+            doc! { "status": 1, "claim_order": 1 },
+            "status_claim_order",
+            false,
+        ),
+        // The rescue: processing imports whose lease expired.
+        (
+            collections::QUEUES,
+            doc! { "status": 1, "lease.expires_at": 1 },
+            "status_lease_expiry",
+            false,
+        ),
+        // One stage per normalised name: two daemons racing make one.
+        (
+            collections::PIPELINE_STAGES,
+            doc! { "account_id": 1, "pipeline_id": 1, "name": 1 },
+            "account_pipeline_name_unique",
+            true,
+        ),
+        // One summary per import.
+        (
+            collections::CSV_IMPORTS,
+            doc! { "queue_id": 1 },
+            "queue_id_unique",
+            true,
+        ),
+        // Support: "what happened to line N of import X" and "all failed
+        // lines of X". One entry per batch of lines, so it costs nothing
+        // measurable on the write path.
+        (
+            collections::IMPORT_LINES,
+            doc! { "queue_id": 1, "first_line": 1 },
+            "queue_first_line",
+            false,
+        ),
+        (
+            collections::IMPORT_LINES,
+            doc! { "queue_id": 1, "failed_count": 1 },
+            "queue_failed",
+            false,
+        ),
+    ];
+    for (coll, keys, name, unique) in specs {
+        db.collection::<Document>(coll)
+            .create_index(index(keys, name, unique))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Whether a MongoDB error is worth retrying: network trouble, timeouts,
+/// server selection, a primary stepping down. Anything else is a bug or bad
+/// data and retrying would only repeat it.
+pub fn is_transient(e: &mongodb::error::Error) -> bool {
+    use mongodb::error::ErrorKind;
+    if e.contains_label("RetryableWriteError")
+        || e.contains_label("TransientTransactionError")
+        || e.contains_label("ResetPool")
+    {
+        return true;
+    }
+    match e.kind.as_ref() {
+        ErrorKind::Io(_)
+        | ErrorKind::ServerSelection { .. }
+        | ErrorKind::ConnectionPoolCleared { .. }
+        | ErrorKind::DnsResolve { .. } => true,
+        ErrorKind::Command(c) => matches!(
+            c.code,
+            // HostUnreachable, HostNotFound, NetworkTimeout, ShutdownInProgress,
+            // PrimarySteppedDown, ExceededTimeLimit, SocketException,
+            // NotWritablePrimary, InterruptedAtShutdown,
+            // InterruptedDueToReplStateChange, NotPrimaryNoSecondaryOk,
+            // NotPrimaryOrSecondary, NetworkInterfaceExceededTimeLimit
+            6 | 7 | 89 | 91 | 189 | 262 | 9001 | 10107 | 11600 | 11602 | 13435 | 13436
+        ),
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteConcernError(_)) => true,
+        _ => false,
+    }
+}

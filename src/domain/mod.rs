@@ -1,0 +1,370 @@
+//! Pure shared types: job states, the import specification read from a queue
+//! document, field targets, file-level error codes, row codes and the
+//! deterministic record id.
+//!
+//! No I/O, no async, no driver types (an `ObjectId` is a value, not a
+//! driver). Every other module may depend on this one; it depends on none.
+
+use bson::oid::ObjectId;
+
+pub mod ids;
+pub mod text;
+
+pub use ids::{deal_id, deal_id_range, line_of_deal_id};
+
+/// Collection names: the data contract of SPEC.md.
+pub mod collections {
+    /// One document per import, written by the dashboard and the daemon.
+    pub const QUEUES: &str = "queues";
+    /// Imported deals.
+    pub const DEALS: &str = "deals";
+    /// Stages of pipelines; unique per `(account_id, pipeline_id, name)`.
+    pub const PIPELINE_STAGES: &str = "pipeline_stages";
+    /// Pipelines (read only).
+    pub const PIPELINES: &str = "pipelines";
+    /// Users (read only): the summary email's address.
+    pub const USERS: &str = "users";
+    /// One summary document per import: support's entry point.
+    pub const CSV_IMPORTS: &str = "csv_imports";
+    /// Per-line outcomes, one document per written batch of lines.
+    pub const IMPORT_LINES: &str = "import_lines";
+}
+
+/// Physical line number in the CSV file, 1-based; the header is line 1.
+pub type LineNo = u64;
+
+/// State of a queue document. The strings are the dashboard's contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobState {
+    /// Waiting to be claimed. Left by a claim (→ `processing`); entered from
+    /// `processing` when a lease is released or rescued after expiry.
+    Pending,
+    /// Claimed under a live lease by one daemon, which alone moves it on.
+    Processing,
+    /// Final: every line has an outcome.
+    Completed,
+    /// Final: a file-level error (see [`FileError`]) stopped the import.
+    Failed,
+    /// Final: the dashboard asked for cancellation; what was written stays.
+    Cancelled,
+}
+
+impl JobState {
+    /// The stored string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Processing => "processing",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether no daemon will touch the import again.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// What an import creates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    /// Deals of one pipeline.
+    Deals,
+    /// Contacts of an account.
+    Contacts,
+}
+
+impl RecordKind {
+    /// The queue document's `source` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deals => "deals",
+            Self::Contacts => "contacts",
+        }
+    }
+}
+
+/// `additional_data.duplicate_strategy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DuplicateStrategy {
+    /// Always insert (default).
+    #[default]
+    Create,
+    /// Leave an existing record of the same normalised name alone.
+    Skip,
+    /// Update an existing record of the same normalised name.
+    Update,
+}
+
+/// A standard deal field a mapping may target (SPEC.md, `deals`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DealField {
+    /// Required.
+    Name,
+    /// Number.
+    Value,
+    /// A stage name in the CSV, stored as the stage's ObjectId.
+    StageId,
+    /// Normalised token.
+    Status,
+    /// Normalised token.
+    ContractType,
+    /// Date.
+    ExpectedCloseDate,
+    /// Free text.
+    Description,
+    /// Contact link by email.
+    ContactEmail,
+    /// Contact link by name.
+    ContactName,
+}
+
+impl DealField {
+    /// Every standard field.
+    pub const ALL: [DealField; 9] = [
+        Self::Name,
+        Self::Value,
+        Self::StageId,
+        Self::Status,
+        Self::ContractType,
+        Self::ExpectedCloseDate,
+        Self::Description,
+        Self::ContactEmail,
+        Self::ContactName,
+    ];
+
+    /// The field name on a deal document.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Name => "name",
+            Self::Value => "value",
+            Self::StageId => "stage_id",
+            Self::Status => "status",
+            Self::ContractType => "contract_type",
+            Self::ExpectedCloseDate => "expected_close_date",
+            Self::Description => "description",
+            Self::ContactEmail => "contact_email",
+            Self::ContactName => "contact_name",
+        }
+    }
+
+    /// Parses a mapping target.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.as_str() == s)
+    }
+}
+
+/// Where a mapped column's value goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FieldTarget {
+    /// A standard field.
+    Standard(DealField),
+    /// A custom field: `additional_info.<24-hex id>`.
+    Custom(String),
+}
+
+impl FieldTarget {
+    /// The name used in row errors and reports.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Standard(f) => f.as_str(),
+            Self::Custom(id) => id,
+        }
+    }
+}
+
+/// Everything the pipeline needs from a claimed queue document.
+#[derive(Clone, Debug)]
+pub struct ImportSpec {
+    /// The queue document's `_id`.
+    pub queue_id: ObjectId,
+    /// `source`.
+    pub kind: RecordKind,
+    /// Importing user: owner and creator of every record.
+    pub user_id: ObjectId,
+    /// Owning account.
+    pub account_id: ObjectId,
+    /// White-label parent account (webhook token claim).
+    pub parent_account: Option<ObjectId>,
+    /// Client id (webhook token claim).
+    pub client_id: Option<ObjectId>,
+    /// Object key of the CSV (`csv[0].key`).
+    pub csv_key: String,
+    /// Original file name (`csv[0].name`).
+    pub file_name: String,
+    /// `mappings`, in document order: CSV header → target string.
+    pub mappings: Vec<(String, String)>,
+    /// `additional_data.pipeline_id` (deals).
+    pub pipeline_id: Option<ObjectId>,
+    /// `additional_data.tags`.
+    pub tags: Vec<String>,
+    /// `additional_data.duplicate_strategy`.
+    pub duplicate_strategy: DuplicateStrategy,
+}
+
+/// A file-level problem: the import ends `failed` with [`FileError::code`].
+///
+/// Codes are stable, snake_case and never reused; the `Display` text is for
+/// the customer (email, dashboard) and may change.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FileError {
+    /// The queue document lacks a field the daemon needs.
+    #[error("The import request is incomplete: {0}. Please start the import again.")]
+    InvalidQueueDocument(String),
+    /// `source` is not one this daemon imports.
+    #[error("Imports of type \"{0}\" are not supported.")]
+    UnsupportedSource(String),
+    /// The uploaded object is not in storage.
+    #[error("The uploaded file could not be found. Please upload it again.")]
+    ObjectNotFound,
+    /// Zero bytes.
+    #[error("The file is empty. Please upload a CSV file with a header row and data rows.")]
+    EmptyFile,
+    /// No header row.
+    #[error("The file has no header row. The first line must name the columns.")]
+    NoHeader,
+    /// Binary content (images, spreadsheets, archives).
+    #[error(
+        "The file is not a CSV text file (it looks like binary data, e.g. an Excel workbook). Please export it as CSV and upload it again."
+    )]
+    NotCsv,
+    /// The CSV structure cannot be read at all.
+    #[error("The file could not be read as CSV near line {line}: {detail}.")]
+    Malformed {
+        /// Physical line.
+        line: LineNo,
+        /// Parser detail.
+        detail: String,
+    },
+    /// Over `import.max_file_bytes`.
+    #[error(
+        "The file is {size} bytes, over the limit of {limit} bytes. Please split it into smaller files."
+    )]
+    FileTooLarge {
+        /// Object size.
+        size: u64,
+        /// Configured limit.
+        limit: u64,
+    },
+    /// Over `import.max_rows`.
+    #[error("The file has more than {limit} rows. Please split it into smaller files.")]
+    TooManyRows {
+        /// Configured limit.
+        limit: u64,
+    },
+    /// The mapping is unusable.
+    #[error("The column mapping is invalid: {0}")]
+    MappingInvalid(String),
+    /// `pipeline_id` is not a pipeline of the account.
+    #[error(
+        "The selected pipeline does not exist in this account. Please choose another pipeline."
+    )]
+    PipelineNotFound,
+    /// Claimed too many times without finishing.
+    #[error("The import was interrupted {0} times and has been stopped. Please contact support.")]
+    TooManyAttempts(u32),
+}
+
+impl FileError {
+    /// Stable machine-readable code, stored as `error.code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidQueueDocument(_) => "invalid_queue_document",
+            Self::UnsupportedSource(_) => "unsupported_source",
+            Self::ObjectNotFound => "object_not_found",
+            Self::EmptyFile => "empty_file",
+            Self::NoHeader => "no_header",
+            Self::NotCsv => "not_csv",
+            Self::Malformed { .. } => "malformed_csv",
+            Self::FileTooLarge { .. } => "file_too_large",
+            Self::TooManyRows { .. } => "too_many_rows",
+            Self::MappingInvalid(_) => "mapping_invalid",
+            Self::PipelineNotFound => "pipeline_not_found",
+            Self::TooManyAttempts(_) => "too_many_attempts",
+        }
+    }
+}
+
+/// Why one row was not imported. Stored on the line's outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowCode {
+    /// A required field is empty.
+    Required,
+    /// Not a number.
+    InvalidNumber,
+    /// Not a date.
+    InvalidDate,
+    /// Not an email address.
+    InvalidEmail,
+    /// Over `import.max_field_chars`.
+    TooLong,
+    /// The row has a different number of fields than the header.
+    FieldCount,
+    /// The database refused the record.
+    WriteRejected,
+}
+
+impl RowCode {
+    /// Stable code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Required => "required",
+            Self::InvalidNumber => "invalid_number",
+            Self::InvalidDate => "invalid_date",
+            Self::InvalidEmail => "invalid_email",
+            Self::TooLong => "too_long",
+            Self::FieldCount => "field_count",
+            Self::WriteRejected => "write_rejected",
+        }
+    }
+}
+
+/// One failed row: what support and the error report show.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowError {
+    /// Physical line where the record starts.
+    pub line: LineNo,
+    /// Why.
+    pub code: RowCode,
+    /// Target field (or header) concerned, if one.
+    pub field: Option<String>,
+    /// The offending value, truncated for storage.
+    pub value: Option<String>,
+    /// Human explanation.
+    pub message: String,
+}
+
+/// Longest value kept in a row error: enough to recognise it, small enough
+/// that a batch of failures stays far below MongoDB's 16 MB limit.
+pub const MAX_ERROR_VALUE_CHARS: usize = 200;
+
+/// Cuts `s` to at most [`MAX_ERROR_VALUE_CHARS`] characters.
+pub fn truncate_value(s: &str) -> String {
+    match s.char_indices().nth(MAX_ERROR_VALUE_CHARS) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deal_fields_round_trip() {
+        for f in DealField::ALL {
+            assert_eq!(DealField::parse(f.as_str()), Some(f));
+        }
+        assert_eq!(DealField::parse("_id"), None);
+    }
+
+    #[test]
+    fn truncation_respects_char_boundaries() {
+        let s = "é".repeat(300);
+        let t = truncate_value(&s);
+        assert_eq!(t.chars().count(), MAX_ERROR_VALUE_CHARS + 1);
+        assert_eq!(truncate_value("short"), "short");
+    }
+}

@@ -1,0 +1,281 @@
+//! Object storage: an S3 object → a byte stream (`impl AsyncRead`), plus the
+//! few other object operations importd needs (upload, presign).
+//!
+//! Knows buckets and keys, not CSV. Guarantees:
+//! - Streaming: the object is never held in memory; bytes flow as the
+//!   consumer reads them (backpressure through the reader).
+//! - A stream that breaks mid-way (timeout, reset, 5xx) is reopened with a
+//!   ranged GET at the byte it had reached, with exponential backoff and
+//!   jitter, so the consumer sees one uninterrupted byte sequence or an
+//!   error after the retries are spent. rust-s3 applies its request timeout
+//!   to the whole body, so streams use their own, longer timeout.
+//! - A missing object is [`Error::NotFound`], matched on the HTTP status.
+
+use std::io;
+use std::pin::Pin;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use s3::creds::Credentials;
+use s3::error::S3Error;
+use s3::request::Request as _;
+use s3::request::tokio_backend::ReqwestRequest;
+use s3::{Bucket, Region};
+use secrecy::ExposeSecret;
+use tokio_util::io::StreamReader;
+
+use crate::config::S3Settings;
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No object at this key.
+    #[error("object not found")]
+    NotFound,
+    /// The storage failed (see [`Error::is_transient`]).
+    #[error("object storage: {0}")]
+    S3(#[from] S3Error),
+    /// Reading a local file to upload failed.
+    #[error("reading {path}: {source}")]
+    Local {
+        /// The file.
+        path: String,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+impl Error {
+    /// Whether retrying later may succeed (5xx, 408, 429, network trouble).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::NotFound | Self::Local { .. } => false,
+            Self::S3(e) => s3_transient(e),
+        }
+    }
+}
+
+fn s3_transient(e: &S3Error) -> bool {
+    match e {
+        S3Error::HttpFailWithBody(status, _) => *status >= 500 || *status == 408 || *status == 429,
+        S3Error::Http(_) | S3Error::Io(_) | S3Error::Reqwest(_) => true,
+        _ => false,
+    }
+}
+
+fn classify(e: S3Error) -> Error {
+    match e {
+        S3Error::HttpFailWithBody(404, _) => Error::NotFound,
+        e => Error::S3(e),
+    }
+}
+
+/// Result alias of this layer.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What a HEAD tells.
+#[derive(Clone, Copy, Debug)]
+pub struct ObjectInfo {
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Retry policy of a broken stream: exponential backoff with jitter.
+pub fn default_stream_retry() -> ExponentialBuilder {
+    // About two minutes of trying in all: an S3 outage of tens of seconds
+    // costs a pause, not the import.
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(20))
+        .with_max_times(10)
+        .with_jitter()
+}
+
+/// The configured bucket.
+#[derive(Clone)]
+pub struct Storage {
+    bucket: Box<Bucket>,
+    stream_bucket: Box<Bucket>,
+    retry: ExponentialBuilder,
+}
+
+/// A readable object: the bytes from some offset to the end.
+pub type ObjectReader = StreamReader<Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>, Bytes>;
+
+impl Storage {
+    /// Builds the client; no request is made.
+    pub fn new(settings: &S3Settings) -> Result<Self> {
+        let region = Region::Custom {
+            region: settings.region.clone(),
+            endpoint: settings.endpoint.clone(),
+        };
+        let credentials = Credentials::new(
+            Some(settings.access_key.expose_secret()),
+            Some(settings.secret_key.expose_secret()),
+            None,
+            None,
+            None,
+        )
+        .map_err(|e| Error::S3(S3Error::Credentials(e)))?;
+        let mut bucket = Bucket::new(&settings.bucket, region, credentials)?;
+        if settings.path_style {
+            bucket = bucket.with_path_style();
+        }
+        Ok(Self {
+            stream_bucket: bucket.with_request_timeout(settings.stream_timeout)?,
+            bucket: bucket.with_request_timeout(settings.request_timeout)?,
+            retry: default_stream_retry(),
+        })
+    }
+
+    /// Overrides the stream retry policy (tests use short delays).
+    pub fn with_stream_retry(mut self, retry: ExponentialBuilder) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Size of the object at `key`.
+    pub async fn head(&self, key: &str) -> Result<ObjectInfo> {
+        let (head, status) = self.bucket.head_object(key).await.map_err(classify)?;
+        if status == 404 {
+            return Err(Error::NotFound);
+        }
+        Ok(ObjectInfo {
+            size: head
+                .content_length
+                .map_or(0, |n| u64::try_from(n).unwrap_or(0)),
+        })
+    }
+
+    async fn open_range(&self, key: &str, start: u64) -> Result<s3::request::DataStream> {
+        let command = s3::command::Command::GetObjectRange { start, end: None };
+        let request = ReqwestRequest::new(&self.stream_bucket, key, command).await?;
+        let response = request.response_data_to_stream().await.map_err(classify)?;
+        Ok(response.bytes)
+    }
+
+    /// Streams the object at `key` from byte `start` to its end (`size`,
+    /// from [`Storage::head`]). The first request happens here, so a missing
+    /// object fails now rather than at the first read.
+    pub async fn open(&self, key: &str, start: u64, size: u64) -> Result<ObjectReader> {
+        if start >= size {
+            let empty: Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>> =
+                Box::pin(futures::stream::empty());
+            return Ok(StreamReader::new(empty));
+        }
+        let first = self.open_range(key, start).await?;
+        let state = Resumable {
+            storage: self.clone(),
+            key: key.to_owned(),
+            offset: start,
+            size,
+            current: Some(first),
+            delays: self.retry.build(),
+            failures: 0,
+            done: false,
+        };
+        let stream: Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>> =
+            Box::pin(futures::stream::unfold(state, Resumable::next));
+        Ok(StreamReader::new(stream))
+    }
+
+    /// Uploads a local file (streamed; multipart above 8 MiB).
+    pub async fn put_file(&self, key: &str, path: &std::path::Path) -> Result<()> {
+        let local = |source| Error::Local {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut file = tokio::fs::File::open(path).await.map_err(local)?;
+        self.bucket
+            .put_object_stream_with_content_type(&mut file, key, "text/csv")
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    /// Uploads bytes.
+    pub async fn put_bytes(&self, key: &str, bytes: &[u8], content_type: &str) -> Result<()> {
+        self.bucket
+            .put_object_with_content_type(key, bytes, content_type)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    /// A presigned GET URL valid for `expiry` (at most 7 days, S3's limit).
+    pub async fn presign_get(&self, key: &str, expiry: Duration) -> Result<String> {
+        let secs = u32::try_from(expiry.as_secs())
+            .unwrap_or(u32::MAX)
+            .clamp(1, 604_800);
+        Ok(self.bucket.presign_get(key, secs, None).await?)
+    }
+
+    /// Deletes the object (missing is fine).
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        self.bucket.delete_object(key).await.map_err(classify)?;
+        Ok(())
+    }
+}
+
+struct Resumable {
+    storage: Storage,
+    key: String,
+    offset: u64,
+    size: u64,
+    current: Option<s3::request::DataStream>,
+    delays: backon::ExponentialBackoff,
+    failures: u32,
+    done: bool,
+}
+
+impl Resumable {
+    async fn next(mut self) -> Option<(io::Result<Bytes>, Self)> {
+        loop {
+            if self.done || self.offset >= self.size {
+                return None;
+            }
+            let failure = match self.current.as_mut() {
+                None => match self.storage.open_range(&self.key, self.offset).await {
+                    Ok(s) => {
+                        self.current = Some(s);
+                        continue;
+                    }
+                    Err(e) if e.is_transient() => e.to_string(),
+                    Err(e) => return self.fail(e.to_string()),
+                },
+                Some(stream) => match stream.next().await {
+                    Some(Ok(chunk)) => {
+                        self.offset += chunk.len() as u64;
+                        if self.failures > 0 {
+                            self.failures = 0;
+                            self.delays = self.storage.retry.build();
+                        }
+                        return Some((Ok(chunk), self));
+                    }
+                    Some(Err(e)) => e.to_string(),
+                    // Ended before `size`: the connection was cut.
+                    None => format!("stream ended at byte {} of {}", self.offset, self.size),
+                },
+            };
+            self.current = None;
+            self.failures += 1;
+            let Some(delay) = self.delays.next() else {
+                return self.fail(failure);
+            };
+            tracing::warn!(
+                offset = self.offset,
+                attempt = self.failures,
+                error = %failure,
+                "Object stream broke; reopening at the byte reached"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    fn fail(mut self, msg: String) -> Option<(io::Result<Bytes>, Self)> {
+        self.done = true;
+        Some((Err(io::Error::other(msg)), self))
+    }
+}

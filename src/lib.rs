@@ -1,0 +1,26 @@
+//! importd: imports CRM deals (and contacts) from CSV files in S3-compatible
+//! storage into MongoDB.
+//!
+//! Modules in data-flow order: [`claim`] (atomic claims under a lease, the
+//! only writer of queue state) → [`fetch`] (S3 object → bytes) → [`parse`]
+//! (bytes → records) → [`map`] (records → deals or row errors, pure) →
+//! [`stages`] (pipeline stages, created once) → [`write`] (idempotent bulk
+//! inserts) → [`outcomes`] (per-line outcomes and the summary), wired by
+//! [`pipeline`] and driven by [`daemon`]. [`domain`] holds the pure types
+//! every module shares.
+
+pub mod app;
+pub mod claim;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod db;
+pub mod domain;
+pub mod fetch;
+pub mod map;
+pub mod outcomes;
+pub mod parse;
+pub mod pipeline;
+pub mod stages;
+pub mod telemetry;
+pub mod write;

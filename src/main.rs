@@ -1,0 +1,252 @@
+//! The `importd` binary: parse the command line, load configuration, set up
+//! logging, dispatch. The only home of `anyhow` and of exit codes
+//! (0 ok, 1 nothing found / import not completed, 2 error).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bson::oid::ObjectId;
+use clap::{Parser, Subcommand, ValueEnum};
+use importd::cli::{demo, enqueue, status};
+use importd::config::{Settings, Source};
+use importd::domain::RecordKind;
+use importd::{app, db, fetch, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "importd",
+    version,
+    about = "Imports CRM deals and contacts from CSV files in S3 into MongoDB"
+)]
+struct Cli {
+    /// Directory of default.toml and the environment files
+    /// (default: $IMPORTD_CONFIG_DIR or ./config).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SourceArg {
+    Deals,
+    Contacts,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: claim and import pending imports until SIGTERM.
+    Run,
+    /// Print the effective configuration (secrets masked) and check it.
+    CheckConfig,
+    /// Upload a CSV and enqueue an import, as the dashboard does.
+    Enqueue {
+        /// The CSV file.
+        file: PathBuf,
+        #[arg(long, value_enum, default_value = "deals")]
+        source: SourceArg,
+        /// Target pipeline id (deals).
+        #[arg(long)]
+        pipeline: Option<ObjectId>,
+        /// Account id.
+        #[arg(long)]
+        account: ObjectId,
+        /// Importing user id.
+        #[arg(long)]
+        user: ObjectId,
+        /// JSON object {"CSV header": "field or custom field id"};
+        /// default: match headers to field names.
+        #[arg(long)]
+        mapping: Option<PathBuf>,
+        /// Comma-separated tags for every record.
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
+        /// create | skip | update
+        #[arg(long)]
+        duplicate_strategy: Option<String>,
+        /// Wait until the import is final and print its status.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show an import's status, progress and first failed lines.
+    Status {
+        /// Queue document id.
+        id: ObjectId,
+    },
+    /// Seed a demo account and import a CSV into it (local use).
+    Demo {
+        /// The CSV file.
+        #[arg(default_value = "samples/deals.csv")]
+        file: PathBuf,
+        /// Mapping JSON (default: samples/deals.mapping.json if it exists).
+        #[arg(long)]
+        mapping: Option<PathBuf>,
+        /// Address of the demo user (the summary email's recipient).
+        #[arg(long, default_value = "demo@example.com")]
+        email: String,
+        /// Seconds to wait for the import to finish.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let source = match &cli.config {
+        Some(dir) => Source::with_dir(dir),
+        None => Source::from_env(),
+    };
+    let settings = match Settings::load(&source) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("importd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Command::CheckConfig = cli.command {
+        print!("{}", settings.masked());
+        return ExitCode::SUCCESS;
+    }
+    telemetry::init(settings.log.format, &settings.log.filter, std::io::stdout);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("importd: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command, settings)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("importd: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::CheckConfig => unreachable!("handled before the runtime starts"),
+        Command::Run => {
+            app::run(settings).await.context("daemon")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Enqueue {
+            file,
+            source,
+            pipeline,
+            account,
+            user,
+            mapping,
+            tags,
+            duplicate_strategy,
+            wait,
+        } => {
+            let kind = match source {
+                SourceArg::Deals => RecordKind::Deals,
+                SourceArg::Contacts => RecordKind::Contacts,
+            };
+            if kind == RecordKind::Deals && pipeline.is_none() {
+                bail!("--pipeline is required for deals");
+            }
+            let db = db::connect(&settings.mongodb).await?;
+            let storage = fetch::Storage::new(&settings.s3)?;
+            let mappings = mapping.as_deref().map(enqueue::read_mapping).transpose()?;
+            let req = enqueue::Request {
+                file,
+                kind,
+                pipeline_id: pipeline,
+                account_id: account,
+                user_id: user,
+                parent_account: None,
+                client_id: None,
+                mappings,
+                tags,
+                duplicate_strategy,
+            };
+            let id = enqueue::enqueue(&db, &storage, &req)
+                .await
+                .context("enqueue")?;
+            println!("{}", id.to_hex());
+            if wait {
+                return print_final(&db, id, Duration::from_secs(3600)).await;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { id } => {
+            let db = db::connect(&settings.mongodb).await?;
+            match status::status(&db, id).await? {
+                Some(s) => {
+                    print!("{}", s.render());
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => {
+                    eprintln!("no import {id}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        Command::Demo {
+            file,
+            mapping,
+            email,
+            timeout,
+        } => {
+            let db = db::connect(&settings.mongodb).await?;
+            let storage = fetch::Storage::new(&settings.s3)?;
+            let account = demo::DemoAccount::default();
+            demo::seed(&db, &account, &email)
+                .await
+                .context("seeding the demo account")?;
+            let mapping = mapping.or_else(|| {
+                let p = file.with_extension("mapping.json");
+                p.is_file().then_some(p)
+            });
+            let mappings = mapping.as_deref().map(enqueue::read_mapping).transpose()?;
+            let req = enqueue::Request {
+                file: file.clone(),
+                kind: RecordKind::Deals,
+                pipeline_id: Some(account.pipeline_id),
+                account_id: account.account_id,
+                user_id: account.user_id,
+                parent_account: None,
+                client_id: None,
+                mappings,
+                tags: vec!["demo".into()],
+                duplicate_strategy: None,
+            };
+            let id = enqueue::enqueue(&db, &storage, &req)
+                .await
+                .context("enqueue")?;
+            println!(
+                "Enqueued {} as import {}; waiting for the daemon…",
+                file.display(),
+                id.to_hex()
+            );
+            let code = print_final(&db, id, Duration::from_secs(timeout)).await?;
+            let dbname = &settings.mongodb.database;
+            println!(
+                "\nWhere to look:\n  importd status {id}\n  MongoDB {dbname}: queues {{_id: ObjectId('{id}')}}, csv_imports {{queue_id: …}}, deals {{'import.queue_id': …}}, import_lines {{queue_id: …}}"
+            );
+            Ok(code)
+        }
+    }
+}
+
+async fn print_final(
+    db: &mongodb::Database,
+    id: ObjectId,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let s = status::wait_final(db, id, timeout)
+        .await?
+        .context("the queue document vanished")?;
+    print!("{}", s.render());
+    if s.state() == "completed" {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::from(1))
+    }
+}

@@ -1,0 +1,336 @@
+//! Per-line outcomes and the import summary (`csv_imports`).
+//!
+//! Storage, chosen so that recording every line costs almost nothing on the
+//! write path and no document approaches 16 MB:
+//! - `import_lines`: ONE document per written batch (≤ `import.batch_size`
+//!   lines, at most 10,000), `_id = deal_id(queue_id, first_line)`, holding
+//!   the batch's line range, the lines imported (their deal id is
+//!   `deal_id(queue_id, line)`), and each failed line with field, value,
+//!   message and its original cells for the error report. Cells of failed
+//!   rows are capped per document ([`MAX_ROW_BYTES_PER_DOC`]), so a batch of
+//!   1,000 failures of huge rows still stays a few MB.
+//! - Writing the batch document is an upsert on its deterministic `_id`:
+//!   a replayed batch rewrites the same document, so every line has exactly
+//!   one outcome however often it is processed. Batches are cut by row
+//!   count only, so a resumed run cuts the same batches.
+//! - Support's "what happened to line N of import X" is one indexed query
+//!   on `(queue_id, first_line)` ([`line_outcome`]); all failed lines of X
+//!   come from `(queue_id, failed_count)`.
+//! - Totals are recomputed from these documents at the end ([`totals`]),
+//!   so they are exact after any number of replays.
+//! - `csv_imports` keeps one summary per import with totals and the first
+//!   1,000 failures in `logs` (SPEC.md).
+
+use bson::oid::ObjectId;
+use bson::{Bson, DateTime, Document, doc};
+use futures::TryStreamExt;
+use mongodb::Database;
+use mongodb::options::ReplaceOptions;
+
+use crate::domain::{ImportSpec, LineNo, RowError, collections, deal_id};
+use crate::map::FailedRow;
+
+/// Largest total size of failed rows' cells kept in one batch document.
+pub const MAX_ROW_BYTES_PER_DOC: usize = 4 * 1024 * 1024;
+
+/// Failures copied into `csv_imports.logs`.
+pub const SUMMARY_LOG_LIMIT: usize = 1000;
+
+/// Result alias of this layer.
+pub type Result<T, E = mongodb::error::Error> = std::result::Result<T, E>;
+
+/// Outcomes of one batch of lines.
+#[derive(Clone, Debug, Default)]
+pub struct BatchOutcome {
+    /// First physical line of the batch.
+    pub first_line: LineNo,
+    /// Last physical line where a record of the batch starts.
+    pub last_line: LineNo,
+    /// Lines whose record exists (created now or by an earlier run).
+    pub imported: Vec<LineNo>,
+    /// Failed lines.
+    pub failed: Vec<FailedRow>,
+}
+
+fn failure_doc(f: &FailedRow, keep_row: bool) -> Document {
+    let e = &f.error;
+    let mut d = doc! {
+        "line": e.line as i64,
+        "code": e.code.as_str(),
+        "field": e.field.as_deref(),
+        "value": e.value.as_deref(),
+        "message": &e.message,
+    };
+    if keep_row {
+        d.insert(
+            "row",
+            f.cells
+                .iter()
+                .map(|c| Bson::String(c.clone()))
+                .collect::<Vec<_>>(),
+        );
+    } else {
+        d.insert("row_omitted", true);
+    }
+    d
+}
+
+/// Stores one batch's outcomes (idempotent upsert).
+pub async fn record_batch(db: &Database, queue_id: ObjectId, batch: &BatchOutcome) -> Result<()> {
+    let Some(id) = deal_id(&queue_id, batch.first_line) else {
+        return Ok(());
+    };
+    let mut row_bytes = 0usize;
+    let failed: Vec<Document> = batch
+        .failed
+        .iter()
+        .map(|f| {
+            row_bytes += f.cells.iter().map(String::len).sum::<usize>();
+            failure_doc(f, row_bytes <= MAX_ROW_BYTES_PER_DOC)
+        })
+        .collect();
+    let document = doc! {
+        "_id": id,
+        "queue_id": queue_id,
+        "first_line": batch.first_line as i64,
+        "last_line": batch.last_line as i64,
+        "imported": batch.imported.iter().map(|&l| l as i64).collect::<Vec<_>>(),
+        "imported_count": batch.imported.len() as i64,
+        "failed": failed,
+        "failed_count": batch.failed.len() as i64,
+        "written_at": DateTime::now(),
+    };
+    db.collection::<Document>(collections::IMPORT_LINES)
+        .replace_one(doc! { "_id": id }, document)
+        .with_options(ReplaceOptions::builder().upsert(true).build())
+        .await?;
+    Ok(())
+}
+
+/// Totals of an import, from its outcome documents.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Data rows with an outcome.
+    pub rows: u64,
+    /// Rows whose record was created.
+    pub imported: u64,
+    /// Rows that updated an existing record.
+    pub updated: u64,
+    /// Rows skipped as duplicates.
+    pub skipped: u64,
+    /// Failed rows.
+    pub failed: u64,
+}
+
+/// Sums the outcome documents of `queue_id`.
+pub async fn totals(db: &Database, queue_id: ObjectId) -> Result<Totals> {
+    let mut cursor = db
+        .collection::<Document>(collections::IMPORT_LINES)
+        .aggregate([
+            doc! { "$match": { "queue_id": queue_id } },
+            doc! { "$group": {
+                "_id": Bson::Null,
+                "imported": { "$sum": "$imported_count" },
+                "failed": { "$sum": "$failed_count" },
+            } },
+        ])
+        .await?;
+    let Some(d) = cursor.try_next().await? else {
+        return Ok(Totals::default());
+    };
+    let n = |k: &str| match d.get(k) {
+        Some(Bson::Int64(v)) => *v as u64,
+        Some(Bson::Int32(v)) => *v as u64,
+        Some(Bson::Double(v)) => *v as u64,
+        _ => 0,
+    };
+    let t = Totals {
+        imported: n("imported"),
+        failed: n("failed"),
+        ..Totals::default()
+    };
+    Ok(Totals {
+        rows: t.imported + t.failed,
+        ..t
+    })
+}
+
+/// The first `limit` failed lines of `queue_id`, in line order.
+pub async fn failures(db: &Database, queue_id: ObjectId, limit: usize) -> Result<Vec<RowErrorDoc>> {
+    let mut cursor = db
+        .collection::<Document>(collections::IMPORT_LINES)
+        .find(doc! { "queue_id": queue_id, "failed_count": { "$gt": 0_i64 } })
+        .sort(doc! { "queue_id": 1, "first_line": 1 })
+        .projection(doc! { "failed.row": 0 })
+        .await?;
+    // Batches are in line order and lines within a batch too: stop reading
+    // as soon as `limit` are in hand (memory stays bounded by one batch).
+    let mut out = Vec::new();
+    while out.len() < limit
+        && let Some(d) = cursor.try_next().await?
+    {
+        if let Ok(failed) = d.get_array("failed") {
+            out.extend(
+                failed
+                    .iter()
+                    .filter_map(Bson::as_document)
+                    .map(RowErrorDoc::from_doc),
+            );
+        }
+    }
+    out.truncate(limit);
+    Ok(out)
+}
+
+/// A stored failed line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowErrorDoc {
+    /// Physical line.
+    pub line: LineNo,
+    /// Row code.
+    pub code: String,
+    /// Field concerned.
+    pub field: Option<String>,
+    /// Offending value (truncated).
+    pub value: Option<String>,
+    /// Explanation.
+    pub message: String,
+}
+
+impl RowErrorDoc {
+    fn from_doc(d: &Document) -> Self {
+        Self {
+            line: d.get_i64("line").map_or(0, |l| l as u64),
+            code: d.get_str("code").unwrap_or_default().to_owned(),
+            field: d.get_str("field").ok().map(str::to_owned),
+            value: d.get_str("value").ok().map(str::to_owned),
+            message: d.get_str("message").unwrap_or_default().to_owned(),
+        }
+    }
+
+    /// Entry of `csv_imports.logs`.
+    pub fn to_log(&self) -> Document {
+        doc! {
+            "line": self.line as i64,
+            "field": self.field.as_deref(),
+            "message": &self.message,
+            "value": self.value.as_deref(),
+            "code": &self.code,
+        }
+    }
+}
+
+impl From<&RowError> for RowErrorDoc {
+    fn from(e: &RowError) -> Self {
+        Self {
+            line: e.line,
+            code: e.code.as_str().to_owned(),
+            field: e.field.clone(),
+            value: e.value.clone(),
+            message: e.message.clone(),
+        }
+    }
+}
+
+/// One line's outcome, as support sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LineOutcome {
+    /// The record exists, with this id.
+    Imported {
+        /// The record's `_id`.
+        deal_id: ObjectId,
+    },
+    /// The line failed.
+    Failed(RowErrorDoc),
+}
+
+/// What happened to `line` of import `queue_id`: one indexed query.
+/// `None` when no record starts on that line or it was not processed yet.
+pub async fn line_outcome(
+    db: &Database,
+    queue_id: ObjectId,
+    line: LineNo,
+) -> Result<Option<LineOutcome>> {
+    let Some(d) = db
+        .collection::<Document>(collections::IMPORT_LINES)
+        .find_one(doc! {
+            "queue_id": queue_id,
+            "first_line": { "$lte": line as i64 },
+            "last_line": { "$gte": line as i64 },
+        })
+        .sort(doc! { "queue_id": 1, "first_line": -1 })
+        .projection(doc! { "failed.row": 0 })
+        .await?
+    else {
+        return Ok(None);
+    };
+    let l = line as i64;
+    if let Ok(failed) = d.get_array("failed")
+        && let Some(f) = failed
+            .iter()
+            .filter_map(Bson::as_document)
+            .find(|f| f.get_i64("line").ok() == Some(l))
+    {
+        return Ok(Some(LineOutcome::Failed(RowErrorDoc::from_doc(f))));
+    }
+    let imported = d
+        .get_array("imported")
+        .is_ok_and(|a| a.iter().any(|x| x.as_i64() == Some(l)));
+    Ok(imported
+        .then(|| deal_id(&queue_id, line))
+        .flatten()
+        .map(|deal_id| LineOutcome::Imported { deal_id }))
+}
+
+/// Creates the import's summary document if it does not exist yet.
+pub async fn open_summary(db: &Database, spec: &ImportSpec) -> Result<ObjectId> {
+    let coll = db.collection::<Document>(collections::CSV_IMPORTS);
+    let d = coll
+        .find_one_and_update(
+            doc! { "queue_id": spec.queue_id },
+            doc! {
+                "$setOnInsert": {
+                    "queue_id": spec.queue_id,
+                    "account_id": spec.account_id,
+                    "user_id": spec.user_id,
+                    "source": spec.kind.as_str(),
+                    "file_name": &spec.file_name,
+                    "started_at": DateTime::now(),
+                    "logs": [],
+                },
+                "$set": { "status": "processing" },
+            },
+        )
+        .upsert(true)
+        .return_document(mongodb::options::ReturnDocument::After)
+        .projection(doc! { "_id": 1 })
+        .await?;
+    Ok(d.and_then(|d| d.get_object_id("_id").ok())
+        .unwrap_or_default())
+}
+
+/// Writes the final totals and the first failures into the summary.
+pub async fn close_summary(
+    db: &Database,
+    queue_id: ObjectId,
+    status: &str,
+    totals: Totals,
+    logs: &[RowErrorDoc],
+) -> Result<()> {
+    db.collection::<Document>(collections::CSV_IMPORTS)
+        .update_one(
+            doc! { "queue_id": queue_id },
+            doc! { "$set": {
+                "status": status,
+                "total_rows": totals.rows as i64,
+                "total_records_added": totals.imported as i64,
+                "total_updated": totals.updated as i64,
+                "total_skipped": totals.skipped as i64,
+                "total_errors": totals.failed as i64,
+                "logs": logs.iter().map(RowErrorDoc::to_log).collect::<Vec<_>>(),
+                "finished_at": DateTime::now(),
+            } },
+        )
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,604 @@
+//! Bytes → CSV records, via csv-async. Knows dialects, encodings and
+//! headers, not CRM fields.
+//!
+//! Guarantees:
+//! - Streaming: one reused `ByteRecord`; memory does not grow with the file.
+//! - Every record carries the physical line where it starts (header = line
+//!   1), counting the extra lines of quoted fields that span several lines
+//!   and the empty lines the parser skips, so it matches what an editor
+//!   shows.
+//! - Every record carries the object byte offset just past it, so a resumed
+//!   run can start a ranged GET at a record boundary.
+//! - The reader is `flexible`: a ragged row is returned as is and `map`
+//!   turns it into a row error we own; only a broken stream is an `Err`.
+//! - Encodings: UTF-8 with or without BOM (cells that are not valid UTF-8
+//!   are read as Windows-1252, see `domain::text`), UTF-16 LE/BE with BOM
+//!   (transcoded to UTF-8 on the fly). Delimiter `,` `;` tab or `|`, detected
+//!   from the header line outside quotes.
+//! - Binary content (NUL bytes, zip/xlsx, xls, pdf signatures) is refused
+//!   before any record is read.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use csv_async::{AsyncReader, AsyncReaderBuilder, ByteRecord};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+
+use crate::domain::text::decode_cell;
+use crate::domain::{FileError, LineNo};
+
+/// Errors of the parse layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file itself is unusable (empty, binary, no header).
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// Reading the underlying stream failed (usually storage trouble).
+    #[error("reading the file near line {line}: {source}")]
+    Io {
+        /// Physical line reached.
+        line: LineNo,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Result alias of this layer.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Text encoding of the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    /// UTF-8 (cells that are not valid UTF-8 are read as Windows-1252).
+    Utf8,
+    /// UTF-16 little-endian, with BOM.
+    Utf16Le,
+    /// UTF-16 big-endian, with BOM.
+    Utf16Be,
+}
+
+impl Encoding {
+    /// Whether parser byte offsets are object byte offsets (no transcoding).
+    pub fn offsets_are_exact(self) -> bool {
+        self == Self::Utf8
+    }
+}
+
+/// How the file is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dialect {
+    /// Field delimiter.
+    pub delimiter: u8,
+    /// Text encoding.
+    pub encoding: Encoding,
+}
+
+/// Where reading starts: the file start, or a checkpoint's record boundary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Start {
+    /// Physical line at which the next record starts (1 = file start).
+    pub line: LineNo,
+    /// Object byte offset of that line.
+    pub byte: u64,
+}
+
+type BoxRead = Pin<Box<dyn AsyncRead + Send>>;
+
+/// A stream of records.
+pub struct Records {
+    rdr: AsyncReader<Tail>,
+    record: ByteRecord,
+    line_base: u64,
+    byte_base: u64,
+    /// Dialect in use.
+    pub dialect: Dialect,
+}
+
+/// One record, borrowed from the reader until the next call.
+pub struct Record<'a> {
+    /// Physical line where the record starts.
+    pub line: LineNo,
+    /// Object byte offset just past the record (exact for UTF-8 only).
+    pub end_byte: u64,
+    /// Physical line where the next record may start.
+    pub next_line: LineNo,
+    /// The raw fields.
+    pub fields: &'a ByteRecord,
+}
+
+/// Pass-through reader remembering how many bytes went by and the last one,
+/// so the parser can tell whether the file's last record ends with `\n`.
+struct Tail {
+    inner: BoxRead,
+    total: u64,
+    last: u8,
+    eof: bool,
+}
+
+impl AsyncRead for Tail {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = this.inner.as_mut().poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &poll {
+            let filled = &buf.filled()[before..];
+            match filled.last() {
+                Some(&b) => {
+                    this.last = b;
+                    this.total += filled.len() as u64;
+                }
+                None => this.eof = true,
+            }
+        }
+        poll
+    }
+}
+
+/// The text of a field, without the `\r` of a CRLF line end.
+pub fn field_text(fields: &ByteRecord, i: usize) -> Option<&[u8]> {
+    let f = fields.get(i)?;
+    Some(if i + 1 == fields.len() {
+        f.strip_suffix(b"\r").unwrap_or(f)
+    } else {
+        f
+    })
+}
+
+impl crate::map::Fields for ByteRecord {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn field(&self, i: usize) -> Option<&[u8]> {
+        field_text(self, i)
+    }
+}
+
+/// Bytes peeked from the start of the stream before parsing.
+const SNIFF_BYTES: usize = 64 * 1024;
+
+/// Opens a file from its start: sniffs encoding and dialect, reads the
+/// header row. Returns the header names (BOM stripped, decoded) and the
+/// records after it.
+pub async fn open<R>(reader: R) -> Result<(Vec<String>, Records)>
+where
+    R: AsyncRead + Send + 'static,
+{
+    let reader: BoxRead = Box::pin(reader);
+    let (head, reader) = peek(reader, SNIFF_BYTES).await?;
+    if head.is_empty() {
+        return Err(FileError::EmptyFile.into());
+    }
+    let (encoding, bom) = if head.starts_with(&[0xEF, 0xBB, 0xBF]) {
+        (Encoding::Utf8, 3)
+    } else if head.starts_with(&[0xFF, 0xFE]) {
+        (Encoding::Utf16Le, 2)
+    } else if head.starts_with(&[0xFE, 0xFF]) {
+        (Encoding::Utf16Be, 2)
+    } else {
+        (Encoding::Utf8, 0)
+    };
+    if encoding == Encoding::Utf8 && looks_binary(&head[bom..]) {
+        return Err(FileError::NotCsv.into());
+    }
+    let mut reader: BoxRead = Box::pin(std::io::Cursor::new(head).chain(reader));
+    if bom > 0 {
+        let mut skip = [0u8; 3];
+        reader
+            .read_exact(&mut skip[..bom])
+            .await
+            .map_err(|source| Error::Io { line: 1, source })?;
+    }
+    if encoding != Encoding::Utf8 {
+        let enc = if encoding == Encoding::Utf16Le {
+            encoding_rs::UTF_16LE
+        } else {
+            encoding_rs::UTF_16BE
+        };
+        reader = Box::pin(Transcode::new(reader, enc));
+    }
+    // Peek again after transcoding: the delimiter is found in text.
+    let (head, reader) = peek(reader, SNIFF_BYTES).await?;
+    if head.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(if head.is_empty() {
+            FileError::EmptyFile
+        } else {
+            FileError::NoHeader
+        }
+        .into());
+    }
+    let dialect = Dialect {
+        delimiter: detect_delimiter(&head),
+        encoding,
+    };
+    let reader: BoxRead = Box::pin(std::io::Cursor::new(head).chain(reader));
+    let mut records = Records::new(
+        reader,
+        dialect,
+        Start {
+            line: 1,
+            byte: bom as u64,
+        },
+    );
+    let headers = match records.next().await? {
+        Some(r) => (0..r.fields.len())
+            .map(|i| decode_cell(field_text(r.fields, i).unwrap_or_default()).into_owned())
+            .collect::<Vec<_>>(),
+        None => return Err(FileError::NoHeader.into()),
+    };
+    if headers.iter().all(|h| h.trim().is_empty()) {
+        return Err(FileError::NoHeader.into());
+    }
+    Ok((headers, records))
+}
+
+/// Opens the rest of a file at a record boundary found earlier (`start`),
+/// for a UTF-8 file whose dialect is known.
+pub fn resume<R>(reader: R, dialect: Dialect, start: Start) -> Records
+where
+    R: AsyncRead + Send + 'static,
+{
+    Records::new(Box::pin(reader), dialect, start)
+}
+
+impl Records {
+    fn new(reader: BoxRead, dialect: Dialect, start: Start) -> Self {
+        // `\n` is the only terminator: a `\r` before it stays in the last
+        // field (readers strip it, see `map::Fields`). With csv's default
+        // CRLF handling the `\n` of a `\r\n` is consumed lazily by the next
+        // read, which makes record positions inconsistent.
+        let rdr = AsyncReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .delimiter(dialect.delimiter)
+            .terminator(csv_async::Terminator::Any(b'\n'))
+            .buffer_capacity(256 * 1024)
+            .create_reader(Tail {
+                inner: reader,
+                total: 0,
+                last: 0,
+                eof: false,
+            });
+        Self {
+            rdr,
+            record: ByteRecord::new(),
+            line_base: start.line.saturating_sub(1),
+            byte_base: start.byte,
+            dialect,
+        }
+    }
+
+    /// The next record, or `None` at the end of the file.
+    pub async fn next(&mut self) -> Result<Option<Record<'_>>> {
+        let more = self
+            .rdr
+            .read_byte_record(&mut self.record)
+            .await
+            .map_err(|e| {
+                let line = self.line_base + self.rdr.position().line();
+                let source = match e.into_kind() {
+                    csv_async::ErrorKind::Io(io) => io,
+                    other => std::io::Error::other(format!("{other:?}")),
+                };
+                Error::Io { line, source }
+            })?;
+        if !more {
+            return Ok(None);
+        }
+        // The record's own position is taken before the parser skips empty
+        // lines, so it is wrong after a blank line. Count back from the end
+        // instead: the record spans the newlines inside its (quoted) fields
+        // plus its `\n` terminator, which only a last record running to the
+        // end of the stream lacks.
+        let end = self.rdr.position();
+        let inner_newlines = self
+            .record
+            .as_slice()
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count() as u64;
+        let tail = self.rdr.get_ref();
+        let unterminated = tail.eof && end.byte() == tail.total && tail.last != b'\n';
+        let start_line = end
+            .line()
+            .saturating_sub(inner_newlines + u64::from(!unterminated))
+            .max(1);
+        Ok(Some(Record {
+            line: self.line_base + start_line,
+            end_byte: self.byte_base + end.byte(),
+            next_line: self.line_base + end.line(),
+            fields: &self.record,
+        }))
+    }
+}
+
+/// Reads up to `limit` bytes, stopping early once a full line (outside
+/// quotes) is in the buffer; returns them and a reader that yields them
+/// again followed by the rest.
+async fn peek(mut reader: BoxRead, limit: usize) -> Result<(Vec<u8>, BoxRead)> {
+    let mut buf = Vec::with_capacity(8192);
+    let mut chunk = vec![0u8; 8192];
+    while buf.len() < limit {
+        let n = reader
+            .read(&mut chunk)
+            .await
+            .map_err(|source| Error::Io { line: 1, source })?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if first_line_end(&buf).is_some() {
+            break;
+        }
+    }
+    Ok((buf, reader))
+}
+
+/// End of the first line outside quotes.
+fn first_line_end(buf: &[u8]) -> Option<usize> {
+    let mut quoted = false;
+    buf.iter().position(|&b| {
+        if b == b'"' {
+            quoted = !quoted;
+        }
+        !quoted && b == b'\n'
+    })
+}
+
+/// The delimiter among `,` `;` tab `|` that occurs most often in the first
+/// line outside quotes; `,` when none does.
+pub fn detect_delimiter(head: &[u8]) -> u8 {
+    let line = &head[..first_line_end(head).unwrap_or(head.len())];
+    let candidates = [b',', b';', b'\t', b'|'];
+    let mut counts = [0usize; 4];
+    let mut quoted = false;
+    for &b in line {
+        if b == b'"' {
+            quoted = !quoted;
+        } else if !quoted && let Some(i) = candidates.iter().position(|&c| c == b) {
+            counts[i] += 1;
+        }
+    }
+    let (best, n) = counts
+        .iter()
+        .enumerate()
+        .max_by_key(|&(i, n)| (*n, std::cmp::Reverse(i)))
+        .map(|(i, n)| (candidates[i], *n))
+        .unwrap_or((b',', 0));
+    if n == 0 { b',' } else { best }
+}
+
+/// NUL bytes or a known binary signature in the first bytes.
+fn looks_binary(head: &[u8]) -> bool {
+    const SIGNATURES: [&[u8]; 5] = [
+        b"PK\x03\x04",                       // zip, xlsx, ods
+        b"\xD0\xCF\x11\xE0\xA1\xB1\x1A\xE1", // xls (OLE2)
+        b"%PDF",
+        b"\x89PNG",
+        b"\x1F\x8B", // gzip
+    ];
+    SIGNATURES.iter().any(|s| head.starts_with(s)) || head.iter().take(8192).any(|&b| b == 0)
+}
+
+/// Transcodes a UTF-16 stream to UTF-8 as it is read (encoding_rs does the
+/// decoding; this only moves bytes between buffers).
+struct Transcode {
+    inner: BoxRead,
+    decoder: encoding_rs::Decoder,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    out_pos: usize,
+    finished: bool,
+}
+
+impl Transcode {
+    fn new(inner: BoxRead, encoding: &'static encoding_rs::Encoding) -> Self {
+        Self {
+            inner,
+            decoder: encoding.new_decoder_without_bom_handling(),
+            input: vec![0; 32 * 1024],
+            output: Vec::with_capacity(64 * 1024),
+            out_pos: 0,
+            finished: false,
+        }
+    }
+}
+
+impl AsyncRead for Transcode {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.out_pos < this.output.len() {
+                let n = (this.output.len() - this.out_pos).min(buf.remaining());
+                buf.put_slice(&this.output[this.out_pos..this.out_pos + n]);
+                this.out_pos += n;
+                return Poll::Ready(Ok(()));
+            }
+            if this.finished {
+                return Poll::Ready(Ok(()));
+            }
+            let mut rb = ReadBuf::new(&mut this.input);
+            match this.inner.as_mut().poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    let last = n == 0;
+                    this.output.clear();
+                    this.out_pos = 0;
+                    let need = this.decoder.max_utf8_buffer_length(n).unwrap_or(n * 3 + 16);
+                    this.output.resize(need, 0);
+                    let (_, _, written, _) =
+                        this.decoder
+                            .decode_to_utf8(&this.input[..n], &mut this.output, last);
+                    this.output.truncate(written);
+                    this.finished = last;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    async fn read_all(bytes: Vec<u8>) -> Result<(Vec<String>, Vec<(u64, Vec<String>)>)> {
+        let (headers, mut records) = open(std::io::Cursor::new(bytes)).await?;
+        let mut out = Vec::new();
+        while let Some(r) = records.next().await? {
+            out.push((
+                r.line,
+                (0..r.fields.len())
+                    .map(|i| decode_cell(field_text(r.fields, i).unwrap()).into_owned())
+                    .collect(),
+            ));
+        }
+        Ok((headers, out))
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn line_numbers_are_physical_lines() {
+        let csv = b"name,notes\nA,one\n\nB,\"two\nlines\"\nC,three\r\nD,four".to_vec();
+        let (h, rows) = rt().block_on(read_all(csv)).unwrap();
+        assert_eq!(h, vec!["name", "notes"]);
+        let lines: Vec<u64> = rows.iter().map(|r| r.0).collect();
+        // A on 2, an empty line 3, B spans 4-5, C on 6, D on 7.
+        assert_eq!(lines, vec![2, 4, 6, 7]);
+        assert_eq!(rows[1].1[1], "two\nlines");
+    }
+
+    #[test]
+    fn crlf_files_and_trailing_blank_lines() {
+        let csv = b"name,notes\r\nA,one\r\n\r\nB,\"two\r\nlines\"\r\nC,three\r\n\nD,four".to_vec();
+        let (h, rows) = rt().block_on(read_all(csv)).unwrap();
+        assert_eq!(h, vec!["name", "notes"]);
+        let lines: Vec<u64> = rows.iter().map(|r| r.0).collect();
+        // The CRLF blank line 3 is a whitespace record the pipeline skips.
+        assert_eq!(lines, vec![2, 3, 4, 6, 8]);
+        assert_eq!(rows[2].1, vec!["B", "two\r\nlines"]);
+        assert_eq!(rows[4].1, vec!["D", "four"]);
+    }
+
+    #[test]
+    fn bom_is_stripped_and_delimiter_detected() {
+        let csv = b"\xEF\xBB\xBFDeal Name;Value\nAcme;\"5,00\"\n".to_vec();
+        let (h, rows) = rt().block_on(read_all(csv)).unwrap();
+        assert_eq!(h, vec!["Deal Name", "Value"]);
+        assert_eq!(rows[0].1, vec!["Acme", "5,00"]);
+    }
+
+    #[test]
+    fn utf16_with_bom_is_transcoded() {
+        let text = "Name\tValue\nCafé\t5\n";
+        let mut bytes = vec![0xFF, 0xFE];
+        for u in text.encode_utf16() {
+            bytes.extend_from_slice(&u.to_le_bytes());
+        }
+        let (h, rows) = rt().block_on(read_all(bytes)).unwrap();
+        assert_eq!(h, vec!["Name", "Value"]);
+        assert_eq!(rows, vec![(2, vec!["Café".to_owned(), "5".to_owned()])]);
+    }
+
+    #[test]
+    fn windows_1252_cells_are_decoded() {
+        let csv = b"Name\nCaf\xE9\n".to_vec();
+        let (_, rows) = rt().block_on(read_all(csv)).unwrap();
+        assert_eq!(rows[0].1[0], "Café");
+    }
+
+    #[test]
+    fn file_level_problems_have_codes() {
+        let code = |b: &[u8]| match rt().block_on(read_all(b.to_vec())) {
+            Err(Error::File(e)) => e.code(),
+            other => panic!("expected a file error, got {:?}", other.map(|_| ())),
+        };
+        assert_eq!(code(b""), "empty_file");
+        assert_eq!(code(b"\n\n  \n"), "no_header");
+        assert_eq!(code(b"PK\x03\x04binary"), "not_csv");
+        assert_eq!(code(b"a,b\x00c\n"), "not_csv");
+        assert_eq!(code(b",,\n1,2,3\n"), "no_header");
+    }
+
+    #[test]
+    fn delimiter_ignores_quoted_text() {
+        assert_eq!(detect_delimiter(b"\"a,b,c\";d;e\n"), b';');
+        assert_eq!(detect_delimiter(b"a|b|c\n1,2"), b'|');
+        assert_eq!(detect_delimiter(b"single\n"), b',');
+        assert_eq!(detect_delimiter(b"a\tb\n"), b'\t');
+    }
+
+    #[test]
+    fn resume_continues_lines_and_bytes() {
+        let csv = b"n,v\nA,1\nB,\"x\ny\"\nC,3\n".to_vec();
+        let rt = rt();
+        let (start, first_b) = rt.block_on(async {
+            let (_, mut r) = open(std::io::Cursor::new(csv.clone())).await.unwrap();
+            let a = r.next().await.unwrap().unwrap();
+            let start = Start {
+                line: a.next_line,
+                byte: a.end_byte,
+            };
+            let b = r.next().await.unwrap().unwrap();
+            (start, (b.line, b.end_byte))
+        });
+        assert_eq!(start, Start { line: 3, byte: 8 });
+        let rest = csv[start.byte as usize..].to_vec();
+        rt.block_on(async {
+            let dialect = Dialect {
+                delimiter: b',',
+                encoding: Encoding::Utf8,
+            };
+            let mut r = resume(std::io::Cursor::new(rest), dialect, start);
+            let b = r.next().await.unwrap().unwrap();
+            assert_eq!((b.line, b.end_byte), first_b);
+            let c = r.next().await.unwrap().unwrap();
+            assert_eq!(c.line, 5);
+        });
+    }
+
+    proptest! {
+        /// Lines are strictly increasing and each record's line is the line
+        /// of the file where it starts, whatever the quoted newlines.
+        #[test]
+        fn lines_match_the_text(rows in proptest::collection::vec(
+            (proptest::string::string_regex("[a-z ]{0,6}").unwrap(), 0usize..3, any::<bool>()), 1..40)
+        ) {
+            let mut text = String::from("name,notes\n");
+            let mut expected = Vec::new();
+            let mut line = 2u64;
+            for (name, newlines, blank_before) in &rows {
+                if *blank_before {
+                    text.push('\n');
+                    line += 1;
+                }
+                expected.push(line);
+                let notes = "x\n".repeat(*newlines);
+                text.push_str(&format!("{name}z,\"{notes}end\"\n"));
+                line += 1 + *newlines as u64;
+            }
+            let (_, got) = rt().block_on(read_all(text.into_bytes())).unwrap();
+            let lines: Vec<u64> = got.iter().map(|r| r.0).collect();
+            prop_assert_eq!(lines, expected);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = rt().block_on(read_all(bytes));
+        }
+    }
+}

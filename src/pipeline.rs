@@ -1,0 +1,742 @@
+//! One claimed import, end to end: fetch → parse → map → stages → write →
+//! outcomes, with progress, checkpoints and a final state. Wires the stage
+//! modules together; holds no business rule of its own.
+//!
+//! Shape: a producer task streams the object, parses and maps rows and cuts
+//! them into batches of `import.batch_size` rows (by count only, so a resumed
+//! run cuts the same batches); a bounded channel (`import.channel_batches`)
+//! carries them to this task, which resolves stages and keeps up to
+//! `import.writers` bulk writes in flight, completing them in order. A full
+//! channel is what slows the S3 read: memory is bounded by the channel and
+//! the writes in flight, never by the file.
+//!
+//! Checkpoints: after the writes of a batch and all batches before it are
+//! committed (deals, then the batch's outcome document), the position just
+//! past its last record is the checkpoint, saved with progress at most every
+//! `import.progress_interval`. A resumed run continues there; anything
+//! replayed past it is absorbed by the idempotent writes.
+//!
+//! Stopping: a heartbeat task renews the lease every third of it. Lease lost
+//! → stop writing at once (in-flight writes are dropped). Cancellation
+//! requested → finish the writes in flight, then `cancelled`. Shutdown →
+//! finish the writes in flight, checkpoint, release the lease. Transient
+//! trouble that outlasts the retries → checkpoint and release, so a later
+//! attempt resumes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use bson::oid::ObjectId;
+use bson::{DateTime, Document, doc};
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use mongodb::Database;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, warn};
+
+use crate::claim::{self, Checkpoint, ClaimedJob, Final, Lease, Progress};
+use crate::config::Settings;
+use crate::domain::{FileError, ImportSpec, JobState, LineNo, RecordKind, collections};
+use crate::fetch::{self, Storage};
+use crate::map::{FailedRow, MappedDeal, Plan, Rules};
+use crate::outcomes::{self, BatchOutcome, Totals};
+use crate::parse::{self, Records, Start};
+use crate::stages::StageCache;
+use crate::telemetry::error_chain;
+use crate::write::{DealWriter, LineWrite};
+
+/// What a pipeline needs from the outside world.
+#[derive(Clone)]
+pub struct Services {
+    /// The CRM database.
+    pub db: Database,
+    /// The uploads bucket.
+    pub storage: Storage,
+    /// Configuration.
+    pub settings: Arc<Settings>,
+}
+
+/// How a run ended, for the daemon's bookkeeping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The import reached a final state.
+    Finished(JobState),
+    /// The lease was given back; another attempt resumes at the checkpoint.
+    Released,
+    /// The lease was lost; another daemon owns the import.
+    LeaseLost,
+}
+
+/// Why a run stopped before the end of the file.
+#[derive(Debug)]
+enum Abort {
+    File(FileError),
+    Transient(String),
+    LeaseLost,
+    Shutdown,
+    Cancelled,
+}
+
+impl From<claim::Error> for Abort {
+    fn from(e: claim::Error) -> Self {
+        match e {
+            claim::Error::LeaseLost { .. } => Self::LeaseLost,
+            e => Self::Transient(error_chain(&e)),
+        }
+    }
+}
+
+impl From<mongodb::error::Error> for Abort {
+    fn from(e: mongodb::error::Error) -> Self {
+        // A non-transient database error is retried too: the lease is
+        // released and the attempt cap ends a truly stuck import.
+        Self::Transient(error_chain(&e))
+    }
+}
+
+impl From<crate::stages::Error> for Abort {
+    fn from(e: crate::stages::Error) -> Self {
+        Self::Transient(error_chain(&e))
+    }
+}
+
+impl From<fetch::Error> for Abort {
+    fn from(e: fetch::Error) -> Self {
+        match e {
+            fetch::Error::NotFound => Self::File(FileError::ObjectNotFound),
+            e => Self::Transient(error_chain(&e)),
+        }
+    }
+}
+
+impl From<parse::Error> for Abort {
+    fn from(e: parse::Error) -> Self {
+        match e {
+            parse::Error::File(f) => Self::File(f),
+            e => Self::Transient(error_chain(&e)),
+        }
+    }
+}
+
+const STOP_NONE: u8 = 0;
+const STOP_LEASE_LOST: u8 = 1;
+const STOP_CANCELLED: u8 = 2;
+const STOP_SHUTDOWN: u8 = 3;
+
+/// Shared stop signal with its first reason.
+#[derive(Clone)]
+struct Stop {
+    token: CancellationToken,
+    reason: Arc<AtomicU8>,
+}
+
+impl Stop {
+    fn new() -> Self {
+        Self {
+            token: CancellationToken::new(),
+            reason: Arc::new(AtomicU8::new(STOP_NONE)),
+        }
+    }
+    fn trigger(&self, reason: u8) {
+        let _ = self
+            .reason
+            .compare_exchange(STOP_NONE, reason, Ordering::SeqCst, Ordering::SeqCst);
+        self.token.cancel();
+    }
+    fn abort(&self) -> Abort {
+        match self.reason.load(Ordering::SeqCst) {
+            STOP_LEASE_LOST => Abort::LeaseLost,
+            STOP_CANCELLED => Abort::Cancelled,
+            _ => Abort::Shutdown,
+        }
+    }
+}
+
+/// A batch of mapped rows, cut by row count.
+struct Batch {
+    rows: Vec<Result<MappedDeal, Box<FailedRow>>>,
+    first_line: LineNo,
+    last_line: LineNo,
+    /// Where reading resumes after this batch.
+    end: Start,
+    /// Data records read through this batch.
+    records_end: u64,
+}
+
+/// Progress of a run: in-memory counters and the committed checkpoint.
+struct Tracker {
+    progress: Progress,
+    checkpoint: Checkpoint,
+    size: u64,
+    last_save: Instant,
+}
+
+/// Retry policy of one database operation of the write path.
+fn write_retry() -> ExponentialBuilder {
+    // ~1 minute in all, enough for a server restart or a primary election;
+    // past it the lease is released and a later attempt resumes.
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(15))
+        .with_max_times(8)
+        .with_jitter()
+}
+
+/// Runs one claimed import to a final state, a release or a lost lease.
+pub async fn run(svc: &Services, job: ClaimedJob, shutdown: CancellationToken) -> RunEnd {
+    let lease = job.lease.clone();
+    let stop = Stop::new();
+    let heartbeat =
+        tokio::spawn(heartbeat(lease.clone(), stop.clone(), shutdown).in_current_span());
+    let mut tracker = Tracker {
+        progress: progress_from_doc(&job.doc),
+        checkpoint: Checkpoint::from_queue_doc(&job.doc),
+        size: 0,
+        last_save: Instant::now(),
+    };
+    let max_attempts = i64::from(svc.settings.scheduler.max_attempts);
+    let result = if lease.attempt > max_attempts {
+        Err(Abort::File(FileError::TooManyAttempts(
+            svc.settings.scheduler.max_attempts,
+        )))
+    } else {
+        match claim::spec_from_doc(&job.doc) {
+            Ok(spec) => import(svc, &lease, &spec, &mut tracker, &stop)
+                .await
+                .map(|()| spec),
+            Err(e) => Err(Abort::File(e)),
+        }
+    };
+    heartbeat.abort();
+    let spec = claim::spec_from_doc(&job.doc).ok();
+    let end = conclude(svc, &lease, spec.as_ref(), &mut tracker, result.map(|_| ())).await;
+    info!(outcome = ?end, "Import run ended");
+    end
+}
+
+/// Writes the end of a run: final state, or release, or nothing.
+async fn conclude(
+    svc: &Services,
+    lease: &Lease,
+    spec: Option<&ImportSpec>,
+    tracker: &mut Tracker,
+    result: Result<(), Abort>,
+) -> RunEnd {
+    let outcome = match result {
+        Ok(()) => Final::Completed,
+        Err(Abort::File(e)) => {
+            warn!(code = e.code(), "Import failed on a file-level problem");
+            Final::Failed(e)
+        }
+        Err(Abort::Cancelled) => Final::Cancelled,
+        Err(Abort::LeaseLost) => {
+            warn!("Lease lost; stopped writing");
+            return RunEnd::LeaseLost;
+        }
+        Err(reason @ (Abort::Shutdown | Abort::Transient(_))) => {
+            if let Abort::Transient(e) = &reason {
+                warn!(error = %e, "Import paused on a transient error; releasing the lease");
+            }
+            return match lease.release(tracker.progress, tracker.checkpoint).await {
+                Ok(()) => RunEnd::Released,
+                Err(e) => {
+                    warn!(error = %error_chain(&e), "Could not release the lease; it will expire");
+                    RunEnd::Released
+                }
+            };
+        }
+    };
+    let finished = finish(svc, lease, spec, tracker, &outcome).await;
+    match finished {
+        Ok(()) => RunEnd::Finished(outcome.state()),
+        Err(claim::Error::LeaseLost { .. }) => RunEnd::LeaseLost,
+        Err(e) => {
+            // The final write itself failed: give the import back so the
+            // next attempt completes it (its lines are all idempotent).
+            warn!(error = %error_chain(&e), "Could not store the final state; releasing");
+            let _ = lease.release(tracker.progress, tracker.checkpoint).await;
+            RunEnd::Released
+        }
+    }
+}
+
+async fn finish(
+    svc: &Services,
+    lease: &Lease,
+    spec: Option<&ImportSpec>,
+    tracker: &mut Tracker,
+    outcome: &Final,
+) -> Result<(), claim::Error> {
+    let queue_id = lease.queue_id;
+    let mut extra = Document::new();
+    if let Some(spec) = spec {
+        let log_id = outcomes::open_summary(&svc.db, spec).await?;
+        let totals = outcomes::totals(&svc.db, queue_id).await?;
+        let logs = outcomes::failures(&svc.db, queue_id, outcomes::SUMMARY_LOG_LIMIT).await?;
+        outcomes::close_summary(&svc.db, queue_id, outcome.state().as_str(), totals, &logs).await?;
+        tracker.progress = progress_from_totals(totals, tracker.progress, outcome);
+        extra.insert("log_id", log_id);
+    }
+    lease.finish(outcome, tracker.progress, extra).await
+}
+
+fn progress_from_totals(t: Totals, before: Progress, outcome: &Final) -> Progress {
+    let completed = matches!(outcome, Final::Completed);
+    Progress {
+        total_rows: if completed {
+            Some(t.rows)
+        } else {
+            before.total_rows
+        },
+        processed_rows: t.rows,
+        imported_rows: t.imported,
+        updated_rows: t.updated,
+        skipped_rows: t.skipped,
+        failed_rows: t.failed,
+        percent: if completed { 100.0 } else { before.percent },
+    }
+}
+
+fn progress_from_doc(doc: &Document) -> Progress {
+    let Ok(p) = doc.get_document("progress") else {
+        return Progress::default();
+    };
+    let n = |k: &str| {
+        p.get(k)
+            .and_then(|v| v.as_i64().or(v.as_i32().map(i64::from)))
+            .map_or(0, |v| v as u64)
+    };
+    Progress {
+        total_rows: None,
+        processed_rows: n("processed_rows"),
+        imported_rows: n("imported_rows"),
+        updated_rows: n("updated_rows"),
+        skipped_rows: n("skipped_rows"),
+        failed_rows: n("failed_rows"),
+        percent: p.get_f64("percent").unwrap_or(0.0),
+    }
+}
+
+/// Renews the lease every third of it; watches cancellation and shutdown.
+async fn heartbeat(lease: Lease, stop: Stop, shutdown: CancellationToken) {
+    // Renew at a third of the lease so one missed heartbeat does not lose it.
+    let period = lease.duration() / 3;
+    let mut ticker = tokio::time::interval(period);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => { stop.trigger(STOP_SHUTDOWN); return; }
+            _ = stop.token.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        match lease.heartbeat().await {
+            Ok(hb) if hb.cancel_requested => {
+                info!("Cancellation requested");
+                stop.trigger(STOP_CANCELLED);
+                return;
+            }
+            Ok(_) => {}
+            Err(claim::Error::LeaseLost { .. }) => {
+                stop.trigger(STOP_LEASE_LOST);
+                return;
+            }
+            Err(e) => warn!(error = %error_chain(&e), "Heartbeat failed; retrying"),
+        }
+    }
+}
+
+async fn import(
+    svc: &Services,
+    lease: &Lease,
+    spec: &ImportSpec,
+    tracker: &mut Tracker,
+    stop: &Stop,
+) -> Result<(), Abort> {
+    let settings = &svc.settings;
+    if spec.kind != RecordKind::Deals {
+        return Err(Abort::File(FileError::UnsupportedSource(
+            spec.kind.as_str().to_owned(),
+        )));
+    }
+    let pipeline_id = spec.pipeline_id.ok_or_else(|| {
+        Abort::File(FileError::InvalidQueueDocument(
+            "`additional_data.pipeline_id` is missing".into(),
+        ))
+    })?;
+    outcomes::open_summary(&svc.db, spec).await?;
+    let pipeline = svc
+        .db
+        .collection::<Document>(collections::PIPELINES)
+        .find_one(doc! { "_id": pipeline_id, "account_id": spec.account_id })
+        .projection(doc! { "_id": 1 })
+        .await?;
+    if pipeline.is_none() {
+        return Err(Abort::File(FileError::PipelineNotFound));
+    }
+    let info = svc.storage.head(&spec.csv_key).await?;
+    tracker.size = info.size;
+    if let Some(limit) = settings.import.max_file_bytes
+        && info.size > limit
+    {
+        return Err(Abort::File(FileError::FileTooLarge {
+            size: info.size,
+            limit,
+        }));
+    }
+    if info.size == 0 {
+        return Err(Abort::File(FileError::EmptyFile));
+    }
+    let reader = svc.storage.open(&spec.csv_key, 0, info.size).await?;
+    let (headers, records) = parse::open(reader).await?;
+    let rules = Rules {
+        max_field_chars: settings.import.max_field_chars,
+        number_locale: settings.import.number_locale,
+        date_order: settings.import.date_order,
+    };
+    let plan = Plan::new(&headers, &spec.mappings, rules).map_err(Abort::File)?;
+    let resume = tracker.checkpoint;
+    let (records, skip) = if resume.line == 0 {
+        (records, 0)
+    } else if records.dialect.encoding.offsets_are_exact() {
+        // Ranged GET from the checkpoint's byte: the lines before it are not
+        // read again.
+        let dialect = records.dialect;
+        drop(records);
+        let reader = svc
+            .storage
+            .open(&spec.csv_key, resume.byte, info.size)
+            .await?;
+        (
+            parse::resume(
+                reader,
+                dialect,
+                Start {
+                    line: resume.line,
+                    byte: resume.byte,
+                },
+            ),
+            0,
+        )
+    } else {
+        // Transcoded files have no byte mapping: read and skip.
+        (records, resume.records)
+    };
+    info!(
+        resume_line = resume.line,
+        size = info.size,
+        columns = headers.len(),
+        "Import started"
+    );
+    lease
+        .set_fields(doc! { "file_size": info.size as i64 })
+        .await?;
+    let mut stages = StageCache::load(&svc.db, spec.account_id, pipeline_id, spec.user_id).await?;
+    let writer = DealWriter::new(svc.db.collection(collections::DEALS), spec, pipeline_id);
+
+    let (tx, mut rx) = mpsc::channel::<Batch>(settings.import.channel_batches.get());
+    let producer = tokio::spawn(
+        produce(
+            records,
+            plan,
+            settings.import.batch_size.get(),
+            settings.import.max_rows,
+            resume.records,
+            skip,
+            tx,
+            stop.token.clone(),
+        )
+        .in_current_span(),
+    );
+
+    let writers = settings.import.writers.get();
+    let mut inflight = FuturesOrdered::new();
+    let mut producer_done = false;
+    let mut aborted: Option<Abort> = None;
+    loop {
+        if producer_done && inflight.is_empty() {
+            break;
+        }
+        tokio::select! {
+            biased;
+            _ = stop.token.cancelled(), if aborted.is_none() => {
+                aborted = Some(stop.abort());
+                break;
+            }
+            Some(done) = inflight.next(), if !inflight.is_empty() => {
+                let (outcome, batch_end, records_end) = done?;
+                commit(svc, lease, tracker, &outcome, batch_end, records_end).await?;
+            }
+            batch = rx.recv(), if !producer_done && inflight.len() < writers => match batch {
+                Some(batch) => {
+                    let prepared = prepare(&writer, &mut stages, batch).await?;
+                    inflight.push_back(write_batch(svc.db.clone(), writer.clone(), lease.queue_id, prepared));
+                }
+                None => producer_done = true,
+            },
+        }
+    }
+    match aborted {
+        Some(Abort::LeaseLost) => {
+            // Stop writing at once: drop the writes in flight.
+            drop(inflight);
+            producer.abort();
+            return Err(Abort::LeaseLost);
+        }
+        Some(reason) => {
+            // Finish the batches already being written, then stop.
+            producer.abort();
+            while let Some(done) = inflight.next().await {
+                let (outcome, batch_end, records_end) = done?;
+                commit(svc, lease, tracker, &outcome, batch_end, records_end).await?;
+            }
+            save(lease, tracker).await?;
+            return Err(reason);
+        }
+        None => {}
+    }
+    let total_records = producer
+        .await
+        .map_err(|e| Abort::Transient(format!("parser task failed: {e}")))??;
+    tracker.progress.total_rows = Some(total_records);
+    info!(
+        rows = total_records,
+        stages_created = stages.created().len(),
+        "All rows written"
+    );
+    if !stages.created().is_empty() {
+        lease
+            .set_fields(doc! { "stages_created": stages.created().to_vec() })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Reads, maps and batches rows until the end of the file.
+#[allow(clippy::too_many_arguments)]
+async fn produce(
+    mut records: Records,
+    plan: Plan,
+    batch_size: usize,
+    max_rows: Option<u64>,
+    records_before: u64,
+    mut skip: u64,
+    tx: mpsc::Sender<Batch>,
+    stop: CancellationToken,
+) -> Result<u64, Abort> {
+    let mut count = records_before;
+    let mut batch: Option<Batch> = None;
+    loop {
+        let Some(record) = records.next().await? else {
+            break;
+        };
+        if skip > 0 {
+            skip -= 1;
+            continue;
+        }
+        if record.fields.len() == 1
+            && record
+                .fields
+                .get(0)
+                .is_some_and(|f| f.iter().all(u8::is_ascii_whitespace))
+        {
+            // A whitespace-only line is not a row.
+            continue;
+        }
+        count += 1;
+        if let Some(limit) = max_rows
+            && count > limit
+        {
+            return Err(Abort::File(FileError::TooManyRows { limit }));
+        }
+        let line = record.line;
+        let row = plan.map_deal(line, record.fields);
+        let end = Start {
+            line: record.next_line,
+            byte: record.end_byte,
+        };
+        let b = batch.get_or_insert_with(|| Batch {
+            rows: Vec::with_capacity(batch_size),
+            first_line: line,
+            last_line: line,
+            end,
+            records_end: count,
+        });
+        b.rows.push(row);
+        b.last_line = line;
+        b.end = end;
+        b.records_end = count;
+        if b.rows.len() >= batch_size {
+            let full = batch.take().expect("batch was just filled");
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(count),
+                sent = tx.send(full) => if sent.is_err() { return Ok(count) },
+            }
+        }
+    }
+    if let Some(last) = batch.take() {
+        let _ = tx.send(last).await;
+    }
+    Ok(count)
+}
+
+/// A batch ready to write: documents of the valid rows, failed rows aside.
+struct Prepared {
+    docs: Vec<Document>,
+    lines: Vec<LineNo>,
+    failed: Vec<FailedRow>,
+    first_line: LineNo,
+    last_line: LineNo,
+    end: Start,
+    records_end: u64,
+}
+
+async fn prepare(
+    writer: &DealWriter,
+    stages: &mut StageCache,
+    batch: Batch,
+) -> Result<Prepared, Abort> {
+    let now = DateTime::now();
+    let mut docs = Vec::with_capacity(batch.rows.len());
+    let mut lines = Vec::with_capacity(batch.rows.len());
+    let mut failed = Vec::new();
+    for row in batch.rows {
+        match row {
+            Ok(deal) => {
+                let stage_id = match &deal.stage {
+                    Some(stage) => Some(resolve_stage(stages, stage).await?),
+                    None => None,
+                };
+                let doc = writer.build(&deal, stage_id, now).map_err(|e| {
+                    Abort::File(FileError::Malformed {
+                        line: deal.line,
+                        detail: e.to_string(),
+                    })
+                })?;
+                lines.push(deal.line);
+                docs.push(doc);
+            }
+            Err(f) => failed.push(*f),
+        }
+    }
+    Ok(Prepared {
+        docs,
+        lines,
+        failed,
+        first_line: batch.first_line,
+        last_line: batch.last_line,
+        end: batch.end,
+        records_end: batch.records_end,
+    })
+}
+
+async fn resolve_stage(
+    stages: &mut StageCache,
+    stage: &crate::map::StageName,
+) -> Result<ObjectId, Abort> {
+    let mut delays = write_retry().build();
+    loop {
+        match stages.resolve(stage).await {
+            Ok(id) => return Ok(id),
+            Err(e) if e.is_transient() => match delays.next() {
+                Some(d) => {
+                    warn!(error = %error_chain(&e), "Stage lookup failed; retrying");
+                    tokio::time::sleep(d).await;
+                }
+                None => return Err(Abort::Transient(error_chain(&e))),
+            },
+            Err(e) => return Err(Abort::Transient(error_chain(&e))),
+        }
+    }
+}
+
+/// Inserts a batch's deals, then stores its outcomes; retried as a whole on
+/// transient errors (both steps are idempotent).
+async fn write_batch(
+    db: Database,
+    writer: DealWriter,
+    queue_id: ObjectId,
+    p: Prepared,
+) -> Result<(BatchOutcome, Start, u64), Abort> {
+    let results = (|| writer.insert(&p.docs, &p.lines))
+        .retry(write_retry())
+        .when(|e| e.is_transient())
+        .notify(|e, d| warn!(error = %error_chain(e), delay_ms = d.as_millis() as u64, "Batch write failed; retrying"))
+        .await
+        .map_err(|e| Abort::Transient(error_chain(&e)))?;
+    let mut outcome = BatchOutcome {
+        first_line: p.first_line,
+        last_line: p.last_line,
+        imported: Vec::with_capacity(p.lines.len()),
+        failed: p.failed,
+    };
+    for ((line, result), doc) in p.lines.iter().zip(results).zip(&p.docs) {
+        match result {
+            LineWrite::Created | LineWrite::AlreadyImported => outcome.imported.push(*line),
+            LineWrite::Rejected(message) => outcome.failed.push(FailedRow {
+                error: crate::domain::RowError {
+                    line: *line,
+                    code: crate::domain::RowCode::WriteRejected,
+                    field: None,
+                    value: None,
+                    message,
+                },
+                cells: vec![doc.get_str("name").unwrap_or_default().to_owned()],
+            }),
+        }
+    }
+    outcome.failed.sort_by_key(|f| f.error.line);
+    (|| outcomes::record_batch(&db, queue_id, &outcome))
+        .retry(write_retry())
+        .when(crate::db::is_transient)
+        .notify(|e, _| warn!(error = %error_chain(e), "Outcome write failed; retrying"))
+        .await?;
+    Ok((outcome, p.end, p.records_end))
+}
+
+/// Counts a committed batch and saves progress at most every interval.
+async fn commit(
+    svc: &Services,
+    lease: &Lease,
+    tracker: &mut Tracker,
+    outcome: &BatchOutcome,
+    end: Start,
+    records_end: u64,
+) -> Result<(), Abort> {
+    let p = &mut tracker.progress;
+    p.imported_rows += outcome.imported.len() as u64;
+    p.failed_rows += outcome.failed.len() as u64;
+    p.processed_rows = p.imported_rows + p.updated_rows + p.skipped_rows + p.failed_rows;
+    if tracker.size > 0 {
+        p.percent = (end.byte as f64 / tracker.size as f64 * 100.0).min(99.9);
+    }
+    tracker.checkpoint = Checkpoint {
+        line: end.line,
+        byte: end.byte,
+        records: records_end,
+    };
+    if tracker.last_save.elapsed() >= svc.settings.import.progress_interval {
+        save(lease, tracker).await?;
+    }
+    Ok(())
+}
+
+async fn save(lease: &Lease, tracker: &mut Tracker) -> Result<(), Abort> {
+    match lease
+        .save_progress(tracker.progress, tracker.checkpoint)
+        .await
+    {
+        Ok(()) => {
+            tracker.last_save = Instant::now();
+            Ok(())
+        }
+        Err(claim::Error::LeaseLost { .. }) => Err(Abort::LeaseLost),
+        Err(e) => {
+            // Progress is advisory; the next save carries it.
+            warn!(error = %error_chain(&e), "Progress save failed");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! The deal pipeline end to end.

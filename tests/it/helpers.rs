@@ -1,0 +1,201 @@
+//! The one way tests reach the stack: [`TestApp::new`] loads the real local
+//! configuration, then gives the test its own database
+//! (`importd_test_<uuid>`), its own object key prefix, a one-second tick and
+//! a short lease.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bson::oid::ObjectId;
+use bson::{Document, doc};
+use futures::TryStreamExt;
+use importd::config::{Settings, Source};
+use importd::daemon::Daemon;
+use importd::domain::collections;
+use importd::pipeline::Services;
+use mongodb::Database;
+use tokio_util::sync::CancellationToken;
+
+/// One test's world: database, storage, settings, an account to import into.
+pub struct TestApp {
+    pub services: Services,
+    pub db: Database,
+    pub prefix: String,
+    pub account_id: ObjectId,
+    pub user_id: ObjectId,
+    pub pipeline_id: ObjectId,
+    daemons: Vec<CancellationToken>,
+}
+
+pub fn config_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config")
+}
+
+pub fn test_settings() -> Settings {
+    let mut s = Settings::load(&Source {
+        dir: config_dir(),
+        env: "local".into(),
+    })
+    .expect("config/local.toml loads");
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    s.mongodb.database = format!("importd_test_{}", &id[..12]);
+    s.scheduler.tick = "* * * * * *".into();
+    s.scheduler.lease = Duration::from_secs(6);
+    s.scheduler.rescue_interval = Duration::from_secs(1);
+    s.import.progress_interval = Duration::from_millis(100);
+    s
+}
+
+impl TestApp {
+    pub async fn new() -> Self {
+        Self::with_settings(test_settings()).await
+    }
+
+    pub async fn with_settings(settings: Settings) -> Self {
+        if std::env::var_os("TEST_LOG").is_some() {
+            importd::telemetry::init(importd::config::LogFormat::Pretty, "info,importd=debug", std::io::stderr);
+        }
+        let services = importd::app::services(settings).await.expect("clients build");
+        importd::db::ensure_indexes(&services.db)
+            .await
+            .expect("MongoDB answers: is the stack up? (scripts/stack.sh up)");
+        let app = Self {
+            db: services.db.clone(),
+            prefix: format!("test/{}", services.settings.mongodb.database),
+            services,
+            account_id: ObjectId::new(),
+            user_id: ObjectId::new(),
+            pipeline_id: ObjectId::new(),
+            daemons: Vec::new(),
+        };
+        app.db
+            .collection::<Document>(collections::PIPELINES)
+            .insert_one(doc! { "_id": app.pipeline_id, "account_id": app.account_id, "name": "Sales" })
+            .await
+            .unwrap();
+        app.db
+            .collection::<Document>(collections::USERS)
+            .insert_one(doc! { "_id": app.user_id, "email": "owner@example.com", "first_name": "Olive" })
+            .await
+            .unwrap();
+        app
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.services.settings
+    }
+
+    /// Starts a daemon on this test's database; stopped when the app drops.
+    pub fn spawn_daemon(&mut self) -> Daemon {
+        let daemon = Daemon::new(self.services.clone(), importd::claim::Claimer::default_owner());
+        self.daemons.push(daemon.shutdown_token());
+        let d = daemon.clone();
+        tokio::spawn(async move { d.run().await.expect("scheduler runs") });
+        daemon
+    }
+
+    /// Uploads `csv` and inserts a pending queue document for it.
+    pub async fn enqueue_csv(&self, name: &str, csv: &[u8], mappings: &[(&str, &str)]) -> ObjectId {
+        self.enqueue_with(name, csv, mappings, doc! {}).await
+    }
+
+    /// Like [`TestApp::enqueue_csv`], with extra queue fields merged in.
+    pub async fn enqueue_with(&self, name: &str, csv: &[u8], mappings: &[(&str, &str)], extra: Document) -> ObjectId {
+        let key = format!("{}/{}/{name}", self.prefix, uuid::Uuid::new_v4());
+        self.services.storage.put_bytes(&key, csv, "text/csv").await.expect("upload");
+        let mut m = Document::new();
+        for (h, t) in mappings {
+            m.insert(*h, *t);
+        }
+        let id = ObjectId::new();
+        let mut q = doc! {
+            "_id": id,
+            "source": "deals",
+            "status": "pending",
+            "in_progress": false,
+            "user_id": self.user_id,
+            "account_id": self.account_id,
+            "parent_account": self.account_id,
+            "client_id": self.account_id,
+            "csv": [{ "key": key, "name": name }],
+            "mappings": m,
+            "additional_data": { "pipeline_id": self.pipeline_id, "tags": ["imported"] },
+            "created_at": bson::DateTime::now(),
+        };
+        q.extend(extra);
+        self.queues().insert_one(q).await.unwrap();
+        id
+    }
+
+    pub fn queues(&self) -> mongodb::Collection<Document> {
+        self.db.collection(collections::QUEUES)
+    }
+
+    pub fn coll(&self, name: &str) -> mongodb::Collection<Document> {
+        self.db.collection(name)
+    }
+
+    pub async fn queue(&self, id: ObjectId) -> Document {
+        self.queues().find_one(doc! { "_id": id }).await.unwrap().expect("queue document")
+    }
+
+    /// Waits until the queue document reaches a final state.
+    pub async fn wait_final(&self, id: ObjectId, timeout: Duration) -> Document {
+        let start = Instant::now();
+        loop {
+            let q = self.queue(id).await;
+            if matches!(q.get_str("status"), Ok("completed" | "failed" | "cancelled")) {
+                return q;
+            }
+            assert!(start.elapsed() < timeout, "import {id} not final after {timeout:?}: {q}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn find_all(&self, coll: &str, filter: Document) -> Vec<Document> {
+        self.coll(coll).find(filter).await.unwrap().try_collect().await.unwrap()
+    }
+
+    pub async fn count(&self, coll: &str, filter: Document) -> u64 {
+        self.coll(coll).count_documents(filter).await.unwrap()
+    }
+
+    /// Stops daemons and drops the test database.
+    pub async fn cleanup(mut self) {
+        for t in self.daemons.drain(..) {
+            t.cancel();
+        }
+        let _ = self.db.drop().await;
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        for t in &self.daemons {
+            t.cancel();
+        }
+    }
+}
+
+/// Shared-nothing settings handle for tests that need an Arc.
+pub fn arc(s: Settings) -> Arc<Settings> {
+    Arc::new(s)
+}
+
+pub fn get_i64(d: &Document, path: &str) -> i64 {
+    let mut cur = d;
+    let parts: Vec<&str> = path.split('.').collect();
+    for p in &parts[..parts.len() - 1] {
+        cur = cur.get_document(p).unwrap_or_else(|_| panic!("{path} in {d}"));
+    }
+    let last = parts[parts.len() - 1];
+    match cur.get(last) {
+        Some(bson::Bson::Int64(v)) => *v,
+        Some(bson::Bson::Int32(v)) => i64::from(*v),
+        Some(bson::Bson::Double(v)) => *v as i64,
+        other => panic!("{path} is {other:?} in {d}"),
+    }
+}

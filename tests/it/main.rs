@@ -1,0 +1,7 @@
+//! Integration tests against the real local stack (`scripts/stack.sh up`):
+//! one binary, one file per behaviour, every test in its own database.
+
+mod claim;
+mod config_cli;
+mod deals;
+mod helpers;
