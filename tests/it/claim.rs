@@ -19,20 +19,31 @@ fn pending(id: ObjectId) -> bson::Document {
 async fn racing_claimers_claim_each_document_once_and_only_expired_leases_again() {
     let app = TestApp::new().await;
     let ids: Vec<ObjectId> = (0..50).map(|_| ObjectId::new()).collect();
-    app.queues().insert_many(ids.iter().map(|&id| pending(id))).await.unwrap();
+    app.queues()
+        .insert_many(ids.iter().map(|&id| pending(id)))
+        .await
+        .unwrap();
 
     // Four claimers, each on its own client (separate connection pools).
     let mut claimers = Vec::new();
     for i in 0..4 {
         let db = importd::db::connect(&app.settings().mongodb).await.unwrap();
-        claimers.push(Claimer::new(&db, format!("claimer-{i}"), Duration::from_secs(60)));
+        claimers.push(Claimer::new(
+            &db,
+            format!("claimer-{i}"),
+            Duration::from_secs(60),
+        ));
     }
     let mut tasks = Vec::new();
     for c in claimers.clone() {
         tasks.push(tokio::spawn(async move {
             let mut got = Vec::new();
             while let Some(job) = c.claim_next(&SOURCES).await.unwrap() {
-                got.push((job.lease.queue_id, job.lease.owner.clone(), job.lease.attempt));
+                got.push((
+                    job.lease.queue_id,
+                    job.lease.owner.clone(),
+                    job.lease.attempt,
+                ));
             }
             got
         }));
@@ -57,7 +68,10 @@ async fn racing_claimers_claim_each_document_once_and_only_expired_leases_again(
     let (expired, live) = (ids[0], ids[1]);
     let past = DateTime::from_millis(DateTime::now().timestamp_millis() - 1000);
     app.queues()
-        .update_one(doc! { "_id": expired }, doc! { "$set": { "lease.expires_at": past } })
+        .update_one(
+            doc! { "_id": expired },
+            doc! { "$set": { "lease.expires_at": past } },
+        )
         .await
         .unwrap();
     // A pending document carrying a live lease is not claimable either.
@@ -74,11 +88,19 @@ async fn racing_claimers_claim_each_document_once_and_only_expired_leases_again(
             reclaimed.push(job);
         }
     }
-    assert_eq!(reclaimed.len(), 1, "only the expired import is claimed again");
+    assert_eq!(
+        reclaimed.len(),
+        1,
+        "only the expired import is claimed again"
+    );
     assert_eq!(reclaimed[0].lease.queue_id, expired);
     assert_eq!(reclaimed[0].lease.attempt, 2);
     let live_doc = app.queue(live).await;
-    assert_eq!(get_i64(&live_doc, "attempts"), 1, "a live lease is never claimed");
+    assert_eq!(
+        get_i64(&live_doc, "attempts"),
+        1,
+        "a live lease is never claimed"
+    );
     assert_eq!(app.queue(odd).await.get_str("status").unwrap(), "pending");
     app.cleanup().await;
 }
@@ -94,7 +116,10 @@ async fn a_stale_owner_is_fenced_off() {
     first.lease.heartbeat().await.unwrap();
     // The lease expires and b takes over.
     app.queues()
-        .update_one(doc! { "_id": id }, doc! { "$set": { "lease.expires_at": DateTime::from_millis(0) } })
+        .update_one(
+            doc! { "_id": id },
+            doc! { "$set": { "lease.expires_at": DateTime::from_millis(0) } },
+        )
         .await
         .unwrap();
     a.rescue_expired().await.unwrap();
@@ -102,14 +127,30 @@ async fn a_stale_owner_is_fenced_off() {
     assert_eq!(second.lease.attempt, 2);
     for result in [
         first.lease.heartbeat().await.map(|_| ()),
-        first.lease.save_progress(Default::default(), Default::default()).await,
-        first.lease.finish(&claim::Final::Completed, Default::default(), doc! {}).await,
-        first.lease.release(Default::default(), Default::default()).await,
+        first
+            .lease
+            .save_progress(Default::default(), Default::default())
+            .await,
+        first
+            .lease
+            .finish(&claim::Final::Completed, Default::default(), doc! {})
+            .await,
+        first
+            .lease
+            .release(Default::default(), Default::default())
+            .await,
     ] {
-        assert!(matches!(result, Err(claim::Error::LeaseLost { .. })), "{result:?}");
+        assert!(
+            matches!(result, Err(claim::Error::LeaseLost { .. })),
+            "{result:?}"
+        );
     }
     // The rightful owner completes it, in one guarded update.
-    second.lease.finish(&claim::Final::Completed, Default::default(), doc! {}).await.unwrap();
+    second
+        .lease
+        .finish(&claim::Final::Completed, Default::default(), doc! {})
+        .await
+        .unwrap();
     let q = app.queue(id).await;
     assert_eq!(q.get_str("status").unwrap(), "completed");
     assert!(!q.get_bool("in_progress").unwrap());
@@ -125,9 +166,17 @@ async fn release_makes_the_import_claimable_at_once_with_its_checkpoint() {
     app.queues().insert_one(pending(id)).await.unwrap();
     let a = Claimer::new(&app.db, "a", Duration::from_secs(60));
     let job = a.claim_next(&SOURCES).await.unwrap().unwrap();
-    let cp = claim::Checkpoint { line: 1001, byte: 52_000, records: 1000 };
+    let cp = claim::Checkpoint {
+        line: 1001,
+        byte: 52_000,
+        records: 1000,
+    };
     job.lease.release(Default::default(), cp).await.unwrap();
-    let again = a.claim_next(&SOURCES).await.unwrap().expect("claimable again without waiting");
+    let again = a
+        .claim_next(&SOURCES)
+        .await
+        .unwrap()
+        .expect("claimable again without waiting");
     assert_eq!(claim::Checkpoint::from_queue_doc(&again.doc), cp);
     app.cleanup().await;
 }
@@ -158,7 +207,11 @@ async fn oldest_first_by_created_at_then_created_at_camel_then_id() {
     while let Some(job) = c.claim_next(&SOURCES).await.unwrap() {
         order.push(job.lease.queue_id);
     }
-    assert_eq!(order, vec![by_id, camel, snake], "contacts are left for a contacts daemon");
+    assert_eq!(
+        order,
+        vec![by_id, camel, snake],
+        "contacts are left for a contacts daemon"
+    );
     app.cleanup().await;
 }
 
@@ -171,7 +224,10 @@ async fn a_daemon_claims_within_a_tick_and_ends_bad_requests_failed() {
     app.queues().insert_one(pending(id)).await.unwrap();
     let q = app.wait_final(id, Duration::from_secs(10)).await;
     assert_eq!(q.get_str("status").unwrap(), "failed");
-    assert_eq!(q.get_document("error").unwrap().get_str("code").unwrap(), "invalid_queue_document");
+    assert_eq!(
+        q.get_document("error").unwrap().get_str("code").unwrap(),
+        "invalid_queue_document"
+    );
     assert!(!q.get_bool("in_progress").unwrap());
     app.cleanup().await;
 }

@@ -7,7 +7,9 @@ use crate::helpers::config_dir;
 
 fn check_config(env: &[(&str, &str)]) -> (bool, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_importd"));
-    cmd.arg("check-config").env("IMPORTD_CONFIG_DIR", config_dir()).env("IMPORTD_ENV", "local");
+    cmd.arg("check-config")
+        .env("IMPORTD_CONFIG_DIR", config_dir())
+        .env("IMPORTD_ENV", "local");
     for (k, _) in std::env::vars() {
         if k.starts_with("IMPORTD__") {
             cmd.env_remove(k);
@@ -28,16 +30,25 @@ fn secrets_are_masked_and_env_overrides_apply() {
         ("IMPORTD__S3__SECRET_KEY", "s3-very-secret"),
         ("IMPORTD__SMTP__PASSWORD", "smtp-very-secret"),
         ("IMPORTD__APP_SECRET", "app-very-secret"),
-        ("IMPORTD__MONGODB__URI", "mongodb://app:mongo-very-secret@db.internal:27017/crm"),
+        (
+            "IMPORTD__MONGODB__URI",
+            "mongodb://app:mongo-very-secret@db.internal:27017/crm",
+        ),
         ("IMPORTD__SCHEDULER__LEASE_SECONDS", "90"),
     ]);
     assert!(ok, "{err}");
     assert!(!out.contains("very-secret"), "a secret leaked:\n{out}");
-    assert!(out.contains("uri = \"mongodb://app:********@db.internal:27017/crm\""), "{out}");
+    assert!(
+        out.contains("uri = \"mongodb://app:********@db.internal:27017/crm\""),
+        "{out}"
+    );
     assert!(out.contains("lease_seconds = 90"), "{out}");
     assert!(out.contains("tick = \"*/5 * * * * *\""), "{out}");
     for key in ["app_secret", "access_key", "secret_key", "password"] {
-        assert!(out.lines().any(|l| l.starts_with(key)), "{key} missing:\n{out}");
+        assert!(
+            out.lines().any(|l| l.starts_with(key)),
+            "{key} missing:\n{out}"
+        );
     }
 }
 
@@ -46,12 +57,19 @@ fn invalid_values_name_their_key() {
     for (var, value, key) in [
         ("IMPORTD__SCHEDULER__LEASE_SECONDS", "soon", "lease_seconds"),
         ("IMPORTD__SMTP__TLS", "maybe", "smtp.tls"),
-        ("IMPORTD__SCHEDULER__TICK", "every 5 seconds", "scheduler.tick"),
+        (
+            "IMPORTD__SCHEDULER__TICK",
+            "every 5 seconds",
+            "scheduler.tick",
+        ),
         ("IMPORTD__IMPORT__BATCH_SIZE", "0", "import.batch_size"),
         ("IMPORTD__HTTP__BIND", "localhost", "http.bind"),
     ] {
         let (ok, _, err) = check_config(&[(var, value)]);
         assert!(!ok, "{var}={value} accepted");
-        assert!(err.contains(key), "{var}={value}: message does not name {key}: {err}");
+        assert!(
+            err.contains(key),
+            "{var}={value}: message does not name {key}: {err}"
+        );
     }
 }

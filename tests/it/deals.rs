@@ -1,1 +1,591 @@
-//! The deal pipeline end to end.
+//! The deal pipeline end to end against the real stack: mapping, values,
+//! stages, per-line outcomes, totals, idempotent replays, file-level errors.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use bson::oid::ObjectId;
+use bson::{Bson, Document, doc};
+use importd::domain::{collections, deal_id};
+use importd::map::StageName;
+use importd::outcomes::{self, LineOutcome};
+use importd::stages::StageCache;
+
+use crate::helpers::{TestApp, get_i64};
+
+const CUSTOM: &str = "65a1b2c3d4e5f60718293a4b";
+
+const SEED_CSV: &str = "Deal Name,Value,Stage,Status,Contact Name,Contact Email,Region\n\
+Acme Corp Deal,5000,qualified,open,John Doe,john@acme.com,EMEA\n\
+TechStart Deal,12000,proposal,open,Jane Smith,jane@techstart.com,APAC\n\
+Global Inc Deal,25000,negotiation,open,Bob Johnson,bob@global.com,AMER\n";
+
+const SEED_MAPPING: [(&str, &str); 5] = [
+    ("Deal Name", "name"),
+    ("Value", "value"),
+    ("Stage", "stage_id"),
+    ("Status", "status"),
+    ("Region", CUSTOM),
+];
+
+const LONG: Duration = Duration::from_secs(300);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_sample_imports_three_deals_with_stages_custom_fields_and_totals() {
+    let mut app = TestApp::new().await;
+    app.spawn_daemon();
+    let id = app
+        .enqueue_csv("deals.csv", SEED_CSV.as_bytes(), &SEED_MAPPING)
+        .await;
+    let q = app.wait_final(id, Duration::from_secs(30)).await;
+    assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
+    assert!(!q.get_bool("in_progress").unwrap());
+    assert_eq!(get_i64(&q, "progress.imported_rows"), 3);
+    assert_eq!(get_i64(&q, "progress.failed_rows"), 0);
+    assert_eq!(get_i64(&q, "progress.total_rows"), 3);
+    assert_eq!(
+        q.get_document("progress")
+            .unwrap()
+            .get_f64("percent")
+            .unwrap(),
+        100.0
+    );
+    assert!(q.get_datetime("completed_at").is_ok());
+
+    let stages = app
+        .find_all(
+            collections::PIPELINE_STAGES,
+            doc! { "pipeline_id": app.pipeline_id },
+        )
+        .await;
+    let names: HashSet<&str> = stages.iter().map(|s| s.get_str("name").unwrap()).collect();
+    assert_eq!(
+        names,
+        HashSet::from(["qualified", "proposal", "negotiation"])
+    );
+
+    let deals = app
+        .find_all(collections::DEALS, doc! { "import.queue_id": id })
+        .await;
+    assert_eq!(deals.len(), 3);
+    let acme = deals
+        .iter()
+        .find(|d| d.get_str("name") == Ok("Acme Corp Deal"))
+        .unwrap();
+    assert_eq!(acme.get_f64("value").unwrap(), 5000.0);
+    assert_eq!(acme.get_str("status").unwrap(), "open");
+    assert_eq!(
+        acme.get_document("additional_info")
+            .unwrap()
+            .get_str(CUSTOM)
+            .unwrap(),
+        "EMEA"
+    );
+    assert_eq!(acme.get_object_id("account_id").unwrap(), app.account_id);
+    assert_eq!(acme.get_object_id("pipeline_id").unwrap(), app.pipeline_id);
+    assert_eq!(acme.get_object_id("owner").unwrap(), app.user_id);
+    assert_eq!(acme.get_object_id("created_by").unwrap(), app.user_id);
+    assert_eq!(acme.get_str("source").unwrap(), "csv");
+    assert_eq!(
+        acme.get_array("tags").unwrap(),
+        &vec![Bson::String("imported".into())]
+    );
+    assert_eq!(get_i64(acme, "import.line"), 2);
+    assert_eq!(acme.get_object_id("_id").unwrap(), deal_id(&id, 2).unwrap());
+    let qualified = stages
+        .iter()
+        .find(|s| s.get_str("name") == Ok("qualified"))
+        .unwrap();
+    assert_eq!(
+        acme.get_object_id("stage_id").unwrap(),
+        qualified.get_object_id("_id").unwrap()
+    );
+
+    let summary = app
+        .coll(collections::CSV_IMPORTS)
+        .find_one(doc! { "queue_id": id })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(get_i64(&summary, "total_rows"), 3);
+    assert_eq!(get_i64(&summary, "total_records_added"), 3);
+    assert_eq!(get_i64(&summary, "total_errors"), 0);
+    assert_eq!(summary.get_str("status").unwrap(), "completed");
+    assert_eq!(
+        q.get_object_id("log_id").unwrap(),
+        summary.get_object_id("_id").unwrap()
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_spellings_share_one_stage_and_statuses_normalise() {
+    let mut app = TestApp::new().await;
+    // The dashboard already made "Proposal Sent" with its own spelling.
+    app.coll(collections::PIPELINE_STAGES)
+        .insert_one(doc! { "account_id": app.account_id, "pipeline_id": app.pipeline_id, "name": "Proposal  Sent", "order": 1 })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let csv = "Name,Stage,Status,Type\n\
+        A,Qualified,Closed - Won,Monthly - Recurring\n\
+        B, qualified ,closed-won,monthly_recurring\n\
+        C,QUALIFIED,CLOSED_WON,MONTHLY RECURRING\n\
+        D,proposal sent,open,\n";
+    let mapping = [
+        ("Name", "name"),
+        ("Stage", "stage_id"),
+        ("Status", "status"),
+        ("Type", "contract_type"),
+    ];
+    let id = app.enqueue_csv("s.csv", csv.as_bytes(), &mapping).await;
+    let q = app.wait_final(id, Duration::from_secs(30)).await;
+    assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
+    let stages = app
+        .find_all(
+            collections::PIPELINE_STAGES,
+            doc! { "pipeline_id": app.pipeline_id },
+        )
+        .await;
+    assert_eq!(stages.len(), 2, "{stages:?}");
+    let created = stages
+        .iter()
+        .find(|s| s.get_str("name") == Ok("qualified"))
+        .unwrap();
+    assert_eq!(
+        created.get_str("label").unwrap(),
+        "Qualified",
+        "first-seen spelling"
+    );
+    let deals = app
+        .find_all(collections::DEALS, doc! { "import.queue_id": id })
+        .await;
+    assert_eq!(deals.len(), 4);
+    for d in &deals[..3] {
+        assert_eq!(
+            d.get_object_id("stage_id").unwrap(),
+            created.get_object_id("_id").unwrap()
+        );
+        assert_eq!(d.get_str("status").unwrap(), "closed_won");
+        assert_eq!(d.get_str("contract_type").unwrap(), "monthly_recurring");
+    }
+    assert_ne!(
+        deals[3].get_object_id("stage_id").unwrap(),
+        created.get_object_id("_id").unwrap()
+    );
+    assert_eq!(
+        q.get_array("stages_created").unwrap(),
+        &vec![Bson::String("Qualified".into())]
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_on_one_new_stage_creates_it_once() {
+    let mut app = TestApp::new().await;
+    // Many stage caches at once (as many imports on many daemons would).
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let db = importd::db::connect(&app.settings().mongodb).await.unwrap();
+        let (a, p, u) = (app.account_id, app.pipeline_id, app.user_id);
+        tasks.push(tokio::spawn(async move {
+            let mut cache = StageCache::load(&db, a, p, u).await.unwrap();
+            let label = if i % 2 == 0 {
+                "Brand New"
+            } else {
+                " brand  NEW "
+            };
+            cache
+                .resolve(&StageName {
+                    key: "brand new".into(),
+                    label: label.into(),
+                })
+                .await
+                .unwrap()
+        }));
+    }
+    let mut ids = HashSet::new();
+    for t in tasks {
+        ids.insert(t.await.unwrap());
+    }
+    assert_eq!(ids.len(), 1);
+    assert_eq!(
+        app.count(collections::PIPELINE_STAGES, doc! { "name": "brand new" })
+            .await,
+        1
+    );
+
+    // And two whole imports racing on another new stage, on two daemons.
+    app.spawn_daemon();
+    app.spawn_daemon();
+    let mapping = [("Name", "name"), ("Stage", "stage_id")];
+    let mut body = String::from("Name,Stage\n");
+    for i in 0..500 {
+        writeln!(
+            body,
+            "Deal {i},{}",
+            if i % 2 == 0 { "Won Later" } else { "won later" }
+        )
+        .unwrap();
+    }
+    let a = app.enqueue_csv("a.csv", body.as_bytes(), &mapping).await;
+    let b = app.enqueue_csv("b.csv", body.as_bytes(), &mapping).await;
+    for id in [a, b] {
+        assert_eq!(
+            app.wait_final(id, Duration::from_secs(60))
+                .await
+                .get_str("status")
+                .unwrap(),
+            "completed"
+        );
+    }
+    assert_eq!(
+        app.count(collections::PIPELINE_STAGES, doc! { "name": "won later" })
+            .await,
+        1
+    );
+    assert_eq!(app.count(collections::DEALS, doc! {}).await, 1000);
+    app.cleanup().await;
+}
+
+/// A file of `rows` data rows where the rows in `bad` fail (empty name or
+/// an unparsable value) and every 97th row has a two-line quoted note.
+/// Returns the text and the physical lines of the failing rows.
+fn generated(rows: usize, bad: impl Fn(usize) -> bool) -> (String, Vec<u64>) {
+    let mut text = String::with_capacity(rows * 64);
+    text.push_str("Deal Name,Value,Stage,Status,Notes\n");
+    let mut line = 2u64;
+    let mut planted = Vec::new();
+    for i in 0..rows {
+        let notes = if i % 97 == 0 {
+            "\"first line\nsecond line\""
+        } else {
+            "plain"
+        };
+        let (name, value) = if bad(i) {
+            planted.push(line);
+            if i % 2 == 0 {
+                (String::new(), "100".to_owned())
+            } else {
+                (format!("Deal {i}"), "n/a".to_owned())
+            }
+        } else {
+            (format!("Deal {i}"), format!("{}", i * 10))
+        };
+        writeln!(text, "{name},{value},Stage {},open,{notes}", i % 8).unwrap();
+        line += 1 + u64::from(i % 97 == 0);
+    }
+    (text, planted)
+}
+
+const GEN_MAPPING: [(&str, &str); 5] = [
+    ("Deal Name", "name"),
+    ("Value", "value"),
+    ("Stage", "stage_id"),
+    ("Status", "status"),
+    ("Notes", "description"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_thousand_rows_with_planted_failures_account_for_every_line() {
+    let mut app = TestApp::new().await;
+    app.spawn_daemon();
+    // About 1 %: every 100th row, plus the rows right after each multi-line one.
+    let (csv, planted) = generated(100_000, |i| i % 100 == 7 || i % 97 == 1);
+    let id = app
+        .enqueue_csv("big.csv", csv.as_bytes(), &GEN_MAPPING)
+        .await;
+    let q = app.wait_final(id, LONG).await;
+    assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
+    let imported = get_i64(&q, "progress.imported_rows") as u64;
+    let failed = get_i64(&q, "progress.failed_rows") as u64;
+    assert_eq!(imported + failed, 100_000);
+    assert_eq!(failed, planted.len() as u64);
+    assert_eq!(
+        app.count(collections::DEALS, doc! { "import.queue_id": id })
+            .await,
+        imported
+    );
+
+    // The failed lines are exactly the planted ones, from the outcomes.
+    let mut failed_lines = Vec::new();
+    for d in app
+        .find_all(
+            collections::IMPORT_LINES,
+            doc! { "queue_id": id, "failed_count": { "$gt": 0 } },
+        )
+        .await
+    {
+        for f in d.get_array("failed").unwrap() {
+            failed_lines.push(f.as_document().unwrap().get_i64("line").unwrap() as u64);
+        }
+    }
+    failed_lines.sort_unstable();
+    assert_eq!(failed_lines, planted);
+
+    // Support's one-query lookup, for a failed line and an imported one.
+    let bad = planted[planted.len() / 2];
+    match outcomes::line_outcome(&app.db, id, bad).await.unwrap() {
+        Some(LineOutcome::Failed(f)) => assert_eq!(f.line, bad),
+        other => panic!("line {bad}: {other:?}"),
+    }
+    // Row 0 spans lines 2-3 (a quoted note on two lines), row 1 (line 4)
+    // is planted, row 2 starts on line 5.
+    match outcomes::line_outcome(&app.db, id, 5).await.unwrap() {
+        Some(LineOutcome::Imported { deal_id: d }) => {
+            assert_eq!(d, deal_id(&id, 5).unwrap());
+            let deal = app
+                .coll(collections::DEALS)
+                .find_one(doc! { "_id": d })
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(get_i64(&deal, "import.line"), 5);
+            assert_eq!(deal.get_str("name").unwrap(), "Deal 2");
+        }
+        other => panic!("line 5: {other:?}"),
+    }
+    assert_eq!(
+        outcomes::line_outcome(&app.db, id, 3).await.unwrap(),
+        None,
+        "no record starts on line 3"
+    );
+    let summary = app
+        .coll(collections::CSV_IMPORTS)
+        .find_one(doc! { "queue_id": id })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(get_i64(&summary, "total_errors") as u64, failed);
+    let logs = summary.get_array("logs").unwrap();
+    assert_eq!(logs.len(), planted.len().min(1000));
+    assert_eq!(
+        logs[0].as_document().unwrap().get_i64("line").unwrap() as u64,
+        planted[0]
+    );
+    app.cleanup().await;
+}
+
+fn bson_size(d: &Document) -> usize {
+    bson::to_vec(d).unwrap().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_thousand_failing_rows_keep_every_document_small() {
+    let mut app = TestApp::new().await;
+    app.spawn_daemon();
+    let (csv, planted) = generated(200_000, |_| true);
+    let id = app
+        .enqueue_csv("all-bad.csv", csv.as_bytes(), &GEN_MAPPING)
+        .await;
+    let q = app.wait_final(id, LONG).await;
+    assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
+    assert_eq!(get_i64(&q, "progress.failed_rows"), 200_000);
+    assert_eq!(planted.len(), 200_000);
+    let mut largest = bson_size(&q);
+    for coll in [collections::IMPORT_LINES, collections::CSV_IMPORTS] {
+        for d in app.find_all(coll, doc! { "queue_id": id }).await {
+            largest = largest.max(bson_size(&d));
+        }
+    }
+    println!("largest document written: {largest} bytes");
+    assert!(largest < 1024 * 1024, "largest document is {largest} bytes");
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processing_a_queue_document_twice_creates_no_second_deal() {
+    let mut app = TestApp::new().await;
+    app.spawn_daemon();
+    let (csv, planted) = generated(5_000, |i| i % 50 == 3);
+    let id = app
+        .enqueue_csv("twice.csv", csv.as_bytes(), &GEN_MAPPING)
+        .await;
+    let first = app.wait_final(id, LONG).await;
+    assert_eq!(first.get_str("status").unwrap(), "completed");
+    let deals_before = app.count(collections::DEALS, doc! {}).await;
+    assert_eq!(deals_before, 5_000 - planted.len() as u64);
+
+    // From the start again: no checkpoint, as if the first run never ended.
+    app.queues()
+        .update_one(
+            doc! { "_id": id },
+            doc! { "$set": { "status": "pending", "in_progress": false }, "$unset": { "checkpoint": "", "progress": "" } },
+        )
+        .await
+        .unwrap();
+    let second = app.wait_final(id, LONG).await;
+    assert_eq!(second.get_str("status").unwrap(), "completed");
+    assert_eq!(get_i64(&second, "attempts"), 2);
+    assert_eq!(
+        app.count(collections::DEALS, doc! {}).await,
+        deals_before,
+        "no line got a second deal"
+    );
+    assert_eq!(
+        get_i64(&second, "progress.imported_rows") as u64,
+        deals_before
+    );
+    assert_eq!(
+        get_i64(&second, "progress.failed_rows") as usize,
+        planted.len()
+    );
+    let summary = app
+        .coll(collections::CSV_IMPORTS)
+        .find_one(doc! { "queue_id": id })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        get_i64(&summary, "total_records_added") as u64,
+        deals_before
+    );
+    assert_eq!(get_i64(&summary, "total_rows"), 5_000);
+    assert_eq!(app.count(collections::CSV_IMPORTS, doc! {}).await, 1);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_level_problems_fail_the_import_with_a_code_before_any_write() {
+    let mut app = TestApp::new().await;
+    app.spawn_daemon();
+    let ok_mapping = [("Name", "name")];
+    let mut cases = vec![
+        (
+            app.enqueue_csv("empty.csv", b"", &ok_mapping).await,
+            "empty_file",
+        ),
+        (
+            app.enqueue_csv("blank.csv", b"\n\n", &ok_mapping).await,
+            "no_header",
+        ),
+        (
+            app.enqueue_csv("x.xlsx", b"PK\x03\x04\x14\x00binary", &ok_mapping)
+                .await,
+            "not_csv",
+        ),
+        (
+            app.enqueue_csv(
+                "m.csv",
+                b"Name\nA\n",
+                &[("Name", "name"), ("Missing", "value")],
+            )
+            .await,
+            "mapping_invalid",
+        ),
+        (
+            app.enqueue_csv(
+                "h.csv",
+                b"Name,X\nA,1\n",
+                &[("Name", "name"), ("X", "$set")],
+            )
+            .await,
+            "mapping_invalid",
+        ),
+        (
+            app.enqueue_csv(
+                "o.csv",
+                b"Name,X\nA,1\n",
+                &[("Name", "name"), ("X", "account_id")],
+            )
+            .await,
+            "mapping_invalid",
+        ),
+    ];
+    let other_account_pipeline = ObjectId::new();
+    app.coll(collections::PIPELINES)
+        .insert_one(
+            doc! { "_id": other_account_pipeline, "account_id": ObjectId::new(), "name": "Theirs" },
+        )
+        .await
+        .unwrap();
+    cases.push((
+        app.enqueue_with(
+            "p.csv",
+            b"Name\nA\n",
+            &ok_mapping,
+            doc! { "additional_data": { "pipeline_id": other_account_pipeline } },
+        )
+        .await,
+        "pipeline_not_found",
+    ));
+    let missing = app.enqueue_csv("gone.csv", b"Name\nA\n", &ok_mapping).await;
+    let key = app.queue(missing).await.get_array("csv").unwrap()[0]
+        .as_document()
+        .unwrap()
+        .get_str("key")
+        .unwrap()
+        .to_owned();
+    app.services.storage.delete(&key).await.unwrap();
+    cases.push((missing, "object_not_found"));
+
+    for (id, code) in cases {
+        let q = app.wait_final(id, Duration::from_secs(30)).await;
+        assert_eq!(q.get_str("status").unwrap(), "failed", "{q}");
+        let e = q.get_document("error").unwrap();
+        assert_eq!(e.get_str("code").unwrap(), code, "{q}");
+        assert!(!e.get_str("message").unwrap().is_empty());
+    }
+    assert_eq!(
+        app.count(collections::DEALS, doc! {}).await,
+        0,
+        "no deal written"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messy_rows_fail_alone_with_field_value_and_line() {
+    let mut app = TestApp::new().await;
+    app.spawn_daemon();
+    let csv = "\u{feff}Deal Name;Value;Close;Email\r\n\
+        Good;\"5,000.50\";2025-12-31;a@b.com\r\n\
+        Ragged;1\r\n\
+        Bad Date;1;someday;a@b.com\r\n\
+        Bad Mail;1;;not-an-email\r\n\
+        \r\n\
+        Also Good;$7;12/31/2025;\r\n";
+    let mapping = [
+        ("deal name", "name"),
+        ("Value", "value"),
+        ("Close", "expected_close_date"),
+        ("Email", "contact_email"),
+    ];
+    let id = app.enqueue_csv("messy.csv", csv.as_bytes(), &mapping).await;
+    let q = app.wait_final(id, Duration::from_secs(30)).await;
+    assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
+    let summary = app
+        .coll(collections::CSV_IMPORTS)
+        .find_one(doc! { "queue_id": id })
+        .await
+        .unwrap()
+        .unwrap();
+    let logs: Vec<(i64, String)> = summary
+        .get_array("logs")
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let l = l.as_document().unwrap();
+            (
+                l.get_i64("line").unwrap(),
+                l.get_str("field").unwrap_or("-").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        logs,
+        vec![
+            (3, "-".into()),
+            (4, "expected_close_date".into()),
+            (5, "contact_email".into())
+        ]
+    );
+    let deals = app.find_all(collections::DEALS, doc! {}).await;
+    assert_eq!(deals.len(), 2);
+    assert_eq!(deals[0].get_f64("value").unwrap(), 5000.5);
+    assert_eq!(get_i64(&deals[1], "import.line"), 7);
+    assert_eq!(deals[1].get_f64("value").unwrap(), 7.0);
+    assert!(deals[1].get_datetime("expected_close_date").is_ok());
+    app.cleanup().await;
+}

@@ -56,9 +56,15 @@ impl TestApp {
 
     pub async fn with_settings(settings: Settings) -> Self {
         if std::env::var_os("TEST_LOG").is_some() {
-            importd::telemetry::init(importd::config::LogFormat::Pretty, "info,importd=debug", std::io::stderr);
+            importd::telemetry::init(
+                importd::config::LogFormat::Pretty,
+                "info,importd=debug",
+                std::io::stderr,
+            );
         }
-        let services = importd::app::services(settings).await.expect("clients build");
+        let services = importd::app::services(settings)
+            .await
+            .expect("clients build");
         importd::db::ensure_indexes(&services.db)
             .await
             .expect("MongoDB answers: is the stack up? (scripts/stack.sh up)");
@@ -73,12 +79,16 @@ impl TestApp {
         };
         app.db
             .collection::<Document>(collections::PIPELINES)
-            .insert_one(doc! { "_id": app.pipeline_id, "account_id": app.account_id, "name": "Sales" })
+            .insert_one(
+                doc! { "_id": app.pipeline_id, "account_id": app.account_id, "name": "Sales" },
+            )
             .await
             .unwrap();
         app.db
             .collection::<Document>(collections::USERS)
-            .insert_one(doc! { "_id": app.user_id, "email": "owner@example.com", "first_name": "Olive" })
+            .insert_one(
+                doc! { "_id": app.user_id, "email": "owner@example.com", "first_name": "Olive" },
+            )
             .await
             .unwrap();
         app
@@ -90,7 +100,10 @@ impl TestApp {
 
     /// Starts a daemon on this test's database; stopped when the app drops.
     pub fn spawn_daemon(&mut self) -> Daemon {
-        let daemon = Daemon::new(self.services.clone(), importd::claim::Claimer::default_owner());
+        let daemon = Daemon::new(
+            self.services.clone(),
+            importd::claim::Claimer::default_owner(),
+        );
         self.daemons.push(daemon.shutdown_token());
         let d = daemon.clone();
         tokio::spawn(async move { d.run().await.expect("scheduler runs") });
@@ -103,9 +116,19 @@ impl TestApp {
     }
 
     /// Like [`TestApp::enqueue_csv`], with extra queue fields merged in.
-    pub async fn enqueue_with(&self, name: &str, csv: &[u8], mappings: &[(&str, &str)], extra: Document) -> ObjectId {
+    pub async fn enqueue_with(
+        &self,
+        name: &str,
+        csv: &[u8],
+        mappings: &[(&str, &str)],
+        extra: Document,
+    ) -> ObjectId {
         let key = format!("{}/{}/{name}", self.prefix, uuid::Uuid::new_v4());
-        self.services.storage.put_bytes(&key, csv, "text/csv").await.expect("upload");
+        self.services
+            .storage
+            .put_bytes(&key, csv, "text/csv")
+            .await
+            .expect("upload");
         let mut m = Document::new();
         for (h, t) in mappings {
             m.insert(*h, *t);
@@ -139,7 +162,11 @@ impl TestApp {
     }
 
     pub async fn queue(&self, id: ObjectId) -> Document {
-        self.queues().find_one(doc! { "_id": id }).await.unwrap().expect("queue document")
+        self.queues()
+            .find_one(doc! { "_id": id })
+            .await
+            .unwrap()
+            .expect("queue document")
     }
 
     /// Waits until the queue document reaches a final state.
@@ -147,16 +174,28 @@ impl TestApp {
         let start = Instant::now();
         loop {
             let q = self.queue(id).await;
-            if matches!(q.get_str("status"), Ok("completed" | "failed" | "cancelled")) {
+            if matches!(
+                q.get_str("status"),
+                Ok("completed" | "failed" | "cancelled")
+            ) {
                 return q;
             }
-            assert!(start.elapsed() < timeout, "import {id} not final after {timeout:?}: {q}");
+            assert!(
+                start.elapsed() < timeout,
+                "import {id} not final after {timeout:?}: {q}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     pub async fn find_all(&self, coll: &str, filter: Document) -> Vec<Document> {
-        self.coll(coll).find(filter).await.unwrap().try_collect().await.unwrap()
+        self.coll(coll)
+            .find(filter)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap()
     }
 
     pub async fn count(&self, coll: &str, filter: Document) -> u64 {
@@ -189,7 +228,9 @@ pub fn get_i64(d: &Document, path: &str) -> i64 {
     let mut cur = d;
     let parts: Vec<&str> = path.split('.').collect();
     for p in &parts[..parts.len() - 1] {
-        cur = cur.get_document(p).unwrap_or_else(|_| panic!("{path} in {d}"));
+        cur = cur
+            .get_document(p)
+            .unwrap_or_else(|_| panic!("{path} in {d}"));
     }
     let last = parts[parts.len() - 1];
     match cur.get(last) {
