@@ -39,14 +39,16 @@ use tracing::{Instrument, info, warn};
 
 use crate::claim::{self, Checkpoint, ClaimedJob, Final, Lease, Progress};
 use crate::config::Settings;
-use crate::domain::{FileError, ImportSpec, JobState, LineNo, RecordKind, collections};
+use crate::domain::{
+    DuplicateStrategy, FileError, ImportSpec, JobState, LineNo, RecordKind, collections,
+};
 use crate::fetch::{self, Storage};
 use crate::map::{FailedRow, MappedDeal, Plan, Rules};
 use crate::outcomes::{self, BatchOutcome, Totals};
 use crate::parse::{self, Records, Start};
 use crate::stages::StageCache;
 use crate::telemetry::error_chain;
-use crate::write::{DealWriter, LineWrite};
+use crate::write::{DealWriter, LineWrite, Match, NameIndex};
 
 /// What a pipeline needs from the outside world.
 #[derive(Clone)]
@@ -435,6 +437,21 @@ async fn import(
         .await?;
     let mut stages = StageCache::load(&svc.db, spec.account_id, pipeline_id, spec.user_id).await?;
     let writer = DealWriter::new(svc.db.collection(collections::DEALS), spec, pipeline_id);
+    let mut dedupe = Dedupe {
+        strategy: spec.duplicate_strategy,
+        names: match spec.duplicate_strategy {
+            DuplicateStrategy::Create => None,
+            _ => Some(
+                NameIndex::load(
+                    &svc.db.collection(collections::DEALS),
+                    spec.queue_id,
+                    spec.account_id,
+                    pipeline_id,
+                )
+                .await?,
+            ),
+        },
+    };
 
     let (tx, mut rx) = mpsc::channel::<Batch>(settings.import.channel_batches.get());
     let producer = tokio::spawn(
@@ -451,7 +468,11 @@ async fn import(
         .in_current_span(),
     );
 
-    let writers = settings.import.writers.get();
+    // Updates must see the deals earlier batches create: one write at a time.
+    let writers = match spec.duplicate_strategy {
+        DuplicateStrategy::Update => 1,
+        _ => settings.import.writers.get(),
+    };
     let mut inflight = FuturesOrdered::new();
     let mut producer_done = false;
     let mut aborted: Option<Abort> = None;
@@ -471,7 +492,7 @@ async fn import(
             }
             batch = rx.recv(), if !producer_done && inflight.len() < writers => match batch {
                 Some(batch) => {
-                    let prepared = prepare(&writer, &mut stages, batch).await?;
+                    let prepared = prepare(&writer, &mut stages, &mut dedupe, batch).await?;
                     inflight.push_back(write_batch(svc.db.clone(), writer.clone(), lease.queue_id, prepared));
                 }
                 None => producer_done = true,
@@ -586,6 +607,10 @@ async fn produce(
 struct Prepared {
     docs: Vec<Document>,
     lines: Vec<LineNo>,
+    /// `(line, existing deal, $set)` for `duplicate_strategy: update`.
+    updates: Vec<(LineNo, ObjectId, Document)>,
+    /// `(line, existing deal)` for `duplicate_strategy: skip`.
+    skipped: Vec<(LineNo, ObjectId)>,
     failed: Vec<FailedRow>,
     first_line: LineNo,
     last_line: LineNo,
@@ -593,22 +618,48 @@ struct Prepared {
     records_end: u64,
 }
 
+/// Duplicate handling of one import: the strategy and, unless it is
+/// `create`, the names of the pipeline's deals.
+struct Dedupe {
+    strategy: DuplicateStrategy,
+    names: Option<NameIndex>,
+}
+
 async fn prepare(
     writer: &DealWriter,
     stages: &mut StageCache,
+    dedupe: &mut Dedupe,
     batch: Batch,
 ) -> Result<Prepared, Abort> {
     let now = DateTime::now();
     let mut docs = Vec::with_capacity(batch.rows.len());
     let mut lines = Vec::with_capacity(batch.rows.len());
+    let mut updates = Vec::new();
+    let mut skipped = Vec::new();
     let mut failed = Vec::new();
     for row in batch.rows {
         match row {
             Ok(deal) => {
+                let existing = match dedupe
+                    .names
+                    .as_mut()
+                    .map(|n| n.decide(deal.line, &deal.name))
+                {
+                    Some(Match::Existing(id)) => Some(id),
+                    _ => None,
+                };
+                if let (Some(id), DuplicateStrategy::Skip) = (existing, dedupe.strategy) {
+                    skipped.push((deal.line, id));
+                    continue;
+                }
                 let stage_id = match &deal.stage {
                     Some(stage) => Some(resolve_stage(stages, stage).await?),
                     None => None,
                 };
+                if let Some(id) = existing {
+                    updates.push((deal.line, id, writer.update_fields(&deal, stage_id, now)));
+                    continue;
+                }
                 let doc = writer.build(&deal, stage_id, now).map_err(|e| {
                     Abort::File(FileError::Malformed {
                         line: deal.line,
@@ -624,6 +675,8 @@ async fn prepare(
     Ok(Prepared {
         docs,
         lines,
+        updates,
+        skipped,
         failed,
         first_line: batch.first_line,
         last_line: batch.last_line,
@@ -666,25 +719,57 @@ async fn write_batch(
         .notify(|e, d| warn!(error = %error_chain(e), delay_ms = d.as_millis() as u64, "Batch write failed; retrying"))
         .await
         .map_err(|e| Abort::Transient(error_chain(&e)))?;
+    let sets: Vec<(ObjectId, Document)> = p
+        .updates
+        .iter()
+        .map(|(_, id, set)| (*id, set.clone()))
+        .collect();
+    let update_results = (|| writer.update(&sets))
+        .retry(write_retry())
+        .when(|e| e.is_transient())
+        .notify(|e, _| warn!(error = %error_chain(e), "Update failed; retrying"))
+        .await
+        .map_err(|e| Abort::Transient(error_chain(&e)))?;
     let mut outcome = BatchOutcome {
         first_line: p.first_line,
         last_line: p.last_line,
         imported: Vec::with_capacity(p.lines.len()),
+        updated: Vec::new(),
+        skipped: p.skipped,
         failed: p.failed,
+    };
+    let rejected = |line: LineNo, message: String, name: &str| FailedRow {
+        error: crate::domain::RowError {
+            line,
+            code: crate::domain::RowCode::WriteRejected,
+            field: None,
+            value: None,
+            message,
+        },
+        cells: vec![name.to_owned()],
     };
     for ((line, result), doc) in p.lines.iter().zip(results).zip(&p.docs) {
         match result {
             LineWrite::Created | LineWrite::AlreadyImported => outcome.imported.push(*line),
-            LineWrite::Rejected(message) => outcome.failed.push(FailedRow {
-                error: crate::domain::RowError {
-                    line: *line,
-                    code: crate::domain::RowCode::WriteRejected,
-                    field: None,
-                    value: None,
+            LineWrite::Rejected(message) => {
+                outcome.failed.push(rejected(
+                    *line,
                     message,
-                },
-                cells: vec![doc.get_str("name").unwrap_or_default().to_owned()],
-            }),
+                    doc.get_str("name").unwrap_or_default(),
+                ));
+            }
+        }
+    }
+    for ((line, id, set), result) in p.updates.iter().zip(update_results) {
+        match result {
+            LineWrite::Rejected(message) => {
+                outcome.failed.push(rejected(
+                    *line,
+                    message,
+                    set.get_str("name").unwrap_or_default(),
+                ));
+            }
+            _ => outcome.updated.push((*line, *id)),
         }
     }
     outcome.failed.sort_by_key(|f| f.error.line);
@@ -708,6 +793,8 @@ async fn commit(
     let p = &mut tracker.progress;
     p.imported_rows += outcome.imported.len() as u64;
     p.failed_rows += outcome.failed.len() as u64;
+    p.updated_rows += outcome.updated.len() as u64;
+    p.skipped_rows += outcome.skipped.len() as u64;
     p.processed_rows = p.imported_rows + p.updated_rows + p.skipped_rows + p.failed_rows;
     if tracker.size > 0 {
         p.percent = (end.byte as f64 / tracker.size as f64 * 100.0).min(99.9);

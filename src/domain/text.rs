@@ -33,6 +33,11 @@ pub fn header_key(s: &str) -> String {
     collapse_whitespace(s.trim_start_matches('\u{feff}')).to_lowercase()
 }
 
+/// Key of a record name for duplicate matching: like [`stage_key`].
+pub fn name_key(s: &str) -> String {
+    stage_key(s)
+}
+
 /// Stage name key (SPEC.md): trimmed, inner whitespace collapsed, lower-case.
 /// "Qualified", " qualified " and "QUALIFIED" share one key.
 pub fn stage_key(s: &str) -> String {

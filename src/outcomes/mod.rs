@@ -48,6 +48,10 @@ pub struct BatchOutcome {
     pub last_line: LineNo,
     /// Lines whose record exists (created now or by an earlier run).
     pub imported: Vec<LineNo>,
+    /// Lines that updated an existing record (`duplicate_strategy: update`).
+    pub updated: Vec<(LineNo, ObjectId)>,
+    /// Lines left out as duplicates of an existing record (`skip`).
+    pub skipped: Vec<(LineNo, ObjectId)>,
     /// Failed lines.
     pub failed: Vec<FailedRow>,
 }
@@ -75,6 +79,13 @@ fn failure_doc(f: &FailedRow, keep_row: bool) -> Document {
     d
 }
 
+fn pairs(lines: &[(LineNo, ObjectId)]) -> Vec<Document> {
+    lines
+        .iter()
+        .map(|(l, id)| doc! { "line": *l as i64, "deal_id": id })
+        .collect()
+}
+
 /// Stores one batch's outcomes (idempotent upsert).
 pub async fn record_batch(db: &Database, queue_id: ObjectId, batch: &BatchOutcome) -> Result<()> {
     let Some(id) = deal_id(&queue_id, batch.first_line) else {
@@ -96,6 +107,10 @@ pub async fn record_batch(db: &Database, queue_id: ObjectId, batch: &BatchOutcom
         "last_line": batch.last_line as i64,
         "imported": batch.imported.iter().map(|&l| l as i64).collect::<Vec<_>>(),
         "imported_count": batch.imported.len() as i64,
+        "updated": pairs(&batch.updated),
+        "updated_count": batch.updated.len() as i64,
+        "skipped": pairs(&batch.skipped),
+        "skipped_count": batch.skipped.len() as i64,
         "failed": failed,
         "failed_count": batch.failed.len() as i64,
         "written_at": DateTime::now(),
@@ -131,6 +146,8 @@ pub async fn totals(db: &Database, queue_id: ObjectId) -> Result<Totals> {
             doc! { "$group": {
                 "_id": Bson::Null,
                 "imported": { "$sum": "$imported_count" },
+                "updated": { "$sum": "$updated_count" },
+                "skipped": { "$sum": "$skipped_count" },
                 "failed": { "$sum": "$failed_count" },
             } },
         ])
@@ -146,11 +163,13 @@ pub async fn totals(db: &Database, queue_id: ObjectId) -> Result<Totals> {
     };
     let t = Totals {
         imported: n("imported"),
+        updated: n("updated"),
+        skipped: n("skipped"),
         failed: n("failed"),
-        ..Totals::default()
+        rows: 0,
     };
     Ok(Totals {
-        rows: t.imported + t.failed,
+        rows: t.imported + t.updated + t.skipped + t.failed,
         ..t
     })
 }
@@ -240,6 +259,16 @@ pub enum LineOutcome {
         /// The record's `_id`.
         deal_id: ObjectId,
     },
+    /// The line updated this existing record.
+    Updated {
+        /// The record's `_id`.
+        deal_id: ObjectId,
+    },
+    /// The line duplicated this existing record and was left out.
+    Skipped {
+        /// The record's `_id`.
+        deal_id: ObjectId,
+    },
     /// The line failed.
     Failed(RowErrorDoc),
 }
@@ -272,6 +301,20 @@ pub async fn line_outcome(
             .find(|f| f.get_i64("line").ok() == Some(l))
     {
         return Ok(Some(LineOutcome::Failed(RowErrorDoc::from_doc(f))));
+    }
+    let find_pair = |key: &str| {
+        d.get_array(key).ok().and_then(|a| {
+            a.iter()
+                .filter_map(Bson::as_document)
+                .find(|p| p.get_i64("line").ok() == Some(l))
+                .and_then(|p| p.get_object_id("deal_id").ok())
+        })
+    };
+    if let Some(deal_id) = find_pair("updated") {
+        return Ok(Some(LineOutcome::Updated { deal_id }));
+    }
+    if let Some(deal_id) = find_pair("skipped") {
+        return Ok(Some(LineOutcome::Skipped { deal_id }));
     }
     let imported = d
         .get_array("imported")

@@ -22,6 +22,10 @@ use mongodb::error::{ErrorKind, InsertManyError};
 use crate::domain::{ImportSpec, LineNo, deal_id};
 use crate::map::MappedDeal;
 
+mod dedupe;
+
+pub use dedupe::{Match, NameIndex};
+
 /// Errors of the write layer (per-line problems are not errors).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -81,9 +85,51 @@ impl DealWriter {
         }
     }
 
-    /// The deal document of one mapped row. Values from the CSV only ever
-    /// land in field values, never in keys or operators: custom field ids
-    /// were checked to be 24-hex by `map::Plan`.
+    /// The fields a row sets on a deal (new or updated). Values from the CSV
+    /// only ever land in field values, never in keys or operators: custom
+    /// field ids were checked to be 24-hex by `map::Plan`.
+    fn row_fields(
+        deal: &MappedDeal,
+        stage_id: Option<ObjectId>,
+        into: &mut Document,
+        custom_prefix: &str,
+    ) {
+        into.insert("name", deal.name.as_str());
+        if let Some(v) = deal.value {
+            into.insert("value", v);
+        }
+        if let Some(s) = stage_id {
+            into.insert("stage_id", s);
+        }
+        let strings = [
+            ("status", &deal.status),
+            ("contract_type", &deal.contract_type),
+            ("description", &deal.description),
+            ("contact_email", &deal.contact_email),
+            ("contact_name", &deal.contact_name),
+        ];
+        for (k, v) in strings {
+            if let Some(v) = v {
+                into.insert(k, v.as_str());
+            }
+        }
+        if let Some(ms) = deal.expected_close_date {
+            into.insert("expected_close_date", DateTime::from_millis(ms));
+        }
+        if custom_prefix.is_empty() {
+            let mut info = Document::new();
+            for (k, v) in &deal.custom {
+                info.insert(k.as_str(), v.as_str());
+            }
+            into.insert("additional_info", info);
+        } else {
+            for (k, v) in &deal.custom {
+                into.insert(format!("{custom_prefix}{k}"), v.as_str());
+            }
+        }
+    }
+
+    /// The new deal document of one mapped row.
     pub fn build(
         &self,
         deal: &MappedDeal,
@@ -93,42 +139,13 @@ impl DealWriter {
         let id = deal_id(&self.queue_id, deal.line).ok_or(Error::LineOutOfRange(deal.line))?;
         let mut d = Document::new();
         d.insert("_id", id);
-        d.insert("name", deal.name.as_str());
-        if let Some(v) = deal.value {
-            d.insert("value", v);
-        }
-        if let Some(s) = stage_id {
-            d.insert("stage_id", s);
-        }
-        if let Some(s) = &deal.status {
-            d.insert("status", s.as_str());
-        }
-        if let Some(s) = &deal.contract_type {
-            d.insert("contract_type", s.as_str());
-        }
-        if let Some(ms) = deal.expected_close_date {
-            d.insert("expected_close_date", DateTime::from_millis(ms));
-        }
-        if let Some(s) = &deal.description {
-            d.insert("description", s.as_str());
-        }
-        if let Some(s) = &deal.contact_email {
-            d.insert("contact_email", s.as_str());
-        }
-        if let Some(s) = &deal.contact_name {
-            d.insert("contact_name", s.as_str());
-        }
+        Self::row_fields(deal, stage_id, &mut d, "");
         d.insert("account_id", self.account_id);
         d.insert("pipeline_id", self.pipeline_id);
         d.insert("owner", self.user_id);
         d.insert("created_by", self.user_id);
         d.insert("source", "csv");
         d.insert("tags", self.tags.clone());
-        let mut info = Document::new();
-        for (k, v) in &deal.custom {
-            info.insert(k.as_str(), v.as_str());
-        }
-        d.insert("additional_info", info);
         d.insert(
             "import",
             doc! { "queue_id": self.queue_id, "line": deal.line as i64 },
@@ -136,6 +153,46 @@ impl DealWriter {
         d.insert("created_at", now);
         d.insert("updated_at", now);
         Ok(d)
+    }
+
+    /// The `$set` of an existing deal updated by a row (`duplicate_strategy:
+    /// update`): the mapped fields only; account, pipeline, owner and
+    /// creation stay as they are.
+    pub fn update_fields(
+        &self,
+        deal: &MappedDeal,
+        stage_id: Option<ObjectId>,
+        now: DateTime,
+    ) -> Document {
+        let mut set = Document::new();
+        Self::row_fields(deal, stage_id, &mut set, "additional_info.");
+        set.insert("updated_at", now);
+        set.insert(
+            "last_import",
+            doc! { "queue_id": self.queue_id, "line": deal.line as i64 },
+        );
+        set
+    }
+
+    /// Applies updates to existing deals of this account and pipeline.
+    /// `$set` of the same values is idempotent, so replays are harmless.
+    pub async fn update(&self, updates: &[(ObjectId, Document)]) -> Result<Vec<LineWrite>> {
+        let mut results = Vec::with_capacity(updates.len());
+        for (id, set) in updates {
+            let r = self
+                .coll
+                .update_one(
+                    doc! { "_id": id, "account_id": self.account_id, "pipeline_id": self.pipeline_id },
+                    doc! { "$set": set.clone() },
+                )
+                .await?;
+            results.push(if r.matched_count == 1 {
+                LineWrite::Created
+            } else {
+                LineWrite::Rejected("The existing deal to update was deleted meanwhile.".into())
+            });
+        }
+        Ok(results)
     }
 
     /// Inserts `docs` (built by [`DealWriter::build`], for `lines` in the

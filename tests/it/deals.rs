@@ -589,3 +589,83 @@ async fn messy_rows_fail_alone_with_field_value_and_line() {
     assert!(deals[1].get_datetime("expected_close_date").is_ok());
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_strategies_skip_or_update_deals_of_the_same_name() {
+    for strategy in ["skip", "update"] {
+        let mut app = TestApp::new().await;
+        let existing = ObjectId::new();
+        app.coll(collections::DEALS)
+            .insert_one(doc! {
+                "_id": existing, "name": "ACME  deal", "value": 10.0,
+                "account_id": app.account_id, "pipeline_id": app.pipeline_id,
+            })
+            .await
+            .unwrap();
+        // Same name in another pipeline: never matched.
+        app.coll(collections::DEALS)
+            .insert_one(doc! { "name": "New Deal", "account_id": app.account_id, "pipeline_id": ObjectId::new() })
+            .await
+            .unwrap();
+        app.spawn_daemon();
+        let csv = "Name,Value\nAcme Deal,1\nNew Deal,2\n new  deal ,3\n";
+        let id = app
+            .enqueue_with(
+                "dup.csv",
+                csv.as_bytes(),
+                &[("Name", "name"), ("Value", "value")],
+                doc! { "additional_data": { "pipeline_id": app.pipeline_id, "duplicate_strategy": strategy } },
+            )
+            .await;
+        let q = app.wait_final(id, Duration::from_secs(30)).await;
+        assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
+        let in_pipeline = app
+            .find_all(collections::DEALS, doc! { "pipeline_id": app.pipeline_id })
+            .await;
+        assert_eq!(
+            in_pipeline.len(),
+            2,
+            "{strategy}: one new deal, the existing one kept"
+        );
+        let acme = app
+            .coll(collections::DEALS)
+            .find_one(doc! { "_id": existing })
+            .await
+            .unwrap()
+            .unwrap();
+        let created = deal_id(&id, 3).unwrap();
+        let new = app
+            .coll(collections::DEALS)
+            .find_one(doc! { "_id": created })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(get_i64(&q, "progress.imported_rows"), 1, "{strategy}");
+        if strategy == "skip" {
+            assert_eq!(get_i64(&q, "progress.skipped_rows"), 2);
+            assert_eq!(acme.get_f64("value").unwrap(), 10.0);
+            assert_eq!(new.get_f64("value").unwrap(), 2.0);
+            assert_eq!(
+                outcomes::line_outcome(&app.db, id, 2).await.unwrap(),
+                Some(LineOutcome::Skipped { deal_id: existing })
+            );
+        } else {
+            assert_eq!(get_i64(&q, "progress.updated_rows"), 2);
+            assert_eq!(acme.get_f64("value").unwrap(), 1.0);
+            assert_eq!(acme.get_str("name").unwrap(), "Acme Deal");
+            assert_eq!(new.get_f64("value").unwrap(), 3.0);
+            assert_eq!(
+                outcomes::line_outcome(&app.db, id, 4).await.unwrap(),
+                Some(LineOutcome::Updated { deal_id: created })
+            );
+        }
+        let summary = app
+            .coll(collections::CSV_IMPORTS)
+            .find_one(doc! { "queue_id": id })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(get_i64(&summary, "total_rows"), 3);
+        app.cleanup().await;
+    }
+}

@@ -5,3 +5,4 @@ mod claim;
 mod config_cli;
 mod deals;
 mod helpers;
+mod lifecycle;

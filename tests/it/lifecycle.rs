@@ -1,0 +1,180 @@
+//! Stopping an import: SIGTERM on the real binary (exit 0, lease released,
+//! another daemon resumes without re-importing a line), cancellation, and
+//! the attempts cap.
+
+use std::fmt::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bson::doc;
+use importd::domain::collections;
+
+use crate::helpers::{TestApp, config_dir, get_i64};
+
+fn csv(rows: usize) -> String {
+    let mut s = String::with_capacity(rows * 40);
+    s.push_str("Name,Value,Stage\n");
+    for i in 0..rows {
+        writeln!(s, "Deal {i},{},Stage {}", i * 3, i % 5).unwrap();
+    }
+    s
+}
+
+const MAPPING: [(&str, &str); 3] = [("Name", "name"), ("Value", "value"), ("Stage", "stage_id")];
+
+async fn wait_progress(app: &TestApp, id: bson::oid::ObjectId, rows: i64) -> bson::Document {
+    let start = Instant::now();
+    loop {
+        let q = app.queue(id).await;
+        if q.get_document("progress")
+            .is_ok_and(|p| p.get_i64("processed_rows").unwrap_or(0) >= rows)
+        {
+            return q;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no progress: {q}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_checkpoints_releases_and_another_daemon_resumes_without_rewriting() {
+    let mut app = TestApp::new().await;
+    const ROWS: usize = 400_000;
+    let id = app
+        .enqueue_csv("long.csv", csv(ROWS).as_bytes(), &MAPPING)
+        .await;
+    let s = app.settings();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_importd"))
+        .arg("run")
+        .env("IMPORTD_CONFIG_DIR", config_dir())
+        .env("IMPORTD_ENV", "local")
+        .env("IMPORTD__MONGODB__DATABASE", &s.mongodb.database)
+        .env("IMPORTD__SCHEDULER__TICK", "* * * * * *")
+        .env("IMPORTD__IMPORT__PROGRESS_INTERVAL_MS", "50")
+        .env("IMPORTD__LOG__FORMAT", "json")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("daemon starts");
+    wait_progress(&app, id, 20_000).await;
+    let sent = Instant::now();
+    // SIGTERM, as systemd sends it on stop.
+    assert!(
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(daemon.id().to_string())
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = loop {
+        if let Some(st) = daemon.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(25),
+            "daemon still running after the grace period"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+    let q = app.queue(id).await;
+    assert_eq!(
+        q.get_str("status").unwrap(),
+        "pending",
+        "released at once: {q}"
+    );
+    assert!(q.get("lease").is_none());
+    let released = *q.get_datetime("released_at").unwrap();
+    let checkpoint = get_i64(&q, "checkpoint.line");
+    assert!(checkpoint > 2, "a checkpoint was saved: {q}");
+    let imported_at_stop = get_i64(&q, "progress.imported_rows");
+    assert!((imported_at_stop as usize) < ROWS, "stopped mid-import");
+
+    app.spawn_daemon();
+    let q = app.wait_final(id, Duration::from_secs(300)).await;
+    assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
+    assert_eq!(get_i64(&q, "attempts"), 2);
+    assert_eq!(get_i64(&q, "progress.imported_rows") as usize, ROWS);
+    assert_eq!(app.count(collections::DEALS, doc! {}).await as usize, ROWS);
+    // Batches before the checkpoint were not written again by the resumer
+    // (the ones in flight at the signal finished before the release).
+    let rewritten = app
+        .count(
+            collections::IMPORT_LINES,
+            doc! { "queue_id": id, "last_line": { "$lt": checkpoint }, "written_at": { "$gt": released } },
+        )
+        .await;
+    assert_eq!(
+        rewritten, 0,
+        "no batch before the checkpoint was written again"
+    );
+    let summary = app
+        .coll(collections::CSV_IMPORTS)
+        .find_one(doc! { "queue_id": id })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(get_i64(&summary, "total_records_added") as usize, ROWS);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_stops_at_the_next_batch_and_keeps_what_was_imported() {
+    let mut app = TestApp::new().await;
+    app.spawn_daemon();
+    let id = app
+        .enqueue_csv("cancel.csv", csv(300_000).as_bytes(), &MAPPING)
+        .await;
+    wait_progress(&app, id, 10_000).await;
+    app.queues()
+        .update_one(
+            doc! { "_id": id },
+            doc! { "$set": { "cancel_requested": true } },
+        )
+        .await
+        .unwrap();
+    let q = app.wait_final(id, Duration::from_secs(60)).await;
+    assert_eq!(q.get_str("status").unwrap(), "cancelled", "{q}");
+    assert!(!q.get_bool("in_progress").unwrap());
+    let imported = get_i64(&q, "progress.imported_rows");
+    assert!(imported > 0 && imported < 300_000, "{q}");
+    assert_eq!(
+        app.count(collections::DEALS, doc! {}).await as i64,
+        imported,
+        "the report matches the deals"
+    );
+    let summary = app
+        .coll(collections::CSV_IMPORTS)
+        .find_one(doc! { "queue_id": id })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.get_str("status").unwrap(), "cancelled");
+    assert_eq!(get_i64(&summary, "total_records_added"), imported);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_claimed_too_often_fails_with_too_many_attempts() {
+    let mut app = TestApp::new().await;
+    let id = app
+        .enqueue_csv("x.csv", b"Name\nA\n", &[("Name", "name")])
+        .await;
+    let max = i64::from(app.settings().scheduler.max_attempts);
+    app.queues()
+        .update_one(doc! { "_id": id }, doc! { "$set": { "attempts": max } })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let q = app.wait_final(id, Duration::from_secs(30)).await;
+    assert_eq!(q.get_str("status").unwrap(), "failed");
+    assert_eq!(
+        q.get_document("error").unwrap().get_str("code").unwrap(),
+        "too_many_attempts"
+    );
+    assert_eq!(app.count(collections::DEALS, doc! {}).await, 0);
+    app.cleanup().await;
+}
