@@ -24,6 +24,9 @@ pub enum Error {
     /// The scheduler could not start.
     #[error("scheduler: {0}")]
     Scheduler(#[from] tokio_cron_scheduler::JobSchedulerError),
+    /// Mail set-up.
+    #[error(transparent)]
+    Notify(#[from] crate::report::notify::Error),
     /// Signal handler installation.
     #[error("signals: {0}")]
     Signal(#[from] std::io::Error),
@@ -62,7 +65,7 @@ async fn ensure_indexes(services: &Services, daemon: &Daemon) {
 /// `importd run`: the daemon, until SIGTERM/SIGINT.
 pub async fn run(settings: Settings) -> Result<(), Error> {
     let services = services(settings).await?;
-    let daemon = Daemon::new(services.clone(), crate::claim::Claimer::default_owner());
+    let daemon = Daemon::new(services.clone(), crate::claim::Claimer::default_owner())?;
     let shutdown = daemon.shutdown_token();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::spawn(async move {

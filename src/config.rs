@@ -54,6 +54,7 @@ struct Raw {
     smtp: RawSmtp,
     scheduler: RawScheduler,
     import: RawImport,
+    notify: RawNotify,
     http: RawHttp,
     crm: RawCrm,
     log: RawLog,
@@ -112,6 +113,16 @@ struct RawImport {
 }
 
 #[derive(Deserialize)]
+struct RawNotify {
+    report_link_days: u64,
+    retry_attempts: usize,
+    retry_min_delay_ms: u64,
+    retry_max_delay_ms: u64,
+    redeliver_after_seconds: u64,
+    max_rounds: u32,
+}
+
+#[derive(Deserialize)]
 struct RawHttp {
     enabled: bool,
     bind: String,
@@ -148,6 +159,8 @@ pub struct Settings {
     pub scheduler: SchedulerSettings,
     /// The import pipeline.
     pub import: ImportSettings,
+    /// Summary email, error report link, webhook delivery.
+    pub notify: NotifySettings,
     /// Health, metrics and status API listener.
     pub http: HttpSettings,
     /// CRM integration.
@@ -272,6 +285,23 @@ pub struct ImportSettings {
     pub date_order: DateOrder,
     /// Least time between two progress updates of one import.
     pub progress_interval: Duration,
+}
+
+/// Summary email, error report link and webhook delivery.
+#[derive(Clone, Debug)]
+pub struct NotifySettings {
+    /// Validity of the report's presigned link.
+    pub report_link: Duration,
+    /// Tries in one delivery round.
+    pub retry_attempts: usize,
+    /// First backoff of a round.
+    pub retry_min_delay: Duration,
+    /// Largest backoff of a round.
+    pub retry_max_delay: Duration,
+    /// Pause between two rounds.
+    pub redeliver_after: Duration,
+    /// Rounds before the failure is final.
+    pub max_rounds: u32,
 }
 
 /// HTTP listener.
@@ -451,6 +481,12 @@ impl Settings {
         if raw.mongodb.database.is_empty() {
             return Err(invalid("mongodb.database", "must not be empty"));
         }
+        if !(1..=7).contains(&raw.notify.report_link_days) {
+            return Err(invalid(
+                "notify.report_link_days",
+                "must be 1 to 7 (S3 presigned URL limit)",
+            ));
+        }
         let format = match raw.log.format.as_str() {
             "json" => LogFormat::Json,
             "pretty" => LogFormat::Pretty,
@@ -509,6 +545,14 @@ impl Settings {
                 number_locale,
                 date_order,
                 progress_interval: Duration::from_millis(raw.import.progress_interval_ms),
+            },
+            notify: NotifySettings {
+                report_link: Duration::from_secs(raw.notify.report_link_days * 86_400),
+                retry_attempts: raw.notify.retry_attempts,
+                retry_min_delay: Duration::from_millis(raw.notify.retry_min_delay_ms),
+                retry_max_delay: Duration::from_millis(raw.notify.retry_max_delay_ms),
+                redeliver_after: Duration::from_secs(raw.notify.redeliver_after_seconds),
+                max_rounds: raw.notify.max_rounds.max(1),
             },
             http: HttpSettings {
                 enabled: raw.http.enabled,
@@ -578,6 +622,14 @@ number_locale = "{number_locale}"
 date_order = "{date_order}"
 progress_interval_ms = {progress_ms}
 
+[notify]
+report_link_days = {link_days}
+retry_attempts = {n_attempts}
+retry_min_delay_ms = {n_min}
+retry_max_delay_ms = {n_max}
+redeliver_after_seconds = {n_redeliver}
+max_rounds = {n_rounds}
+
 [http]
 enabled = {http_enabled}
 bind = "{http_bind}"
@@ -633,6 +685,12 @@ filter = "{log_filter}"
                 DateOrder::Mdy => "mdy",
             },
             progress_ms = self.import.progress_interval.as_millis(),
+            link_days = self.notify.report_link.as_secs() / 86_400,
+            n_attempts = self.notify.retry_attempts,
+            n_min = self.notify.retry_min_delay.as_millis(),
+            n_max = self.notify.retry_max_delay.as_millis(),
+            n_redeliver = self.notify.redeliver_after.as_secs(),
+            n_rounds = self.notify.max_rounds,
             http_enabled = self.http.enabled,
             http_bind = self.http.bind,
             webhook = self.crm.webhook_url.as_deref().map_or("", mask_url_query),

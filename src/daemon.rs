@@ -25,6 +25,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::claim::{self, Claimer};
 use crate::pipeline::{self, Services};
+use crate::report::notify::{self, Notifier};
 use crate::telemetry::error_chain;
 
 /// Sources this daemon imports. Contacts stay pending for a daemon that
@@ -34,6 +35,7 @@ pub const SOURCES: [&str; 1] = ["deals"];
 struct Inner {
     services: Services,
     claimer: Claimer,
+    notifier: Notifier,
     slots: Arc<Semaphore>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -48,11 +50,13 @@ pub struct Daemon {
 
 impl Daemon {
     /// A daemon for `services`, claiming as `owner`.
-    pub fn new(services: Services, owner: String) -> Self {
+    pub fn new(services: Services, owner: String) -> Result<Self, notify::Error> {
         let settings = services.settings.clone();
         let claimer = Claimer::new(&services.db, owner, settings.scheduler.lease);
-        Self {
+        let notifier = Notifier::new(services.clone(), claimer.clone())?;
+        Ok(Self {
             inner: Arc::new(Inner {
+                notifier,
                 slots: Arc::new(Semaphore::new(
                     settings.scheduler.max_concurrent_imports.get(),
                 )),
@@ -62,7 +66,7 @@ impl Daemon {
                 shutdown: CancellationToken::new(),
                 tick_lock: Mutex::new(()),
             }),
-        }
+        })
     }
 
     /// Token that stops the daemon when cancelled.
@@ -102,11 +106,16 @@ impl Daemon {
             );
             let services = inner.services.clone();
             let shutdown = inner.shutdown.clone();
+            let notifier = inner.notifier.clone();
             inner.tasks.spawn(
                 async move {
                     info!("Claimed import");
-                    pipeline::run(&services, job, shutdown).await;
+                    let queue_id = job.lease.queue_id;
+                    let end = pipeline::run(&services, job, shutdown).await;
                     drop(permit);
+                    if let pipeline::RunEnd::Finished(_) = end {
+                        notifier.deliver(queue_id).await;
+                    }
                 }
                 .instrument(span),
             );
@@ -125,6 +134,11 @@ impl Daemon {
             Ok(0) => {}
             Ok(n) => info!(imports = n, "Rescued imports whose lease expired"),
             Err(e) => warn!(error = %error_chain(&e), "Lease rescue failed"),
+        }
+        // Notifications of imports finished elsewhere, before a restart, or
+        // whose earlier round failed.
+        if !self.inner.shutdown.is_cancelled() {
+            self.inner.notifier.deliver_due().await;
         }
     }
 

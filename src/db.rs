@@ -43,7 +43,21 @@ fn index(keys: Document, name: &str, unique: bool) -> IndexModel {
 
 /// Creates every index importd needs. Safe to run on every start.
 pub async fn ensure_indexes(db: &Database) -> mongodb::error::Result<()> {
-    let specs: [(&str, Document, &str, bool); 6] = [
+    let specs: [(&str, Document, &str, bool); 8] = [
+        // Notifications due (final imports whose email is not sent yet).
+        (
+            collections::QUEUES,
+            doc! { "notify.state": 1, "notify.next_attempt_at": 1 },
+            "notify_state",
+            false,
+        ),
+        // Expired notification leases.
+        (
+            collections::QUEUES,
+            doc! { "notify.state": 1, "notify.expires_at": 1 },
+            "notify_expiry",
+            false,
+        ),
         // The claim: equality on status over the few pending imports, oldest first.
         (
             collections::QUEUES,

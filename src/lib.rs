@@ -21,6 +21,7 @@ pub mod map;
 pub mod outcomes;
 pub mod parse;
 pub mod pipeline;
+pub mod report;
 pub mod stages;
 pub mod telemetry;
 pub mod write;

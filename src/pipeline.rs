@@ -433,7 +433,7 @@ async fn import(
         "Import started"
     );
     lease
-        .set_fields(doc! { "file_size": info.size as i64 })
+        .set_fields(doc! { "file_size": info.size as i64, "columns": &headers })
         .await?;
     let mut stages = StageCache::load(&svc.db, spec.account_id, pipeline_id, spec.user_id).await?;
     let writer = DealWriter::new(svc.db.collection(collections::DEALS), spec, pipeline_id);

@@ -317,6 +317,13 @@ impl Claimer {
                 },
             )
             .await?;
+        // A notification whose sender died goes back to pending.
+        self.queues
+            .update_many(
+                doc! { "notify.state": "sending", "notify.expires_at": { "$lt": now } },
+                doc! { "$set": { "notify.state": "pending" } },
+            )
+            .await?;
         Ok(r.modified_count)
     }
 }
@@ -445,6 +452,79 @@ impl Lease {
         if r.matched_count == 0 {
             return Err(self.lost());
         }
+        Ok(())
+    }
+}
+
+/// The notification guard: `notify.state` moves `pending` (set by
+/// [`Lease::finish`]) → `sending` (one daemon, under its own short lease)
+/// → `sent` | `skipped` | `failed`, or back to `pending` with a
+/// `next_attempt_at` after a failed round. Each move is one atomic update
+/// guarded on the current state (and owner), so two daemons, a retry or a
+/// restart never send a second email for one import. A daemon that dies
+/// while `sending` leaves a lease that [`Claimer::rescue_expired`] turns back
+/// into `pending`: after a crash in the instant between the SMTP server's
+/// acceptance and the `sent` write, a second email is possible; a lost one
+/// is not.
+impl Claimer {
+    /// Takes the notification of `queue_id` (or of any final import whose
+    /// notification is due) for sending.
+    pub async fn claim_notification(
+        &self,
+        queue_id: Option<ObjectId>,
+        lease: Duration,
+    ) -> Result<Option<Document>> {
+        let now = DateTime::now();
+        let mut filter = doc! {
+            "notify.state": "pending",
+            "notify.next_attempt_at": { "$not": { "$gt": now } },
+        };
+        if let Some(id) = queue_id {
+            filter.insert("_id", id);
+        }
+        Ok(self
+            .queues
+            .find_one_and_update(
+                filter,
+                doc! {
+                    "$set": {
+                        "notify.state": "sending",
+                        "notify.owner": &self.owner,
+                        "notify.expires_at": now_plus(lease),
+                    },
+                    "$inc": { "notify.rounds": 1_i64 },
+                },
+            )
+            .return_document(ReturnDocument::After)
+            .await?)
+    }
+
+    /// Ends a sending round: `state` is `sent`, `skipped`, `failed`, or
+    /// `pending` (another round later). `fields` are merged into the `$set`.
+    /// Returns false when the round was no longer ours.
+    pub async fn finish_notification(
+        &self,
+        queue_id: ObjectId,
+        state: &str,
+        fields: Document,
+    ) -> Result<bool> {
+        let mut set = doc! { "notify.state": state, "notify.updated_at": DateTime::now() };
+        set.extend(fields);
+        let r = self
+            .queues
+            .update_one(
+                doc! { "_id": queue_id, "notify.state": "sending", "notify.owner": &self.owner },
+                doc! { "$set": set, "$unset": { "notify.owner": "", "notify.expires_at": "" } },
+            )
+            .await?;
+        Ok(r.matched_count == 1)
+    }
+
+    /// Records facts on a final import (report, webhook result).
+    pub async fn record_final_fields(&self, queue_id: ObjectId, fields: Document) -> Result<()> {
+        self.queues
+            .update_one(doc! { "_id": queue_id }, doc! { "$set": fields })
+            .await?;
         Ok(())
     }
 }

@@ -103,7 +103,8 @@ impl TestApp {
         let daemon = Daemon::new(
             self.services.clone(),
             importd::claim::Claimer::default_owner(),
-        );
+        )
+        .expect("daemon builds");
         self.daemons.push(daemon.shutdown_token());
         let d = daemon.clone();
         tokio::spawn(async move { d.run().await.expect("scheduler runs") });
@@ -239,4 +240,136 @@ pub fn get_i64(d: &Document, path: &str) -> i64 {
         Some(bson::Bson::Double(v)) => *v as i64,
         other => panic!("{path} is {other:?} in {d}"),
     }
+}
+
+/// A real SMTP server (aiosmtpd, Maildir handler) on a free port, owned by
+/// one test, so a test can stop and restart it without touching others.
+pub struct SmtpCatcher {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+/// One received message, parsed by Python's `email` module.
+#[derive(Debug, Clone)]
+pub struct Mail {
+    pub to: String,
+    pub subject: String,
+    pub text: String,
+    pub html: String,
+}
+
+impl SmtpCatcher {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut c = Self {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        c.restart().await;
+        c
+    }
+
+    pub async fn restart(&mut self) {
+        let child = std::process::Command::new("python3")
+            .args([
+                "-m",
+                "aiosmtpd",
+                "-n",
+                "-l",
+                &format!("127.0.0.1:{}", self.port),
+                "-c",
+                "aiosmtpd.handlers.Mailbox",
+            ])
+            .arg(self.dir.path().join("mail"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("aiosmtpd (scripts/stack.sh installs it)");
+        self.child = Some(child);
+        let start = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "aiosmtpd did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn messages(&self) -> Vec<Mail> {
+        let dir = self.dir.path().join("mail").join("new");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let script = "import email,sys,json\n\
+                m=email.message_from_binary_file(open(sys.argv[1],'rb'))\n\
+                parts={p.get_content_type():p.get_payload(decode=True).decode() for p in m.walk() if not p.is_multipart()}\n\
+                print(json.dumps({'to':m['To'],'subject':m['Subject'],'text':parts.get('text/plain',''),'html':parts.get('text/html','')}))";
+            let o = std::process::Command::new("python3")
+                .args(["-c", script])
+                .arg(e.path())
+                .output()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("parsable message");
+            out.push(Mail {
+                to: v["to"].as_str().unwrap_or_default().to_owned(),
+                subject: v["subject"].as_str().unwrap_or_default().to_owned(),
+                text: v["text"].as_str().unwrap_or_default().to_owned(),
+                html: v["html"].as_str().unwrap_or_default().to_owned(),
+            });
+        }
+        out
+    }
+
+    /// Waits until `n` messages arrived, then a little longer to catch extras.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Mail> {
+        let start = Instant::now();
+        while self.messages().len() < n {
+            assert!(
+                start.elapsed() < timeout,
+                "{} of {n} messages after {timeout:?}",
+                self.messages().len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        self.messages()
+    }
+}
+
+impl Drop for SmtpCatcher {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Settings pointing at a test's own SMTP server, with fast mail retries.
+pub fn settings_with_smtp(port: u16) -> Settings {
+    let mut s = test_settings();
+    s.smtp.port = port;
+    s.smtp.host = "127.0.0.1".into();
+    s.smtp.tls = importd::config::SmtpTls::None;
+    s.notify.retry_attempts = 3;
+    s.notify.retry_min_delay = Duration::from_millis(300);
+    s.notify.retry_max_delay = Duration::from_millis(600);
+    s.notify.redeliver_after = Duration::from_secs(1);
+    s
 }

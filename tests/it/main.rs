@@ -6,3 +6,4 @@ mod config_cli;
 mod deals;
 mod helpers;
 mod lifecycle;
+mod notify;

@@ -1,0 +1,423 @@
+//! Telling the user how an import went: the error report, the summary email
+//! (lettre over SMTP; the only SMTP user) and the completion webhook.
+//!
+//! Exactly one email per import: a round starts only by winning
+//! `Claimer::claim_notification` (an atomic `pending → sending` on the queue
+//! document) and ends with one guarded update (`sent`, `skipped`, `failed`,
+//! or `pending` again for a later round). SMTP trouble is retried with
+//! backoff within a round (`notify.retry_*`), then in later rounds
+//! (`notify.redeliver_after_seconds`, up to `notify.max_rounds`); the
+//! import's own status never changes because of mail, and every failure is
+//! recorded on the queue document (`notify.error`). A user without an email
+//! address gets `notify.state: skipped` with a warning, not a failed import.
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use bson::oid::ObjectId;
+use bson::{Bson, DateTime, Document, doc};
+use lettre::message::{Mailbox, MultiPart};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use secrecy::ExposeSecret;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::errors_csv::{report_key, write_report};
+use super::summary::{Ending, ImportSummary};
+use super::webhook::{self, Principal};
+use crate::claim::Claimer;
+use crate::config::{SmtpSettings, SmtpTls};
+use crate::domain::collections;
+use crate::outcomes;
+use crate::pipeline::Services;
+use crate::telemetry::error_chain;
+
+/// Errors of a delivery.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Building the SMTP transport or message failed.
+    #[error("mail set-up: {0}")]
+    Setup(String),
+    /// The SMTP conversation failed.
+    #[error("SMTP: {0}")]
+    Smtp(#[from] lettre::transport::smtp::Error),
+    /// Rendering a template failed.
+    #[error("template: {0}")]
+    Template(#[from] askama::Error),
+    /// Reading the import's data failed.
+    #[error(transparent)]
+    Mongo(#[from] mongodb::error::Error),
+    /// The queue-state guard failed.
+    #[error(transparent)]
+    Claim(#[from] crate::claim::Error),
+    /// Building the error report failed.
+    #[error(transparent)]
+    Report(#[from] super::errors_csv::Error),
+    /// Presigning the report link failed.
+    #[error(transparent)]
+    Storage(#[from] crate::fetch::Error),
+}
+
+/// Sends email over the configured SMTP server.
+#[derive(Clone)]
+pub struct Mailer {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+}
+
+impl Mailer {
+    /// Builds the transport (no connection is made yet).
+    pub fn new(s: &SmtpSettings) -> Result<Self, Error> {
+        let builder = match s.tls {
+            SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&s.host),
+            SmtpTls::StartTls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&s.host)?,
+            SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&s.host)?,
+        };
+        let mut builder = builder.port(s.port).timeout(Some(s.timeout));
+        if let Some(user) = &s.username {
+            builder = builder.credentials(Credentials::new(
+                user.clone(),
+                s.password.expose_secret().to_owned(),
+            ));
+        }
+        let from = s
+            .from
+            .parse()
+            .map_err(|e| Error::Setup(format!("smtp.from: {e}")))?;
+        Ok(Self {
+            transport: builder.build(),
+            from,
+        })
+    }
+
+    /// Sends one multipart (text + HTML) message.
+    pub async fn send(
+        &self,
+        to: Mailbox,
+        subject: &str,
+        text: String,
+        html: String,
+    ) -> Result<(), Error> {
+        let message = Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(subject)
+            .multipart(MultiPart::alternative_plain_html(text, html))
+            .map_err(|e| Error::Setup(e.to_string()))?;
+        self.transport.send(message).await?;
+        Ok(())
+    }
+}
+
+/// Delivers notifications of final imports.
+#[derive(Clone)]
+pub struct Notifier {
+    services: Services,
+    claimer: Claimer,
+    mailer: Mailer,
+    http: reqwest::Client,
+}
+
+/// A notification round's lease: longer than a full round of retries.
+const ROUND_LEASE: Duration = Duration::from_secs(15 * 60);
+
+impl Notifier {
+    /// A notifier sending as `claimer`'s owner.
+    pub fn new(services: Services, claimer: Claimer) -> Result<Self, Error> {
+        let mailer = Mailer::new(&services.settings.smtp)?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| Error::Setup(e.to_string()))?;
+        Ok(Self {
+            services,
+            claimer,
+            mailer,
+            http,
+        })
+    }
+
+    fn retry(&self) -> ExponentialBuilder {
+        let n = &self.services.settings.notify;
+        ExponentialBuilder::default()
+            .with_min_delay(n.retry_min_delay)
+            .with_max_delay(n.retry_max_delay)
+            .with_max_times(n.retry_attempts.saturating_sub(1))
+            .with_jitter()
+    }
+
+    /// Delivers the notification of `queue_id` if it is due and nobody else
+    /// has it.
+    pub async fn deliver(&self, queue_id: ObjectId) {
+        match self
+            .claimer
+            .claim_notification(Some(queue_id), ROUND_LEASE)
+            .await
+        {
+            Ok(Some(doc)) => self.round(doc).await,
+            Ok(None) => {}
+            Err(e) => warn!(error = %error_chain(&e), "Could not start a notification round"),
+        }
+    }
+
+    /// Delivers every due notification (after restarts and failed rounds).
+    pub async fn deliver_due(&self) {
+        loop {
+            match self.claimer.claim_notification(None, ROUND_LEASE).await {
+                Ok(Some(doc)) => self.round(doc).await,
+                Ok(None) => return,
+                Err(e) => {
+                    warn!(error = %error_chain(&e), "Could not look for due notifications");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn round(&self, doc: Document) {
+        let Ok(queue_id) = doc.get_object_id("_id") else {
+            return;
+        };
+        let span = info_span!("notify", queue_id = %queue_id);
+        async {
+            let (state, fields) = match self.send_summary(queue_id, &doc).await {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    let rounds = doc.get_document("notify").ok().and_then(|n| n.get_i64("rounds").ok()).unwrap_or(1);
+                    let last = rounds >= i64::from(self.services.settings.notify.max_rounds);
+                    warn!(error = %error_chain(&e), rounds, final_failure = last, "Summary email not delivered");
+                    let next = DateTime::from_millis(
+                        DateTime::now().timestamp_millis()
+                            + self.services.settings.notify.redeliver_after.as_millis() as i64,
+                    );
+                    let mut fields = doc! { "notify.error": error_chain(&e), "notify.failed_at": DateTime::now() };
+                    if !last {
+                        fields.insert("notify.next_attempt_at", next);
+                    }
+                    (if last { "failed" } else { "pending" }, fields)
+                }
+            };
+            match self.claimer.finish_notification(queue_id, state, fields).await {
+                Ok(true) => info!(state, "Notification round ended"),
+                Ok(false) => warn!("Notification round was taken over; not recorded"),
+                Err(e) => warn!(error = %error_chain(&e), "Could not record the notification; it will be retried"),
+            }
+            if state != "pending" {
+                self.webhook(queue_id, &doc).await;
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Builds the report and summary and sends the email. Returns the final
+    /// notification state and the fields to record.
+    async fn send_summary(
+        &self,
+        queue_id: ObjectId,
+        q: &Document,
+    ) -> Result<(&'static str, Document), Error> {
+        let db = &self.services.db;
+        let settings = &self.services.settings;
+        let account_id = q.get_object_id("account_id").ok();
+        let totals = outcomes::totals(db, queue_id).await?;
+        let first_failures = outcomes::failures(db, queue_id, 10).await?;
+        let mut fields = Document::new();
+
+        let report_url = match (totals.failed, account_id) {
+            (0, _) | (_, None) => None,
+            (_, Some(account_id)) => {
+                let key = report_key(&account_id, &queue_id);
+                let columns: Vec<String> = q
+                    .get_array("columns")
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Bson::as_str)
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let rows =
+                    write_report(db, &self.services.storage, queue_id, &columns, &key).await?;
+                let url = self
+                    .services
+                    .storage
+                    .presign_get(&key, settings.notify.report_link)
+                    .await?;
+                let expires = DateTime::from_millis(
+                    DateTime::now().timestamp_millis()
+                        + settings.notify.report_link.as_millis() as i64,
+                );
+                fields.insert(
+                    "report",
+                    doc! { "key": &key, "rows": rows as i64, "expires_at": expires },
+                );
+                Some(url)
+            }
+        };
+
+        let user = match q.get_object_id("user_id") {
+            Ok(id) => {
+                db.collection::<Document>(collections::USERS)
+                    .find_one(doc! { "_id": id })
+                    .await?
+            }
+            Err(_) => None,
+        };
+        let email = user
+            .as_ref()
+            .and_then(|u| u.get_str("email").ok())
+            .filter(|e| !e.trim().is_empty());
+        let first_name = user
+            .as_ref()
+            .and_then(|u| u.get_str("first_name").ok())
+            .map(str::to_owned);
+        let Some(to) = email.and_then(|e| {
+            let name = first_name.clone();
+            e.trim()
+                .parse::<lettre::Address>()
+                .ok()
+                .map(|a| Mailbox::new(name, a))
+        }) else {
+            warn!("The importing user has no usable email address; no summary email");
+            fields.insert(
+                "notify.warning",
+                "The importing user has no usable email address.",
+            );
+            return Ok(("skipped", fields));
+        };
+
+        let pipeline_name = match q
+            .get_document("additional_data")
+            .ok()
+            .and_then(|a| a.get_object_id("pipeline_id").ok())
+        {
+            Some(id) => db
+                .collection::<Document>(collections::PIPELINES)
+                .find_one(doc! { "_id": id })
+                .await?
+                .and_then(|p| p.get_str("name").ok().map(str::to_owned)),
+            None => None,
+        };
+        let ending = match q.get_str("status") {
+            Ok("cancelled") => Ending::Cancelled,
+            Ok("failed") => {
+                let e = q.get_document("error").ok();
+                Ending::Failed {
+                    code: e
+                        .and_then(|e| e.get_str("code").ok())
+                        .unwrap_or("unknown")
+                        .to_owned(),
+                    message: e
+                        .and_then(|e| e.get_str("message").ok())
+                        .unwrap_or("")
+                        .to_owned(),
+                }
+            }
+            _ => Ending::Completed,
+        };
+        let started = q
+            .get_datetime("started_at")
+            .map(|d| d.timestamp_millis())
+            .ok();
+        let completed = q
+            .get_datetime("completed_at")
+            .map(|d| d.timestamp_millis())
+            .ok();
+        let summary = ImportSummary {
+            first_name,
+            file_name: file_name(q),
+            ending,
+            totals,
+            duration_secs: match (started, completed) {
+                (Some(s), Some(c)) if c >= s => ((c - s) / 1000) as u64,
+                _ => 0,
+            },
+            pipeline_name,
+            stages_created: q
+                .get_array("stages_created")
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Bson::as_str)
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            first_failures,
+            report_url,
+            report_link_days: settings.notify.report_link.as_secs() / 86_400,
+        };
+        let (subject, text, html) = (summary.subject(), summary.text()?, summary.html()?);
+        (|| self.mailer.send(to.clone(), &subject, text.clone(), html.clone()))
+            .retry(self.retry())
+            .notify(|e, d| warn!(error = %error_chain(e), delay_ms = d.as_millis() as u64, "Sending the summary failed; retrying"))
+            .await?;
+        info!("Summary email sent");
+        fields.insert("notify.sent_at", DateTime::now());
+        fields.insert("notify.to", to.email.to_string());
+        fields.insert("notify.subject", subject);
+        Ok(("sent", fields))
+    }
+
+    /// Posts the completion webhook, if configured; records the result.
+    async fn webhook(&self, queue_id: ObjectId, q: &Document) {
+        let settings = &self.services.settings;
+        let Some(url) = settings.crm.webhook_url.as_deref() else {
+            return;
+        };
+        let hex = |k: &str| q.get_object_id(k).map(|i| i.to_hex()).unwrap_or_default();
+        let who = Principal {
+            uid: hex("user_id"),
+            account_id: hex("account_id"),
+            parent_account: hex("parent_account"),
+            client_id: hex("client_id"),
+        };
+        let totals = outcomes::totals(&self.services.db, queue_id)
+            .await
+            .unwrap_or_default();
+        let body = serde_json::json!({
+            "event": "import.finished",
+            "queue_id": queue_id.to_hex(),
+            "source": q.get_str("source").unwrap_or("deals"),
+            "status": q.get_str("status").unwrap_or(""),
+            "file_name": file_name(q),
+            "account_id": who.account_id,
+            "user_id": who.uid,
+            "pipeline_id": q.get_document("additional_data").ok().and_then(|a| a.get_object_id("pipeline_id").ok()).map(|p| p.to_hex()),
+            "totals": {
+                "rows": totals.rows, "imported": totals.imported, "updated": totals.updated,
+                "skipped": totals.skipped, "failed": totals.failed,
+            },
+            "error": q.get_document("error").ok().map(|e| serde_json::json!({
+                "code": e.get_str("code").unwrap_or(""), "message": e.get_str("message").unwrap_or(""),
+            })),
+        });
+        let result = (|| webhook::post(&self.http, url, &settings.app_secret, &who, &body))
+            .retry(self.retry())
+            .when(webhook::Error::is_transient)
+            .notify(|e, _| warn!(error = %e, "Webhook failed; retrying"))
+            .await;
+        let fields = match &result {
+            Ok(status) => {
+                doc! { "webhook": { "state": "sent", "status": i32::from(*status), "at": DateTime::now() } }
+            }
+            Err(e) => {
+                warn!(error = %e, "Webhook not delivered");
+                doc! { "webhook": { "state": "failed", "error": e.to_string(), "at": DateTime::now() } }
+            }
+        };
+        if let Err(e) = self.claimer.record_final_fields(queue_id, fields).await {
+            warn!(error = %error_chain(&e), "Could not record the webhook result");
+        }
+    }
+}
+
+fn file_name(q: &Document) -> String {
+    q.get_array("csv")
+        .ok()
+        .and_then(|a| a.first())
+        .and_then(Bson::as_document)
+        .and_then(|c| c.get_str("name").ok())
+        .unwrap_or("import.csv")
+        .to_owned()
+}

@@ -1,0 +1,166 @@
+//! The completion webhook: `POST crm.webhook_url` with the summary as JSON
+//! and `Authorization: Bearer <JWT>`, the token minted at the moment of each
+//! call (HS256, `app_secret`, expiring 5 minutes later), so no import,
+//! however long, fails because a token expired.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{EncodingKey, Header};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+
+/// Lifetime of a webhook token.
+pub const TOKEN_TTL: Duration = Duration::from_secs(300);
+
+/// Scope the CRM's tokens carry (seed 003).
+pub const SCOPE: &str = "contacts communications contacts.external contacts.read contacts.create";
+
+/// Claims of the CRM's access tokens.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    /// Always `access_token`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The importing user.
+    pub uid: String,
+    /// Account.
+    pub account_id: String,
+    /// White-label parent account.
+    pub parent_account: String,
+    /// Client.
+    pub client_id: String,
+    /// Space-separated scopes.
+    pub scope: String,
+    /// Issued at (seconds since the epoch).
+    pub iat: u64,
+    /// Expiry (seconds since the epoch).
+    pub exp: u64,
+}
+
+/// Who the token speaks for.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    /// User id (hex).
+    pub uid: String,
+    /// Account id (hex).
+    pub account_id: String,
+    /// Parent account id (hex).
+    pub parent_account: String,
+    /// Client id (hex).
+    pub client_id: String,
+}
+
+/// Errors of the webhook.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Signing failed.
+    #[error("signing the token: {0}")]
+    Jwt(#[from] jsonwebtoken::errors::Error),
+    /// The request failed before a response.
+    #[error("request: {0}")]
+    Http(#[from] reqwest::Error),
+    /// The endpoint answered with an error status.
+    #[error("the endpoint answered {0}")]
+    Status(u16),
+}
+
+impl Error {
+    /// 4xx other than 408/429 is the endpoint refusing: not retried.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Jwt(_) => false,
+            Self::Http(_) => true,
+            Self::Status(s) => *s >= 500 || *s == 408 || *s == 429,
+        }
+    }
+}
+
+/// Mints a fresh token for `who`, valid [`TOKEN_TTL`] from now.
+pub fn mint(secret: &SecretString, who: &Principal) -> Result<String, Error> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let claims = Claims {
+        kind: "access_token".into(),
+        uid: who.uid.clone(),
+        account_id: who.account_id.clone(),
+        parent_account: who.parent_account.clone(),
+        client_id: who.client_id.clone(),
+        scope: SCOPE.into(),
+        iat: now,
+        exp: now + TOKEN_TTL.as_secs(),
+    };
+    Ok(jsonwebtoken::encode(
+        &Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.expose_secret().as_bytes()),
+    )?)
+}
+
+/// POSTs `body` once, with a token minted now. Returns the status.
+pub async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    secret: &SecretString,
+    who: &Principal,
+    body: &serde_json::Value,
+) -> Result<u16, Error> {
+    let token = mint(secret, who)?;
+    let r = client
+        .post(url)
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    if r.status().is_success() {
+        Ok(status)
+    } else {
+        Err(Error::Status(status))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{DecodingKey, Validation};
+
+    #[test]
+    fn tokens_verify_with_the_secret_and_expire_in_five_minutes() {
+        let secret = SecretString::from("s3cret");
+        let who = Principal {
+            uid: "u".into(),
+            account_id: "a".into(),
+            parent_account: "p".into(),
+            client_id: "c".into(),
+        };
+        let t = mint(&secret, &who).unwrap();
+        let got = jsonwebtoken::decode::<Claims>(
+            &t,
+            &DecodingKey::from_secret(b"s3cret"),
+            &Validation::default(),
+        )
+        .unwrap()
+        .claims;
+        assert_eq!(got.kind, "access_token");
+        assert_eq!(got.exp - got.iat, 300);
+        assert!(
+            jsonwebtoken::decode::<Claims>(
+                &t,
+                &DecodingKey::from_secret(b"other"),
+                &Validation::default()
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn client_errors_are_not_retried() {
+        assert!(!Error::Status(400).is_transient());
+        assert!(!Error::Status(404).is_transient());
+        assert!(Error::Status(408).is_transient());
+        assert!(Error::Status(429).is_transient());
+        assert!(Error::Status(503).is_transient());
+    }
+}

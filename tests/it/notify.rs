@@ -1,0 +1,363 @@
+//! The summary email, the error report and the completion webhook, against
+//! real SMTP (aiosmtpd, one per test) and S3 servers.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bson::oid::ObjectId;
+use bson::{DateTime, doc};
+use importd::claim::Claimer;
+use importd::domain::collections;
+use importd::report::notify::Notifier;
+use importd::report::webhook::Claims;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::helpers::{SmtpCatcher, TestApp, settings_with_smtp};
+
+const MAPPING: [(&str, &str); 3] = [
+    ("Name", "name"),
+    ("Value", "value"),
+    ("Note", "description"),
+];
+
+fn planted_csv() -> (String, Vec<u64>) {
+    let mut s = String::from("Name,Value,Note\n");
+    let mut planted = Vec::new();
+    for i in 0..200u64 {
+        let line = i + 2;
+        if i % 40 == 5 {
+            planted.push(line);
+            s.push_str(&format!(
+                "Deal {i},not a number,=HYPERLINK(\"http://evil\")\n"
+            ));
+        } else {
+            s.push_str(&format!("Deal {i},{},ok\n", i * 10));
+        }
+    }
+    (s, planted)
+}
+
+fn report_link(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("http://") && l.contains("errors.csv"))
+        .unwrap_or_else(|| panic!("no report link in:\n{text}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_summary_email_with_counts_and_a_report_of_exactly_the_failed_lines() {
+    let smtp = SmtpCatcher::start().await;
+    let mut app = TestApp::with_settings(settings_with_smtp(smtp.port)).await;
+    app.spawn_daemon();
+    let (csv, planted) = planted_csv();
+    let id = app
+        .enqueue_csv("deals-q4.csv", csv.as_bytes(), &MAPPING)
+        .await;
+    assert_eq!(
+        app.wait_final(id, Duration::from_secs(60))
+            .await
+            .get_str("status")
+            .unwrap(),
+        "completed"
+    );
+    let mails = smtp.wait_for(1, Duration::from_secs(30)).await;
+    assert_eq!(mails.len(), 1, "{mails:?}");
+    let m = &mails[0];
+    assert!(m.to.contains("owner@example.com"), "{}", m.to);
+    assert_eq!(
+        m.subject,
+        "Deal import finished: 195 imported, 5 failed (deals-q4.csv)"
+    );
+    assert!(
+        m.text.contains("Failed: 5") && m.text.contains("Imported: 195"),
+        "{}",
+        m.text
+    );
+    assert!(
+        m.text.contains(&format!("line {}", planted[0])),
+        "{}",
+        m.text
+    );
+    assert!(m.html.contains("<table"), "{}", m.html);
+
+    let body = reqwest::get(report_link(&m.text)).await.unwrap();
+    assert!(body.status().is_success(), "{}", body.status());
+    let body = body.text().await.unwrap();
+    let mut rdr = csv::ReaderBuilder::new().from_reader(body.as_bytes());
+    assert_eq!(
+        rdr.headers().unwrap().iter().collect::<Vec<_>>(),
+        ["Name", "Value", "Note", "line", "error"]
+    );
+    let rows: Vec<csv::StringRecord> = rdr.records().map(Result::unwrap).collect();
+    let lines: Vec<u64> = rows.iter().map(|r| r[3].parse().unwrap()).collect();
+    assert_eq!(lines, planted);
+    assert!(
+        rows.iter().all(|r| r[2].starts_with("'=")),
+        "formula cells neutralised: {rows:?}"
+    );
+    assert_eq!(&rows[0][1], "not a number");
+
+    let q = app.queue(id).await;
+    let n = q.get_document("notify").unwrap();
+    assert_eq!(n.get_str("state").unwrap(), "sent");
+    assert!(
+        q.get_document("report")
+            .unwrap()
+            .get_str("key")
+            .unwrap()
+            .ends_with("/errors.csv")
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_down_at_completion_still_gets_exactly_one_email_later() {
+    let mut smtp = SmtpCatcher::start().await;
+    smtp.stop();
+    let mut app = TestApp::with_settings(settings_with_smtp(smtp.port)).await;
+    app.spawn_daemon();
+    let id = app
+        .enqueue_csv("later.csv", b"Name,Value,Note\nA,1,x\n", &MAPPING)
+        .await;
+    assert_eq!(
+        app.wait_final(id, Duration::from_secs(30))
+            .await
+            .get_str("status")
+            .unwrap(),
+        "completed"
+    );
+    // Wait until a round has failed and been recorded, then bring SMTP back.
+    let start = Instant::now();
+    loop {
+        let q = app.queue(id).await;
+        if q.get_document("notify")
+            .is_ok_and(|n| n.get_str("error").is_ok())
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no failed round recorded: {q}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    smtp.restart().await;
+    let mails = smtp.wait_for(1, Duration::from_secs(30)).await;
+    assert_eq!(mails.len(), 1);
+    let q = app.queue(id).await;
+    assert_eq!(
+        q.get_str("status").unwrap(),
+        "completed",
+        "mail never changes the import"
+    );
+    assert_eq!(
+        q.get_document("notify").unwrap().get_str("state").unwrap(),
+        "sent"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(smtp.messages().len(), 1, "no second email");
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_daemons_completing_the_same_import_send_one_email() {
+    let smtp = SmtpCatcher::start().await;
+    let app = TestApp::with_settings(settings_with_smtp(smtp.port)).await;
+    let id = ObjectId::new();
+    app.queues()
+        .insert_one(doc! {
+            "_id": id, "source": "deals", "status": "completed", "in_progress": false,
+            "user_id": app.user_id, "account_id": app.account_id,
+            "csv": [{ "key": "k", "name": "twice.csv" }],
+            "started_at": DateTime::now(), "completed_at": DateTime::now(),
+            "notify": { "state": "pending" },
+        })
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let claimer = Claimer::new(&app.db, format!("daemon-{i}"), Duration::from_secs(60));
+        let n = Notifier::new(app.services.clone(), claimer).unwrap();
+        tasks.push(tokio::spawn(async move {
+            n.deliver(id).await;
+            n.deliver_due().await;
+            n.deliver(id).await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mails = smtp.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(mails.len(), 1, "{mails:?}");
+    assert_eq!(
+        mails[0].subject,
+        "Deal import finished: 0 imported, 0 failed (twice.csv)"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_without_email_gets_a_warning_not_a_failed_import() {
+    let smtp = SmtpCatcher::start().await;
+    let mut app = TestApp::with_settings(settings_with_smtp(smtp.port)).await;
+    app.coll(collections::USERS)
+        .update_one(
+            doc! { "_id": app.user_id },
+            doc! { "$unset": { "email": "" } },
+        )
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let id = app
+        .enqueue_csv("x.csv", b"Name,Value,Note\nA,1,x\n", &MAPPING)
+        .await;
+    assert_eq!(
+        app.wait_final(id, Duration::from_secs(30))
+            .await
+            .get_str("status")
+            .unwrap(),
+        "completed"
+    );
+    let start = Instant::now();
+    let n = loop {
+        let q = app.queue(id).await;
+        let n = q.get_document("notify").unwrap().clone();
+        if n.get_str("state") == Ok("skipped") {
+            break n;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "{q}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(n.get_str("warning").unwrap().contains("email"));
+    assert_eq!(app.queue(id).await.get_str("status").unwrap(), "completed");
+    assert!(smtp.messages().is_empty());
+    app.cleanup().await;
+}
+
+/// A one-shot HTTP listener: records each request's Authorization header,
+/// body and arrival time, and answers 200.
+async fn listener() -> (String, Arc<Mutex<Vec<(String, serde_json::Value, u64)>>>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks/import", l.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = l.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let (head, body) = loop {
+                let n = sock.read(&mut chunk).await.unwrap();
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..p]).to_string();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < p + 4 + len {
+                        let n = sock.read(&mut chunk).await.unwrap();
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    break (head, buf[p + 4..p + 4 + len].to_vec());
+                }
+            };
+            let auth = head
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("authorization: ")
+                        .or_else(|| l.strip_prefix("Authorization: "))
+                })
+                .unwrap_or_default()
+                .to_owned();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            s.lock()
+                .unwrap()
+                .push((auth, serde_json::from_slice(&body).unwrap(), now));
+            sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_carries_a_fresh_token_signed_with_the_app_secret() {
+    let smtp = SmtpCatcher::start().await;
+    let (url, seen) = listener().await;
+    let mut settings = settings_with_smtp(smtp.port);
+    settings.crm.webhook_url = Some(url);
+    let mut app = TestApp::with_settings(settings).await;
+    app.spawn_daemon();
+    let id = app
+        .enqueue_csv("hook.csv", b"Name,Value,Note\nA,1,x\nB,oops,y\n", &MAPPING)
+        .await;
+    assert_eq!(
+        app.wait_final(id, Duration::from_secs(30))
+            .await
+            .get_str("status")
+            .unwrap(),
+        "completed"
+    );
+    let start = Instant::now();
+    while seen.lock().unwrap().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(30), "no webhook call");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (auth, body, at) = seen.lock().unwrap()[0].clone();
+    let token = auth.strip_prefix("Bearer ").expect("bearer token");
+    let secret = secrecy::ExposeSecret::expose_secret(&app.settings().app_secret).to_owned();
+    let claims = jsonwebtoken::decode::<Claims>(
+        token,
+        &jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()),
+        &jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256),
+    )
+    .expect("the token verifies with app_secret")
+    .claims;
+    assert_eq!(claims.kind, "access_token");
+    assert_eq!(claims.uid, app.user_id.to_hex());
+    assert_eq!(claims.account_id, app.account_id.to_hex());
+    assert_eq!(claims.parent_account, app.account_id.to_hex());
+    assert_eq!(claims.client_id, app.account_id.to_hex());
+    assert!(claims.scope.contains("contacts"));
+    assert!(
+        claims.iat <= at + 1 && claims.iat + 5 >= at,
+        "minted at the call"
+    );
+    assert!(
+        claims.exp > at && claims.exp <= at + 300,
+        "expires within 5 minutes of the call"
+    );
+    assert_eq!(body["queue_id"], id.to_hex());
+    assert_eq!(body["totals"]["imported"], 1);
+    assert_eq!(body["totals"]["failed"], 1);
+    assert!(
+        jsonwebtoken::decode::<Claims>(
+            token,
+            &jsonwebtoken::DecodingKey::from_secret(b"wrong"),
+            &jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256)
+        )
+        .is_err()
+    );
+    let start = Instant::now();
+    loop {
+        let q = app.queue(id).await;
+        if q.get_document("webhook")
+            .is_ok_and(|w| w.get_str("state") == Ok("sent"))
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{q}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.cleanup().await;
+}
