@@ -24,6 +24,8 @@ echo "[demo] daemon started (pid $(cat "$PIDFILE"), log .stack/logs/importd.log)
 
 target/debug/importd demo samples/deals.csv --timeout 120
 echo
+sleep 2
 echo "Also: the daemon's log in .stack/logs/importd.log;"
-echo "      the summary email (once the notify step lands) in .stack/mail/new/."
+echo "      the summary email to demo@example.com: the newest file in .stack/mail/new/"
+echo "      (its link downloads the error report from the local S3 server)."
 echo "Stop everything: scripts/stack.sh down"
