@@ -41,14 +41,19 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn generate(path: &Path, rows: usize) -> std::io::Result<u64> {
+/// Writes the file; returns its size and the checkpoint `(line, byte,
+/// records)` just before the row at 90 %.
+fn generate(path: &Path, rows: usize) -> std::io::Result<(u64, (u64, u64, u64))> {
     let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
-    writeln!(
-        w,
-        "Deal Name,Value,Stage,Status,Contract Type,Close Date,Contact Email,Region,Source Campaign,Notes"
-    )?;
+    let header = "Deal Name,Value,Stage,Status,Contract Type,Close Date,Contact Email,Region,Source Campaign,Notes\n";
+    w.write_all(header.as_bytes())?;
+    let mut written = header.len() as u64;
+    let mut at90 = (0, 0, 0);
     let mut line = String::with_capacity(256);
     for i in 0..rows {
+        if i == rows * 9 / 10 {
+            at90 = (i as u64 + 2, written, i as u64);
+        }
         line.clear();
         let _ = writeln!(
             line,
@@ -75,9 +80,10 @@ fn generate(path: &Path, rows: usize) -> std::io::Result<u64> {
             i % 40,
         );
         w.write_all(line.as_bytes())?;
+        written += line.len() as u64;
     }
     w.flush()?;
-    Ok(std::fs::metadata(path)?.len())
+    Ok((std::fs::metadata(path)?.len(), at90))
 }
 
 fn mapping() -> Vec<(String, String)> {
@@ -179,6 +185,8 @@ fn stop(mut child: Child) {
 
 struct Run {
     claim_latency: Duration,
+    /// Claim → completed.
+    processing: Duration,
     total: Duration,
     rss_kb: u64,
     small_total: Option<Duration>,
@@ -194,7 +202,16 @@ async fn state(db: &mongodb::Database, id: ObjectId) -> String {
         .unwrap_or_default()
 }
 
-async fn import_run(settings: &Settings, csv: &Path, with_small: Option<&Path>, tag: &str) -> Run {
+/// One import in a fresh database and daemon process. `resume_at` sets a
+/// checkpoint before the daemon starts, as if an earlier attempt had
+/// committed everything before it.
+async fn import_run(
+    settings: &Settings,
+    csv: &Path,
+    with_small: Option<&Path>,
+    resume_at: Option<(u64, u64, u64)>,
+    tag: &str,
+) -> Run {
     let db_name = format!("{}_{tag}", settings.mongodb.database);
     let mut s = settings.clone();
     s.mongodb.database = db_name.clone();
@@ -205,11 +222,6 @@ async fn import_run(settings: &Settings, csv: &Path, with_small: Option<&Path>, 
         .await
         .unwrap();
     importd::db::ensure_indexes(&db).await.unwrap();
-    let daemon = start_daemon(
-        &db_name,
-        &root().join(format!("bench/results/daemon-{tag}.log")),
-    );
-    tokio::time::sleep(Duration::from_secs(1)).await;
     let req = |file: &Path| importd::cli::enqueue::Request {
         file: file.to_owned(),
         kind: importd::domain::RecordKind::Deals,
@@ -222,14 +234,38 @@ async fn import_run(settings: &Settings, csv: &Path, with_small: Option<&Path>, 
         tags: vec!["bench".into()],
         duplicate_strategy: None,
     };
-    let id = importd::cli::enqueue::enqueue(&db, &svc.storage, &req(csv))
-        .await
-        .unwrap();
+    let log = root().join(format!("bench/results/daemon-{tag}.log"));
+    let (daemon, id) = match resume_at {
+        Some((line, byte, records)) => {
+            let id = importd::cli::enqueue::enqueue(&db, &svc.storage, &req(csv))
+                .await
+                .unwrap();
+            let checkpoint =
+                doc! { "line": line as i64, "byte": byte as i64, "records": records as i64 };
+            db.collection::<Document>(collections::QUEUES)
+                .update_one(
+                    doc! { "_id": id },
+                    doc! { "$set": { "checkpoint": checkpoint } },
+                )
+                .await
+                .unwrap();
+            (start_daemon(&db_name, &log), id)
+        }
+        None => {
+            let daemon = start_daemon(&db_name, &log);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let id = importd::cli::enqueue::enqueue(&db, &svc.storage, &req(csv))
+                .await
+                .unwrap();
+            (daemon, id)
+        }
+    };
     let enqueued = Instant::now();
     while state(&db, id).await == "pending" {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let claim_latency = enqueued.elapsed();
+    let claimed = Instant::now();
     let mut small_total = None;
     if let Some(small) = with_small {
         // Head-of-line: once the big import is well under way.
@@ -250,11 +286,12 @@ async fn import_run(settings: &Settings, csv: &Path, with_small: Option<&Path>, 
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
-    let total = enqueued.elapsed();
+    let (total, processing) = (enqueued.elapsed(), claimed.elapsed());
     let rss_kb = vm_hwm_kb(daemon.id()).unwrap_or(0);
     stop(daemon);
     Run {
         claim_latency,
+        processing,
         total,
         rss_kb,
         small_total,
@@ -282,7 +319,7 @@ async fn main() {
         dir.path().join("deals-10k.csv"),
     );
     let t = Instant::now();
-    let bytes = generate(&big, rows).unwrap();
+    let (bytes, at90) = generate(&big, rows).unwrap();
     generate(&small, 100).unwrap();
     generate(&tenk, 10_000).unwrap();
     eprintln!(
@@ -300,12 +337,17 @@ async fn main() {
     eprintln!("raw insert_many: {raw:.0} rows/s");
     let _ = raw_db.drop().await;
 
-    let r10k = import_run(&settings, &tenk, None, "10k").await;
+    let r10k = import_run(&settings, &tenk, None, None, "10k").await;
     eprintln!(
         "importd 10k: {:.2?}, peak RSS {} kB",
         r10k.total, r10k.rss_kb
     );
-    let big_run = import_run(&settings, &big, Some(&small), "big").await;
+    let big_run = import_run(&settings, &big, Some(&small), None, "big").await;
+    let resumed = import_run(&settings, &big, None, Some(at90), "resume90").await;
+    eprintln!(
+        "resumed at 90 %: {:.2?} (fresh: {:.2?})",
+        resumed.processing, big_run.processing
+    );
     let e2e = rows as f64 / big_run.total.as_secs_f64();
     let machine = format!(
         "{} cores, {}",
@@ -337,6 +379,8 @@ async fn main() {
         "claim_latency_ms": big_run.claim_latency.as_millis(),
         "claim_latency_10k_ms": r10k.claim_latency.as_millis(),
         "small_import_during_big_ms": big_run.small_total.map(|d| d.as_millis()),
+        "fresh_processing_ms": big_run.processing.as_millis(),
+        "resumed_at_90_percent_processing_ms": resumed.processing.as_millis(),
     });
     println!("{}", serde_json::to_string_pretty(&result).unwrap());
     println!(
@@ -353,7 +397,7 @@ async fn main() {
     // Leave the databases for inspection unless asked to clean.
     if std::env::var_os("BENCH_KEEP").is_none() {
         let client = importd::db::connect(&settings.mongodb).await.unwrap();
-        for tag in ["10k", "big"] {
+        for tag in ["10k", "big", "resume90"] {
             let _ = client
                 .client()
                 .database(&format!("{}_{tag}", settings.mongodb.database))

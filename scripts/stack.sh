@@ -69,7 +69,10 @@ start() {
     return
   fi
   log "starting $name on :$port"
-  (cd "$STACK" && nohup "$@" >"$LOGS/$name.log" 2>&1 & echo $! >"$PIDS/$name.pid")
+  # `exec` so that $! is the server itself (not a subshell or wrapper):
+  # `down` stops exactly what was started here.
+  (cd "$STACK" && exec nohup "$@" >"$LOGS/$name.log" 2>&1) &
+  echo $! >"$PIDS/$name.pid"
 }
 
 wait_ready() {
@@ -123,16 +126,23 @@ ENV
 
 up() {
   mkdir -p "$PIDS" "$LOGS" "$STACK/mongo" "$STACK/garage/meta" "$STACK/garage/data" "$STACK/mail"
-  install_secantus
-  install_garage
+  # The two cargo installs (cold: ~5 and ~9 min) run side by side: their
+  # serial phases (linking, the largest crates) overlap.
+  install_secantus & local p1=$!
+  install_garage & local p2=$!
   install_aiosmtpd
+  wait "$p1" || die "installing secantusd-rs failed"
+  wait "$p2" || die "installing Garage failed"
   garage_config
   start mongodb mongo 27017 secantusd-rs --port 27017 --storage-path "$STACK/mongo" \
     --cache-size 1G --sync-on-commit
   start s3 s3 9000 env GARAGE_DEFAULT_ACCESS_KEY="$S3_ACCESS_KEY" \
     GARAGE_DEFAULT_SECRET_KEY="$S3_SECRET_KEY" GARAGE_DEFAULT_BUCKET=imports \
     garage -c "$STACK/garage.toml" server --single-node --default-bucket
-  start smtp smtp 1025 python3 -m aiosmtpd -n -l 127.0.0.1:1025 -c aiosmtpd.handlers.Mailbox "$STACK/mail"
+  # The interpreter itself, not a wrapper such as a pyenv shim: the PID
+  # recorded must be the server's, or `down` would leave it running.
+  local python; python=$(python3 -c 'import sys; print(sys.executable)')
+  start smtp smtp 1025 "$python" -m aiosmtpd -n -l 127.0.0.1:1025 -c aiosmtpd.handlers.Mailbox "$STACK/mail"
   wait_ready mongodb mongo 27017
   wait_ready s3 s3 9000
   wait_ready smtp smtp 1025
