@@ -214,7 +214,7 @@ async fn main() {
             started.elapsed() < Duration::from_secs(1800),
             "chaos run did not finish: {s:?}"
         );
-        tokio::time::sleep(Duration::from_millis(rng.random_range(1500..5000))).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(500..2500))).await;
         let slot = rng.random_range(0..3);
         daemons.kill9(slot);
         kills += 1;

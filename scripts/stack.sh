@@ -125,7 +125,11 @@ ENV
 }
 
 up() {
-  mkdir -p "$PIDS" "$LOGS" "$STACK/mongo" "$STACK/garage/meta" "$STACK/garage/data" "$STACK/mail"
+  # A full Maildir (cur/new/tmp): aiosmtpd's Mailbox handler only creates one
+  # when the directory does not exist at all, and fails every delivery into
+  # an empty one.
+  mkdir -p "$PIDS" "$LOGS" "$STACK/mongo" "$STACK/garage/meta" "$STACK/garage/data" \
+    "$STACK/mail/cur" "$STACK/mail/new" "$STACK/mail/tmp"
   # The two cargo installs (cold: ~5 and ~9 min) run side by side: their
   # serial phases (linking, the largest crates) overlap.
   install_secantus & local p1=$!

@@ -199,22 +199,18 @@ pub async fn run(svc: &Services, job: ClaimedJob, shutdown: CancellationToken) -
         size: 0,
         last_save: Instant::now(),
     };
-    let max_attempts = i64::from(svc.settings.scheduler.max_attempts);
-    let result = if lease.attempt > max_attempts {
-        Err(Abort::File(FileError::TooManyAttempts(
-            svc.settings.scheduler.max_attempts,
-        )))
-    } else {
-        match claim::spec_from_doc(&job.doc) {
-            Ok(spec) => import(svc, &lease, &spec, &mut tracker, &stop)
-                .await
-                .map(|()| spec),
-            Err(e) => Err(Abort::File(e)),
+    let max_attempts = svc.settings.scheduler.max_attempts;
+    // The spec is read even past the attempts cap: the summary needs it.
+    let spec = claim::spec_from_doc(&job.doc);
+    let result = match &spec {
+        _ if lease.attempt > i64::from(max_attempts) => {
+            Err(Abort::File(FileError::TooManyAttempts(max_attempts)))
         }
+        Ok(spec) => import(svc, &lease, spec, &mut tracker, &stop).await,
+        Err(e) => Err(Abort::File(e.clone())),
     };
     heartbeat.abort();
-    let spec = claim::spec_from_doc(&job.doc).ok();
-    let end = conclude(svc, &lease, spec.as_ref(), &mut tracker, result.map(|_| ())).await;
+    let end = conclude(svc, &lease, spec.as_ref().ok(), &mut tracker, result).await;
     info!(outcome = ?end, "Import run ended");
     end
 }

@@ -139,9 +139,11 @@ impl Progress {
 /// Where a resumed run may continue: everything before is committed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Checkpoint {
-    /// Last physical line whose record is committed (0 = none).
+    /// Physical line where reading resumes: every record starting before it
+    /// is committed (0 = from the start of the file).
     pub line: u64,
-    /// Byte offset in the object where the next record starts.
+    /// Object byte offset of that line (exact for UTF-8 files; transcoded
+    /// files resume by skipping `records` instead).
     pub byte: u64,
     /// Data records consumed up to `line`.
     pub records: u64,

@@ -6,7 +6,6 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bson::oid::ObjectId;
@@ -218,11 +217,6 @@ impl Drop for TestApp {
             t.cancel();
         }
     }
-}
-
-/// Shared-nothing settings handle for tests that need an Arc.
-pub fn arc(s: Settings) -> Arc<Settings> {
-    Arc::new(s)
 }
 
 pub fn get_i64(d: &Document, path: &str) -> i64 {

@@ -361,3 +361,44 @@ async fn the_webhook_carries_a_fresh_token_signed_with_the_app_secret() {
     }
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_stack_smtp_server_delivers_into_its_maildir() {
+    // The server scripts/stack.sh starts (what the demo and chaos runs use).
+    let settings = crate::helpers::test_settings();
+    let mailer = importd::report::notify::Mailer::new(&settings.smtp).unwrap();
+    let to = format!("probe-{}@example.com", ObjectId::new().to_hex());
+    mailer
+        .send(
+            to.parse().unwrap(),
+            "stack probe",
+            "text".into(),
+            "<p>html</p>".into(),
+        )
+        .await
+        .expect("the stack's SMTP server accepts mail");
+    let dir = std::env::var_os("IMPORTD_STACK_MAILDIR")
+        .map_or_else(
+            || crate::helpers::config_dir().join("../.stack/mail"),
+            std::path::PathBuf::from,
+        )
+        .join("new");
+    let start = Instant::now();
+    loop {
+        let found = std::fs::read_dir(&dir)
+            .map(|d| {
+                d.flatten()
+                    .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|m| m.contains(&to)))
+            })
+            .unwrap_or(false);
+        if found {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no message for {to} in {}",
+            dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
