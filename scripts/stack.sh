@@ -106,7 +106,23 @@ root_domain = ".s3.localhost"
 TOML
 }
 
+# The Maildir of the SMTP server answering on :1025: ours, or, when another
+# checkout's server is being reused, the one on its command line.
+smtp_maildir() {
+  local p args
+  for p in /proc/[0-9]*; do
+    mapfile -d '' args <"$p/cmdline" 2>/dev/null || continue
+    if [ "${#args[@]}" -gt 0 ] && [[ " ${args[*]} " == *" aiosmtpd "* ]] \
+      && [[ " ${args[*]} " == *" 127.0.0.1:1025 "* ]]; then
+      echo "${args[-1]}"
+      return
+    fi
+  done
+  echo "$STACK/mail"
+}
+
 write_env() {
+  local maildir; maildir=$(smtp_maildir)
   cat >"$STACK/env" <<ENV
 # Written by scripts/stack.sh up: points importd at the local stack.
 export IMPORTD_ENV=local
@@ -120,7 +136,7 @@ export IMPORTD__S3__PATH_STYLE=true
 export IMPORTD__SMTP__HOST='127.0.0.1'
 export IMPORTD__SMTP__PORT=1025
 export IMPORTD__SMTP__TLS=none
-export IMPORTD_STACK_MAILDIR='$STACK/mail'
+export IMPORTD_STACK_MAILDIR='$maildir'
 ENV
 }
 
