@@ -47,6 +47,34 @@ fn generate(path: &Path, rows: usize) -> u64 {
     bad
 }
 
+fn request(
+    file: PathBuf,
+    demo: &importd::cli::demo::DemoAccount,
+) -> importd::cli::enqueue::Request {
+    importd::cli::enqueue::Request {
+        file,
+        kind: importd::domain::RecordKind::Deals,
+        pipeline_id: Some(demo.pipeline_id),
+        account_id: demo.account_id,
+        user_id: demo.user_id,
+        parent_account: None,
+        client_id: None,
+        mappings: Some(
+            [
+                ("Name", "name"),
+                ("Value", "value"),
+                ("Stage", "stage_id"),
+                ("Notes", "description"),
+            ]
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect(),
+        ),
+        tags: vec!["chaos".into()],
+        duplicate_strategy: None,
+    }
+}
+
 struct Daemons {
     db: String,
     children: Vec<Child>,
@@ -155,28 +183,7 @@ async fn main() {
     for n in 0..imports {
         let path = dir.path().join(format!("chaos-{stamp}-{n}.csv"));
         let bad = generate(&path, rows);
-        let req = importd::cli::enqueue::Request {
-            file: path,
-            kind: importd::domain::RecordKind::Deals,
-            pipeline_id: Some(demo.pipeline_id),
-            account_id: demo.account_id,
-            user_id: demo.user_id,
-            parent_account: None,
-            client_id: None,
-            mappings: Some(
-                [
-                    ("Name", "name"),
-                    ("Value", "value"),
-                    ("Stage", "stage_id"),
-                    ("Notes", "description"),
-                ]
-                .iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect(),
-            ),
-            tags: vec!["chaos".into()],
-            duplicate_strategy: None,
-        };
+        let req = request(path, &demo);
         let id = importd::cli::enqueue::enqueue(&db, &svc.storage, &req)
             .await
             .unwrap();
@@ -232,28 +239,7 @@ async fn main() {
         let n = imports - 1;
         let path = dir.path().join(format!("chaos-{stamp}-{n}.csv"));
         let bad = generate(&path, rows * 2);
-        let req = importd::cli::enqueue::Request {
-            file: path,
-            kind: importd::domain::RecordKind::Deals,
-            pipeline_id: Some(demo.pipeline_id),
-            account_id: demo.account_id,
-            user_id: demo.user_id,
-            parent_account: None,
-            client_id: None,
-            mappings: Some(
-                [
-                    ("Name", "name"),
-                    ("Value", "value"),
-                    ("Stage", "stage_id"),
-                    ("Notes", "description"),
-                ]
-                .iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect(),
-            ),
-            tags: vec!["chaos".into()],
-            duplicate_strategy: None,
-        };
+        let req = request(path, &demo);
         let id = importd::cli::enqueue::enqueue(&db, &svc.storage, &req)
             .await
             .unwrap();

@@ -76,10 +76,8 @@ struct Row {
     message: String,
 }
 
-#[derive(Template)]
-#[template(path = "summary.txt")]
-struct TextBody<'a> {
-    s: &'a ImportSummary,
+/// What both bodies show, computed once.
+struct View {
     headline: String,
     counts: Vec<(&'static str, String)>,
     failures: Vec<Row>,
@@ -88,14 +86,17 @@ struct TextBody<'a> {
 }
 
 #[derive(Template)]
+#[template(path = "summary.txt")]
+struct TextBody<'a> {
+    s: &'a ImportSummary,
+    v: &'a View,
+}
+
+#[derive(Template)]
 #[template(path = "summary.html")]
 struct HtmlBody<'a> {
     s: &'a ImportSummary,
-    headline: String,
-    counts: Vec<(&'static str, String)>,
-    failures: Vec<Row>,
-    more_failures: bool,
-    duration: String,
+    v: &'a View,
 }
 
 impl ImportSummary {
@@ -169,28 +170,24 @@ impl ImportSummary {
 
     /// Plain-text body.
     pub fn text(&self) -> Result<String, askama::Error> {
-        TextBody {
-            s: self,
-            headline: self.headline(),
-            counts: self.counts(),
-            failures: self.rows(),
-            more_failures: self.totals.failed > self.first_failures.len().min(10) as u64,
-            duration: duration(self.duration_secs),
-        }
-        .render()
+        let v = self.view();
+        TextBody { s: self, v: &v }.render()
     }
 
     /// HTML body (values escaped by the template engine).
     pub fn html(&self) -> Result<String, askama::Error> {
-        HtmlBody {
-            s: self,
+        let v = self.view();
+        HtmlBody { s: self, v: &v }.render()
+    }
+
+    fn view(&self) -> View {
+        View {
             headline: self.headline(),
             counts: self.counts(),
             failures: self.rows(),
             more_failures: self.totals.failed > self.first_failures.len().min(10) as u64,
             duration: duration(self.duration_secs),
         }
-        .render()
     }
 }
 

@@ -102,12 +102,7 @@ async fn seed_sample_imports_three_deals_with_stages_custom_fields_and_totals() 
         qualified.get_object_id("_id").unwrap()
     );
 
-    let summary = app
-        .coll(collections::CSV_IMPORTS)
-        .find_one(doc! { "queue_id": id })
-        .await
-        .unwrap()
-        .unwrap();
+    let summary = app.summary(id).await;
     assert_eq!(get_i64(&summary, "total_rows"), 3);
     assert_eq!(get_i64(&summary, "total_records_added"), 3);
     assert_eq!(get_i64(&summary, "total_errors"), 0);
@@ -351,12 +346,7 @@ async fn hundred_thousand_rows_with_planted_failures_account_for_every_line() {
         None,
         "no record starts on line 3"
     );
-    let summary = app
-        .coll(collections::CSV_IMPORTS)
-        .find_one(doc! { "queue_id": id })
-        .await
-        .unwrap()
-        .unwrap();
+    let summary = app.summary(id).await;
     assert_eq!(get_i64(&summary, "total_errors") as u64, failed);
     let logs = summary.get_array("logs").unwrap();
     assert_eq!(logs.len(), planted.len().min(1000));
@@ -431,12 +421,7 @@ async fn processing_a_queue_document_twice_creates_no_second_deal() {
         get_i64(&second, "progress.failed_rows") as usize,
         planted.len()
     );
-    let summary = app
-        .coll(collections::CSV_IMPORTS)
-        .find_one(doc! { "queue_id": id })
-        .await
-        .unwrap()
-        .unwrap();
+    let summary = app.summary(id).await;
     assert_eq!(
         get_i64(&summary, "total_records_added") as u64,
         deals_before
@@ -555,12 +540,7 @@ async fn messy_rows_fail_alone_with_field_value_and_line() {
     let id = app.enqueue_csv("messy.csv", csv.as_bytes(), &mapping).await;
     let q = app.wait_final(id, Duration::from_secs(30)).await;
     assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
-    let summary = app
-        .coll(collections::CSV_IMPORTS)
-        .find_one(doc! { "queue_id": id })
-        .await
-        .unwrap()
-        .unwrap();
+    let summary = app.summary(id).await;
     let logs: Vec<(i64, String)> = summary
         .get_array("logs")
         .unwrap()
@@ -659,12 +639,7 @@ async fn duplicate_strategies_skip_or_update_deals_of_the_same_name() {
                 Some(LineOutcome::Updated { deal_id: created })
             );
         }
-        let summary = app
-            .coll(collections::CSV_IMPORTS)
-            .find_one(doc! { "queue_id": id })
-            .await
-            .unwrap()
-            .unwrap();
+        let summary = app.summary(id).await;
         assert_eq!(get_i64(&summary, "total_rows"), 3);
         app.cleanup().await;
     }

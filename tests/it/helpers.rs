@@ -188,6 +188,15 @@ impl TestApp {
         }
     }
 
+    /// The import's `csv_imports` summary.
+    pub async fn summary(&self, id: ObjectId) -> Document {
+        self.coll(collections::CSV_IMPORTS)
+            .find_one(doc! { "queue_id": id })
+            .await
+            .unwrap()
+            .expect("csv_imports summary")
+    }
+
     pub async fn find_all(&self, coll: &str, filter: Document) -> Vec<Document> {
         self.coll(coll)
             .find(filter)

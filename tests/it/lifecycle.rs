@@ -111,12 +111,7 @@ async fn sigterm_checkpoints_releases_and_another_daemon_resumes_without_rewriti
         rewritten, 0,
         "no batch before the checkpoint was written again"
     );
-    let summary = app
-        .coll(collections::CSV_IMPORTS)
-        .find_one(doc! { "queue_id": id })
-        .await
-        .unwrap()
-        .unwrap();
+    let summary = app.summary(id).await;
     assert_eq!(get_i64(&summary, "total_records_added") as usize, ROWS);
     app.cleanup().await;
 }
@@ -146,12 +141,7 @@ async fn cancellation_stops_at_the_next_batch_and_keeps_what_was_imported() {
         imported,
         "the report matches the deals"
     );
-    let summary = app
-        .coll(collections::CSV_IMPORTS)
-        .find_one(doc! { "queue_id": id })
-        .await
-        .unwrap()
-        .unwrap();
+    let summary = app.summary(id).await;
     assert_eq!(summary.get_str("status").unwrap(), "cancelled");
     assert_eq!(get_i64(&summary, "total_records_added"), imported);
     app.cleanup().await;
