@@ -171,20 +171,35 @@ impl TestApp {
 
     /// Waits until the queue document reaches a final state.
     pub async fn wait_final(&self, id: ObjectId, timeout: Duration) -> Document {
+        self.wait_queue(id, timeout, "final", |q| {
+            matches!(
+                q.get_str("status"),
+                Ok("completed" | "failed" | "cancelled")
+            )
+        })
+        .await
+    }
+
+    /// Polls the queue document until `done` holds; fails the test naming
+    /// `what` after `timeout`.
+    pub async fn wait_queue(
+        &self,
+        id: ObjectId,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&Document) -> bool,
+    ) -> Document {
         let start = Instant::now();
         loop {
             let q = self.queue(id).await;
-            if matches!(
-                q.get_str("status"),
-                Ok("completed" | "failed" | "cancelled")
-            ) {
+            if done(&q) {
                 return q;
             }
             assert!(
                 start.elapsed() < timeout,
-                "import {id} not final after {timeout:?}: {q}"
+                "import {id} not {what} after {timeout:?}: {q}"
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

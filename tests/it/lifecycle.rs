@@ -23,20 +23,11 @@ fn csv(rows: usize) -> String {
 const MAPPING: [(&str, &str); 3] = [("Name", "name"), ("Value", "value"), ("Stage", "stage_id")];
 
 async fn wait_progress(app: &TestApp, id: bson::oid::ObjectId, rows: i64) -> bson::Document {
-    let start = Instant::now();
-    loop {
-        let q = app.queue(id).await;
-        if q.get_document("progress")
+    app.wait_queue(id, Duration::from_secs(120), "progressing", |q| {
+        q.get_document("progress")
             .is_ok_and(|p| p.get_i64("processed_rows").unwrap_or(0) >= rows)
-        {
-            return q;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no progress: {q}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

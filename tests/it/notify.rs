@@ -128,20 +128,11 @@ async fn smtp_down_at_completion_still_gets_exactly_one_email_later() {
         "completed"
     );
     // Wait until a round has failed and been recorded, then bring SMTP back.
-    let start = Instant::now();
-    loop {
-        let q = app.queue(id).await;
-        if q.get_document("notify")
+    app.wait_queue(id, Duration::from_secs(30), "with a failed round", |q| {
+        q.get_document("notify")
             .is_ok_and(|n| n.get_str("error").is_ok())
-        {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no failed round recorded: {q}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     smtp.restart().await;
     let mails = smtp.wait_for(1, Duration::from_secs(30)).await;
     assert_eq!(mails.len(), 1);
@@ -219,16 +210,13 @@ async fn a_user_without_email_gets_a_warning_not_a_failed_import() {
             .unwrap(),
         "completed"
     );
-    let start = Instant::now();
-    let n = loop {
-        let q = app.queue(id).await;
-        let n = q.get_document("notify").unwrap().clone();
-        if n.get_str("state") == Ok("skipped") {
-            break n;
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "{q}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let q = app
+        .wait_queue(id, Duration::from_secs(20), "skipped", |q| {
+            q.get_document("notify")
+                .is_ok_and(|n| n.get_str("state") == Ok("skipped"))
+        })
+        .await;
+    let n = q.get_document("notify").unwrap();
     assert!(n.get_str("warning").unwrap().contains("email"));
     assert_eq!(app.queue(id).await.get_str("status").unwrap(), "completed");
     assert!(smtp.messages().is_empty());
@@ -348,17 +336,11 @@ async fn the_webhook_carries_a_fresh_token_signed_with_the_app_secret() {
         )
         .is_err()
     );
-    let start = Instant::now();
-    loop {
-        let q = app.queue(id).await;
-        if q.get_document("webhook")
+    app.wait_queue(id, Duration::from_secs(10), "with the webhook sent", |q| {
+        q.get_document("webhook")
             .is_ok_and(|w| w.get_str("state") == Ok("sent"))
-        {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "{q}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     app.cleanup().await;
 }
 
