@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use bson::oid::ObjectId;
-use bson::{DateTime, Document, doc};
+use bson::{DateTime, Document, RawDocumentBuf, doc};
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use mongodb::Database;
@@ -601,7 +601,7 @@ async fn produce(
 
 /// A batch ready to write: documents of the valid rows, failed rows aside.
 struct Prepared {
-    docs: Vec<Document>,
+    docs: Vec<RawDocumentBuf>,
     lines: Vec<LineNo>,
     /// `(line, existing deal, $set)` for `duplicate_strategy: update`.
     updates: Vec<(LineNo, ObjectId, Document)>,
@@ -653,10 +653,19 @@ async fn prepare(
                     None => None,
                 };
                 if let Some(id) = existing {
-                    updates.push((deal.line, id, writer.update_fields(&deal, stage_id, now)));
+                    let set = writer
+                        .builder()
+                        .update_fields(&deal, stage_id, now)
+                        .map_err(|e| {
+                            Abort::File(FileError::Malformed {
+                                line: deal.line,
+                                detail: e.to_string(),
+                            })
+                        })?;
+                    updates.push((deal.line, id, set));
                     continue;
                 }
-                let doc = writer.build(&deal, stage_id, now).map_err(|e| {
+                let doc = writer.builder().build(&deal, stage_id, now).map_err(|e| {
                     Abort::File(FileError::Malformed {
                         line: deal.line,
                         detail: e.to_string(),
