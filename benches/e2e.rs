@@ -105,7 +105,8 @@ fn mapping() -> Vec<(String, String)> {
 }
 
 /// The raw limit: the same documents importd writes, straight through the driver.
-async fn raw_insert(db: &mongodb::Database, rows: usize) -> f64 {
+/// Returns rows/s and the CPU seconds of (server, this client) meanwhile.
+async fn raw_insert(db: &mongodb::Database, rows: usize) -> (f64, f64, f64) {
     let coll = db.collection::<Document>("raw_deals");
     let (account, pipeline, user, queue) = (
         ObjectId::new(),
@@ -134,6 +135,7 @@ async fn raw_insert(db: &mongodb::Database, rows: usize) -> f64 {
             "created_at": now, "updated_at": now,
         }
     };
+    let (server0, client0) = (server_cpu(), cpu_seconds(std::process::id()).unwrap_or(0.0));
     let start = Instant::now();
     futures::stream::iter((0..rows).step_by(1000))
         .map(|from| {
@@ -149,7 +151,30 @@ async fn raw_insert(db: &mongodb::Database, rows: usize) -> f64 {
         .buffered(2)
         .for_each(|_| async {})
         .await;
-    rows as f64 / start.elapsed().as_secs_f64()
+    (
+        rows as f64 / start.elapsed().as_secs_f64(),
+        server_cpu() - server0,
+        cpu_seconds(std::process::id()).unwrap_or(0.0) - client0,
+    )
+}
+
+/// User + system CPU seconds of a process (`/proc/<pid>/stat`).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// CPU seconds used so far by the stack's MongoDB server (0 if unknown).
+fn server_cpu() -> f64 {
+    std::fs::read_to_string(root().join(".stack/pids/mongodb.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .and_then(cpu_seconds)
+        .unwrap_or(0.0)
 }
 
 fn vm_hwm_kb(pid: u32) -> Option<u64> {
@@ -185,6 +210,10 @@ fn stop(mut child: Child) {
 
 struct Run {
     claim_latency: Duration,
+    /// CPU seconds of the database server, claim → completed.
+    server_cpu: f64,
+    /// CPU seconds of the daemon, start → completed.
+    daemon_cpu: f64,
     /// Claim → completed.
     processing: Duration,
     total: Duration,
@@ -266,6 +295,7 @@ async fn import_run(
     }
     let claim_latency = enqueued.elapsed();
     let claimed = Instant::now();
+    let server_cpu_before = server_cpu();
     let mut small_total = None;
     if let Some(small) = with_small {
         // Head-of-line: once the big import is well under way.
@@ -288,9 +318,13 @@ async fn import_run(
     }
     let (total, processing) = (enqueued.elapsed(), claimed.elapsed());
     let rss_kb = vm_hwm_kb(daemon.id()).unwrap_or(0);
+    let daemon_cpu = cpu_seconds(daemon.id()).unwrap_or(0.0);
+    let server_cpu = server_cpu() - server_cpu_before;
     stop(daemon);
     Run {
         claim_latency,
+        server_cpu,
+        daemon_cpu,
         processing,
         total,
         rss_kb,
@@ -333,7 +367,7 @@ async fn main() {
         .unwrap()
         .client()
         .database(&format!("{}_raw", settings.mongodb.database));
-    let raw = raw_insert(&raw_db, rows).await;
+    let (raw, raw_server_cpu, raw_client_cpu) = raw_insert(&raw_db, rows).await;
     eprintln!("raw insert_many: {raw:.0} rows/s");
     let _ = raw_db.drop().await;
 
@@ -381,14 +415,22 @@ async fn main() {
         "small_import_during_big_ms": big_run.small_total.map(|d| d.as_millis()),
         "fresh_processing_ms": big_run.processing.as_millis(),
         "resumed_at_90_percent_processing_ms": resumed.processing.as_millis(),
+        "cpu_seconds": {
+            "raw_server": raw_server_cpu,
+            "raw_client": raw_client_cpu,
+            "importd_server": big_run.server_cpu,
+            "importd_daemon": big_run.daemon_cpu,
+        },
     });
     println!("{}", serde_json::to_string_pretty(&result).unwrap());
     println!(
-        "\nraw insert_many      {raw:>10.0} rows/s\nimportd end to end   {e2e:>10.0} rows/s   ratio {:.2}\npeak RSS             {:>7} kB at 10k, {} kB at {rows}\nclaim latency        {:>7} ms\n100-row import while the big one runs: {:?}",
+        "\nraw insert_many      {raw:>10.0} rows/s\nimportd end to end   {e2e:>10.0} rows/s   ratio {:.2}\npeak RSS             {:>7} kB at 10k, {} kB at {rows}\nclaim latency        {:>7} ms\ncpu seconds          raw: server {raw_server_cpu:.1} + client {raw_client_cpu:.1}; importd: server {:.1} + daemon {:.1}\n100-row import while the big one runs: {:?}",
         e2e / raw,
         r10k.rss_kb,
         big_run.rss_kb,
         big_run.claim_latency.as_millis(),
+        big_run.server_cpu,
+        big_run.daemon_cpu,
         big_run.small_total
     );
     let path = root().join(format!("bench/results/{stamp}.json"));

@@ -28,4 +28,5 @@ sleep 2
 echo "Also: the daemon's log in .stack/logs/importd.log;"
 echo "      the summary email to demo@example.com: the newest file in .stack/mail/new/"
 echo "      (its link downloads the error report from the local S3 server)."
+echo "      the daemon's HTTP listener: curl -s http://127.0.0.1:8080/healthz ; curl -s http://127.0.0.1:8080/metrics"
 echo "Stop everything: scripts/stack.sh down"

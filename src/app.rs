@@ -30,6 +30,14 @@ pub enum Error {
     /// Signal handler installation.
     #[error("signals: {0}")]
     Signal(#[from] std::io::Error),
+    /// The HTTP listener could not bind `http.bind`.
+    #[error("http.bind: cannot listen on {addr}: {source}")]
+    HttpBind {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Builds the MongoDB and S3 clients (no request is made yet).
@@ -76,9 +84,38 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         shutdown.cancel();
     });
+    let http = match services.settings.http.enabled {
+        true => Some(start_http(&services, daemon.shutdown_token()).await?),
+        false => None,
+    };
     ensure_indexes(&services, &daemon).await;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     daemon.run().await?;
+    if let Some(http) = http {
+        let _ = http.await;
+    }
     info!("Stopped");
     Ok(())
+}
+
+/// Binds `http.bind` (a failure stops start-up, naming the key) and serves
+/// until shutdown.
+async fn start_http(
+    services: &Services,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
+    let addr = services.settings.http.bind;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::HttpBind { addr, source })?;
+    let state = crate::http::HttpState {
+        db: services.db.clone(),
+        app_secret: services.settings.app_secret.clone(),
+        metrics: crate::telemetry::metrics::handle().clone(),
+    };
+    Ok(tokio::spawn(async move {
+        if let Err(e) = crate::http::serve(listener, state, shutdown).await {
+            warn!(error = %e, "HTTP listener stopped");
+        }
+    }))
 }

@@ -27,6 +27,7 @@ use crate::claim::{self, Claimer};
 use crate::pipeline::{self, Services};
 use crate::report::notify::{self, Notifier};
 use crate::telemetry::error_chain;
+use crate::telemetry::metrics as m;
 
 /// Sources this daemon imports. Contacts stay pending for a daemon that
 /// implements them, rather than being failed by this one.
@@ -99,6 +100,7 @@ impl Daemon {
                 break;
             };
             claimed += 1;
+            metrics::counter!(m::CLAIMED).increment(1);
             let span = info_span!(
                 "import",
                 queue_id = %job.lease.queue_id,
@@ -111,8 +113,17 @@ impl Daemon {
                 async move {
                     info!("Claimed import");
                     let queue_id = job.lease.queue_id;
+                    let running = metrics::gauge!(m::RUNNING);
+                    running.increment(1);
                     let end = pipeline::run(&services, job, shutdown).await;
+                    running.decrement(1);
                     drop(permit);
+                    let label = match &end {
+                        pipeline::RunEnd::Finished(state) => state.as_str(),
+                        pipeline::RunEnd::Released => "released",
+                        pipeline::RunEnd::LeaseLost => "lease_lost",
+                    };
+                    metrics::counter!(m::RUNS, "end" => label).increment(1);
                     if let pipeline::RunEnd::Finished(_) = end {
                         notifier.deliver(queue_id).await;
                     }
@@ -125,6 +136,7 @@ impl Daemon {
 
     async fn tick_logged(&self) {
         if let Err(e) = self.tick().await {
+            metrics::counter!(m::TICK_ERRORS).increment(1);
             warn!(error = %error_chain(&e), "Claim tick failed; the next tick retries");
         }
     }

@@ -6,7 +6,8 @@
 //! (bytes → records) → [`map`] (records → deals or row errors, pure) →
 //! [`stages`] (pipeline stages, created once) → [`write`] (idempotent bulk
 //! inserts) → [`outcomes`] (per-line outcomes and the summary), wired by
-//! [`pipeline`] and driven by [`daemon`]. [`domain`] holds the pure types
+//! [`pipeline`] and driven by [`daemon`]; [`http`] serves health, metrics
+//! and an import's progress. [`domain`] holds the pure types
 //! every module shares.
 
 pub mod app;
@@ -17,6 +18,7 @@ pub mod daemon;
 pub mod db;
 pub mod domain;
 pub mod fetch;
+pub mod http;
 pub mod map;
 pub mod outcomes;
 pub mod parse;

@@ -48,6 +48,7 @@ use crate::outcomes::{self, BatchOutcome, Totals};
 use crate::parse::{self, Records, Start};
 use crate::stages::StageCache;
 use crate::telemetry::error_chain;
+use crate::telemetry::metrics as m;
 use crate::write::{DealWriter, LineWrite, Match, NameIndex};
 
 /// What a pipeline needs from the outside world.
@@ -718,6 +719,7 @@ async fn write_batch(
     queue_id: ObjectId,
     p: Prepared,
 ) -> Result<(BatchOutcome, Start, u64), Abort> {
+    let started = Instant::now();
     let results = (|| writer.insert(&p.docs, &p.lines))
         .retry(write_retry())
         .when(|e| e.is_transient())
@@ -783,6 +785,7 @@ async fn write_batch(
         .when(crate::db::is_transient)
         .notify(|e, _| warn!(error = %error_chain(e), "Outcome write failed; retrying"))
         .await?;
+    metrics::histogram!(m::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
     Ok((outcome, p.end, p.records_end))
 }
 
@@ -795,6 +798,16 @@ async fn commit(
     end: Start,
     records_end: u64,
 ) -> Result<(), Abort> {
+    for (label, n) in [
+        ("imported", outcome.imported.len()),
+        ("updated", outcome.updated.len()),
+        ("skipped", outcome.skipped.len()),
+        ("failed", outcome.failed.len()),
+    ] {
+        if n > 0 {
+            metrics::counter!(m::ROWS, "outcome" => label).increment(n as u64);
+        }
+    }
     let p = &mut tracker.progress;
     p.imported_rows += outcome.imported.len() as u64;
     p.failed_rows += outcome.failed.len() as u64;

@@ -40,3 +40,51 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
+
+/// Prometheus metrics (`GET /metrics`). Names and labels are a contract
+/// with dashboards and alerts: add, never rename.
+pub mod metrics {
+    use std::sync::OnceLock;
+
+    use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+    /// Counter: imports claimed by this daemon.
+    pub const CLAIMED: &str = "importd_imports_claimed_total";
+    /// Counter, label `end` (`completed`, `failed`, `cancelled`,
+    /// `released`, `lease_lost`): how runs of an import ended.
+    pub const RUNS: &str = "importd_import_runs_total";
+    /// Gauge: imports running in this daemon.
+    pub const RUNNING: &str = "importd_imports_running";
+    /// Counter, label `outcome` (`imported`, `updated`, `skipped`,
+    /// `failed`): rows with a committed outcome.
+    pub const ROWS: &str = "importd_rows_total";
+    /// Histogram: seconds to write one batch (deals and its outcomes).
+    pub const BATCH_SECONDS: &str = "importd_batch_write_seconds";
+    /// Counter: claim ticks that failed (MongoDB unreachable...).
+    pub const TICK_ERRORS: &str = "importd_claim_tick_errors_total";
+    /// Counter, labels `channel` (`email`, `webhook`) and `result`
+    /// (`sent`, `skipped`, `failed`, `retry`): notification rounds.
+    pub const NOTIFICATIONS: &str = "importd_notifications_total";
+
+    /// The process-wide recorder, installed on first use. Metrics recorded
+    /// before (or without) it are dropped, which is harmless.
+    pub fn handle() -> &'static PrometheusHandle {
+        static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+        HANDLE.get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(BATCH_SECONDS.into()),
+                    &[
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    ],
+                )
+                .expect("the bucket list is not empty");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder was set first; this handle then
+            // renders an empty page rather than taking the process down.
+            let _ = ::metrics::set_global_recorder(recorder);
+            handle
+        })
+    }
+}

@@ -31,6 +31,7 @@ use crate::domain::collections;
 use crate::outcomes;
 use crate::pipeline::Services;
 use crate::telemetry::error_chain;
+use crate::telemetry::metrics as m;
 
 /// Errors of a delivery.
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +198,8 @@ impl Notifier {
                     (if last { "failed" } else { "pending" }, fields)
                 }
             };
+            let result = if state == "pending" { "retry" } else { state };
+            metrics::counter!(m::NOTIFICATIONS, "channel" => "email", "result" => result).increment(1);
             match self.claimer.finish_notification(queue_id, state, fields).await {
                 Ok(true) => info!(state, "Notification round ended"),
                 Ok(false) => warn!("Notification round was taken over; not recorded"),
@@ -397,6 +400,8 @@ impl Notifier {
             .when(webhook::Error::is_transient)
             .notify(|e, _| warn!(error = %e, "Webhook failed; retrying"))
             .await;
+        let label = if result.is_ok() { "sent" } else { "failed" };
+        metrics::counter!(m::NOTIFICATIONS, "channel" => "webhook", "result" => label).increment(1);
         let fields = match &result {
             Ok(status) => {
                 doc! { "webhook": { "state": "sent", "status": i32::from(*status), "at": DateTime::now() } }

@@ -44,6 +44,7 @@ async fn sigterm_checkpoints_releases_and_another_daemon_resumes_without_rewriti
         .env("IMPORTD_ENV", "local")
         .env("IMPORTD__MONGODB__DATABASE", &s.mongodb.database)
         .env("IMPORTD__SCHEDULER__TICK", "* * * * * *")
+        .env("IMPORTD__HTTP__BIND", "127.0.0.1:0")
         .env("IMPORTD__IMPORT__PROGRESS_INTERVAL_MS", "50")
         .env("IMPORTD__LOG__FORMAT", "json")
         .stdout(Stdio::null())

@@ -5,5 +5,6 @@ mod claim;
 mod config_cli;
 mod deals;
 mod helpers;
+mod http;
 mod lifecycle;
 mod notify;

@@ -1,0 +1,162 @@
+//! The HTTP listener of the real binary (`http.enabled`): health, metrics,
+//! and an import's progress only for its own account's token.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bson::oid::ObjectId;
+use jsonwebtoken::{EncodingKey, Header};
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, config_dir};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn token(app: &TestApp, account: ObjectId, kind: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    jsonwebtoken::encode(
+        &Header::default(),
+        &json!({ "type": kind, "uid": app.user_id.to_hex(), "account_id": account.to_hex(),
+                 "iat": now, "exp": now + 300 }),
+        &EncodingKey::from_secret(app.settings().app_secret.expose_secret().as_bytes()),
+    )
+    .unwrap()
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_serves_health_metrics_and_progress_to_the_importing_account_only() {
+    let app = TestApp::new().await;
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let _daemon = Killed(
+        Command::new(env!("CARGO_BIN_EXE_importd"))
+            .arg("run")
+            .env("IMPORTD_CONFIG_DIR", config_dir())
+            .env("IMPORTD_ENV", "local")
+            .env(
+                "IMPORTD__MONGODB__DATABASE",
+                &app.settings().mongodb.database,
+            )
+            .env("IMPORTD__SCHEDULER__TICK", "* * * * * *")
+            .env("IMPORTD__HTTP__ENABLED", "true")
+            .env("IMPORTD__HTTP__BIND", format!("127.0.0.1:{port}"))
+            .env("IMPORTD__LOG__FORMAT", "json")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("daemon starts"),
+    );
+    let http = reqwest::Client::new();
+    let start = Instant::now();
+    let health = loop {
+        match http.get(format!("{base}/healthz")).send().await {
+            Ok(r) => break r,
+            Err(_) if start.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("the listener never answered: {e}"),
+        }
+    };
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.json::<Value>().await.unwrap()["mongodb"], "ok");
+
+    let id = app
+        .enqueue_csv(
+            "http.csv",
+            b"Name,Value\nAcme,100\nGlobex,oops\nInitech,300\n",
+            &[("Name", "name"), ("Value", "value")],
+        )
+        .await;
+    let q = app.wait_final(id, Duration::from_secs(60)).await;
+    assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
+
+    let url = format!("{base}/imports/{}", id.to_hex());
+    let own = token(&app, app.account_id, "access_token");
+    let r = http.get(&url).bearer_auth(&own).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "completed");
+    assert_eq!(v["file_name"], "http.csv");
+    assert_eq!(v["progress"]["imported_rows"], 2);
+    assert_eq!(v["progress"]["failed_rows"], 1);
+    assert_eq!(v["in_progress"], false);
+    assert!(
+        v["completed_at"].as_str().is_some_and(|d| d.ends_with('Z')),
+        "{v}"
+    );
+
+    // No token, a forged one, a refresh token: 401. Another account, or an
+    // id that is no import of the caller's account: 403.
+    let r = http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    let r = http
+        .get(&url)
+        .bearer_auth("abc.def.ghi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let refresh = token(&app, app.account_id, "refresh_token");
+    let r = http.get(&url).bearer_auth(&refresh).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let other = token(&app, ObjectId::new(), "access_token");
+    let r = http.get(&url).bearer_auth(&other).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let missing = format!("{base}/imports/{}", ObjectId::new().to_hex());
+    let r = http.get(&missing).bearer_auth(&own).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let r = http
+        .get(format!("{base}/imports/not-an-id"))
+        .bearer_auth(&own)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    // This daemon ran exactly this import.
+    let r = http.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = r.text().await.unwrap();
+    for line in [
+        "importd_imports_claimed_total 1",
+        "importd_import_runs_total{end=\"completed\"} 1",
+        "importd_rows_total{outcome=\"imported\"} 2",
+        "importd_rows_total{outcome=\"failed\"} 1",
+        "importd_imports_running 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+    }
+    assert!(
+        text.contains("importd_batch_write_seconds_bucket"),
+        "{text}"
+    );
+    app.cleanup().await;
+}
