@@ -106,7 +106,8 @@ fn mapping() -> Vec<(String, String)> {
 
 /// The raw limit: the same documents importd writes, straight through the driver.
 /// Returns rows/s and the CPU seconds of (server, this client) meanwhile.
-async fn raw_insert(db: &mongodb::Database, rows: usize) -> (f64, f64, f64) {
+/// `concurrency` batches in flight, as importd's `import.writers`.
+async fn raw_insert(db: &mongodb::Database, rows: usize, concurrency: usize) -> (f64, f64, f64) {
     let coll = db.collection::<Document>("raw_deals");
     let (account, pipeline, user, queue) = (
         ObjectId::new(),
@@ -148,7 +149,7 @@ async fn raw_insert(db: &mongodb::Database, rows: usize) -> (f64, f64, f64) {
                     .expect("raw insert")
             }
         })
-        .buffered(2)
+        .buffered(concurrency)
         .for_each(|_| async {})
         .await;
     (
@@ -166,6 +167,28 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
     Some(ticks as f64 / 100.0)
+}
+
+/// Waits until the database server is quiet (under 5 % of a core for a
+/// second, at most 90 s), so that no measurement pays for the background
+/// work (checkpoints, eviction, dropped files) of the one before it.
+async fn settle(client: &mongodb::Client) {
+    let _ = client
+        .database("admin")
+        .run_command(bson::doc! { "fsync": 1 })
+        .await;
+    let start = Instant::now();
+    let mut quiet = 0;
+    while start.elapsed() < Duration::from_secs(90) && quiet < 2 {
+        let before = server_cpu();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        quiet = if server_cpu() - before < 0.05 {
+            quiet + 1
+        } else {
+            0
+        };
+    }
+    eprintln!("server quiet after {:.1?}", start.elapsed());
 }
 
 /// CPU seconds used so far by the stack's MongoDB server (0 if unknown).
@@ -246,6 +269,7 @@ async fn import_run(
     s.mongodb.database = db_name.clone();
     let svc = importd::app::services(s).await.unwrap();
     let db = svc.db.clone();
+    settle(db.client()).await;
     let demo = importd::cli::demo::DemoAccount::default();
     importd::cli::demo::seed(&db, &demo, "bench@example.com")
         .await
@@ -367,7 +391,9 @@ async fn main() {
         .unwrap()
         .client()
         .database(&format!("{}_raw", settings.mongodb.database));
-    let (raw, raw_server_cpu, raw_client_cpu) = raw_insert(&raw_db, rows).await;
+    settle(raw_db.client()).await;
+    let (raw, raw_server_cpu, raw_client_cpu) =
+        raw_insert(&raw_db, rows, settings.import.writers.get()).await;
     eprintln!("raw insert_many: {raw:.0} rows/s");
     let _ = raw_db.drop().await;
 
@@ -402,6 +428,7 @@ async fn main() {
         "when": stamp,
         "machine": machine,
         "rows": rows,
+        "batches_in_flight": settings.import.writers.get(),
         "file_bytes": bytes,
         "raw_insert_rows_per_s": raw.round(),
         "importd_rows_per_s": e2e.round(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bson::oid::ObjectId;
 use clap::{Parser, Subcommand, ValueEnum};
-use importd::cli::{demo, enqueue, status};
+use importd::cli::{demo, enqueue, logs, status};
 use importd::config::{Settings, Source};
 use importd::domain::RecordKind;
 use importd::{app, db, fetch, telemetry};
@@ -74,6 +74,18 @@ enum Command {
     Status {
         /// Queue document id.
         id: ObjectId,
+    },
+    /// What happened to an import's lines: per batch counts and failed
+    /// lines, only the failed lines, or one line.
+    Logs {
+        /// Queue document id.
+        id: ObjectId,
+        /// Only the failed lines (all of them).
+        #[arg(long, conflicts_with = "line")]
+        failed: bool,
+        /// One physical line of the file (the header is line 1).
+        #[arg(long)]
+        line: Option<u64>,
     },
     /// Seed a demo account and import a CSV into it (local use).
     Demo {
@@ -187,6 +199,37 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
                     Ok(ExitCode::from(1))
                 }
             }
+        }
+        Command::Logs { id, failed, line } => {
+            let db = db::connect(&settings.mongodb).await?;
+            if let Some(line) = line {
+                return Ok(
+                    match importd::outcomes::line_outcome(&db, id, line).await? {
+                        Some(o) => {
+                            println!("{}", logs::format_outcome(line, &o));
+                            ExitCode::SUCCESS
+                        }
+                        None => {
+                            eprintln!(
+                                "no outcome for line {line} of import {id} (not a record's first line, or not processed yet)"
+                            );
+                            ExitCode::from(1)
+                        }
+                    },
+                );
+            }
+            let filter = if failed {
+                logs::Filter::Failed
+            } else {
+                logs::Filter::All
+            };
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let batches = logs::write_logs(&db, id, filter, &mut out).await?;
+            if batches == 0 && !failed {
+                eprintln!("no outcomes for import {id} (no such import, or nothing processed yet)");
+                return Ok(ExitCode::from(1));
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Demo {
             file,

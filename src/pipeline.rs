@@ -35,6 +35,7 @@ use futures::stream::FuturesOrdered;
 use mongodb::Database;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, info, warn};
 
 use crate::claim::{self, Checkpoint, ClaimedJob, Final, Lease, Progress};
@@ -49,7 +50,7 @@ use crate::parse::{self, Records, Start};
 use crate::stages::StageCache;
 use crate::telemetry::error_chain;
 use crate::telemetry::metrics as m;
-use crate::write::{DealWriter, LineWrite, Match, NameIndex};
+use crate::write::{self, DealWriter, LineWrite, Match, NameIndex};
 
 /// What a pipeline needs from the outside world.
 #[derive(Clone)]
@@ -484,13 +485,18 @@ async fn import(
                 break;
             }
             Some(done) = inflight.next(), if !inflight.is_empty() => {
-                let (outcome, batch_end, records_end) = done?;
+                let (outcome, batch_end, records_end) = joined(done)?;
                 commit(svc, lease, tracker, &outcome, batch_end, records_end).await?;
             }
             batch = rx.recv(), if !producer_done && inflight.len() < writers => match batch {
                 Some(batch) => {
                     let prepared = prepare(&writer, &mut stages, &mut dedupe, batch).await?;
-                    inflight.push_back(write_batch(svc.db.clone(), writer.clone(), lease.queue_id, prepared));
+                    // Its own task: a write makes progress (reply, then the
+                    // outcome write) while this loop commits or prepares.
+                    inflight.push_back(AbortOnDropHandle::new(tokio::spawn(
+                        write_batch(svc.db.clone(), writer.clone(), lease.queue_id, prepared)
+                            .in_current_span(),
+                    )));
                 }
                 None => producer_done = true,
             },
@@ -498,7 +504,7 @@ async fn import(
     }
     match aborted {
         Some(Abort::LeaseLost) => {
-            // Stop writing at once: drop the writes in flight.
+            // Stop writing at once: dropping the handles aborts the writes.
             drop(inflight);
             producer.abort();
             return Err(Abort::LeaseLost);
@@ -507,7 +513,7 @@ async fn import(
             // Finish the batches already being written, then stop.
             producer.abort();
             while let Some(done) = inflight.next().await {
-                let (outcome, batch_end, records_end) = done?;
+                let (outcome, batch_end, records_end) = joined(done)?;
                 commit(svc, lease, tracker, &outcome, batch_end, records_end).await?;
             }
             save(lease, tracker).await?;
@@ -515,9 +521,19 @@ async fn import(
         }
         None => {}
     }
-    let total_records = producer
+    let total_records = match producer
         .await
-        .map_err(|e| Abort::Transient(format!("parser task failed: {e}")))??;
+        .map_err(|e| Abort::Transient(format!("parser task failed: {e}")))?
+    {
+        Err(Abort::File(e @ FileError::TooManyRows { .. })) => {
+            // Over the row limit: the import fails as a whole, so take back
+            // what its first batches wrote (a split and re-imported file
+            // must not meet these rows again).
+            roll_back(svc, lease.queue_id).await?;
+            return Err(Abort::File(e));
+        }
+        other => other?,
+    };
     tracker.progress.total_rows = Some(total_records);
     info!(
         rows = total_records,
@@ -529,6 +545,31 @@ async fn import(
             .set_fields(doc! { "stages_created": stages.created().to_vec() })
             .await?;
     }
+    Ok(())
+}
+
+type Written = Result<(BatchOutcome, Start, u64), Abort>;
+
+/// The result of a batch writer task (a panic is a transient failure: the
+/// lease is released and the batch is written again by the next attempt).
+fn joined(done: Result<Written, tokio::task::JoinError>) -> Written {
+    done.map_err(|e| Abort::Transient(format!("batch writer task failed: {e}")))?
+}
+
+/// Deletes the deals this import created and its per-line outcomes
+/// (idempotent: a retry or a later attempt deletes what is left).
+async fn roll_back(svc: &Services, queue_id: ObjectId) -> Result<(), Abort> {
+    let deals = (|| write::delete_created(&svc.db, queue_id))
+        .retry(write_retry())
+        .when(|e| e.is_transient())
+        .await
+        .map_err(|e| Abort::Transient(error_chain(&e)))?;
+    (|| outcomes::delete_batches(&svc.db, queue_id))
+        .retry(write_retry())
+        .when(crate::db::is_transient)
+        .await
+        .map_err(|e| Abort::Transient(error_chain(&e)))?;
+    warn!(deals, "Import over the row limit: its deals were removed");
     Ok(())
 }
 
@@ -713,12 +754,7 @@ async fn resolve_stage(
 
 /// Inserts a batch's deals, then stores its outcomes; retried as a whole on
 /// transient errors (both steps are idempotent).
-async fn write_batch(
-    db: Database,
-    writer: DealWriter,
-    queue_id: ObjectId,
-    p: Prepared,
-) -> Result<(BatchOutcome, Start, u64), Abort> {
+async fn write_batch(db: Database, writer: DealWriter, queue_id: ObjectId, p: Prepared) -> Written {
     let started = Instant::now();
     let results = (|| writer.insert(&p.docs, &p.lines))
         .retry(write_retry())

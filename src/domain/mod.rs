@@ -249,7 +249,9 @@ pub enum FileError {
         limit: u64,
     },
     /// Over `import.max_rows`.
-    #[error("The file has more than {limit} rows. Please split it into smaller files.")]
+    #[error(
+        "The file has more than {limit} rows, so nothing was imported. Please split it into files of at most {limit} rows and import each."
+    )]
     TooManyRows {
         /// Configured limit.
         limit: u64,

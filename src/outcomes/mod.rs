@@ -122,6 +122,15 @@ pub async fn record_batch(db: &Database, queue_id: ObjectId, batch: &BatchOutcom
     Ok(())
 }
 
+/// Deletes every outcome document of `queue_id` (an import rolled back).
+pub async fn delete_batches(db: &Database, queue_id: ObjectId) -> Result<u64> {
+    let r = db
+        .collection::<Document>(collections::IMPORT_LINES)
+        .delete_many(doc! { "queue_id": queue_id })
+        .await?;
+    Ok(r.deleted_count)
+}
+
 /// Totals of an import, from its outcome documents.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
@@ -225,6 +234,11 @@ impl RowErrorDoc {
             value: d.get_str("value").ok().map(str::to_owned),
             message: d.get_str("message").unwrap_or_default().to_owned(),
         }
+    }
+
+    /// A failed line as stored in `import_lines.failed`.
+    pub fn from_stored(d: &Document) -> Self {
+        Self::from_doc(d)
     }
 
     /// Entry of `csv_imports.logs`.

@@ -64,6 +64,17 @@ pub enum LineWrite {
     Rejected(String),
 }
 
+/// Deletes the deals import `queue_id` created: its `_id` range (one index
+/// range scan), double-checked on `import.queue_id`. Returns how many.
+pub async fn delete_created(db: &mongodb::Database, queue_id: ObjectId) -> Result<u64> {
+    let (lo, hi) = crate::domain::deal_id_range(&queue_id);
+    let r = db
+        .collection::<Document>(crate::domain::collections::DEALS)
+        .delete_many(doc! { "_id": { "$gte": lo, "$lte": hi }, "import.queue_id": queue_id })
+        .await?;
+    Ok(r.deleted_count)
+}
+
 /// Starting size of a deal's BSON buffer: a typical deal fits, so building
 /// one costs a single allocation.
 const DEAL_CAPACITY: usize = 512;

@@ -644,3 +644,40 @@ async fn duplicate_strategies_skip_or_update_deals_of_the_same_name() {
         app.cleanup().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_over_the_row_limit_fails_and_leaves_nothing_behind() {
+    let mut settings = crate::helpers::test_settings();
+    settings.import.max_rows = Some(2_500);
+    settings.import.batch_size = std::num::NonZeroUsize::new(500).unwrap();
+    let mut app = TestApp::with_settings(settings).await;
+    app.spawn_daemon();
+    let mut csv = String::from("Name,Value\n");
+    for i in 0..3_000 {
+        writeln!(csv, "Deal {i},{i}").unwrap();
+    }
+    let id = app
+        .enqueue_csv(
+            "big.csv",
+            csv.as_bytes(),
+            &[("Name", "name"), ("Value", "value")],
+        )
+        .await;
+    let q = app.wait_final(id, Duration::from_secs(60)).await;
+    assert_eq!(q.get_str("status").unwrap(), "failed", "{q}");
+    let error = q.get_document("error").unwrap();
+    assert_eq!(error.get_str("code").unwrap(), "too_many_rows");
+    assert!(
+        error
+            .get_str("message")
+            .unwrap()
+            .contains("nothing was imported")
+    );
+    // Batches were written before the limit was met; all were taken back.
+    assert_eq!(app.count(collections::DEALS, doc! {}).await, 0);
+    assert_eq!(app.count(collections::IMPORT_LINES, doc! {}).await, 0);
+    assert_eq!(get_i64(&q, "progress.imported_rows"), 0);
+    let summary = app.summary(id).await;
+    assert_eq!(get_i64(&summary, "total_records_added"), 0);
+    app.cleanup().await;
+}

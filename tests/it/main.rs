@@ -8,3 +8,4 @@ mod helpers;
 mod http;
 mod lifecycle;
 mod notify;
+mod support_cli;

@@ -1,0 +1,159 @@
+//! `importd logs ID [--failed] [--line N]`: what happened to the lines of an
+//! import, for support. Read only; streams batch by batch from
+//! `import_lines` (one indexed query), so it prints a million-line import
+//! in constant memory.
+
+use std::io::Write;
+
+use bson::oid::ObjectId;
+use bson::{Bson, Document, doc};
+use futures::TryStreamExt;
+use mongodb::Database;
+
+use crate::domain::{LineNo, collections};
+use crate::outcomes::{self, LineOutcome, RowErrorDoc};
+
+/// Errors of `importd logs`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// MongoDB failed.
+    #[error("MongoDB: {0}")]
+    Mongo(#[from] mongodb::error::Error),
+    /// Writing the output failed (closed pipe...).
+    #[error("output: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Which lines to show.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filter {
+    /// Every batch's counts and its failed lines.
+    All,
+    /// Failed lines only.
+    Failed,
+}
+
+/// One failed line, one output line: `line N  code  field  message`.
+pub fn format_failure(f: &RowErrorDoc) -> String {
+    format!(
+        "line {}\tfailed\t{}\t{}\t{}",
+        f.line,
+        f.code,
+        f.field.as_deref().unwrap_or("-"),
+        f.message.replace(['\n', '\r', '\t'], " ")
+    )
+}
+
+/// One line's outcome (`importd logs ID --line N`).
+pub fn format_outcome(line: LineNo, o: &LineOutcome) -> String {
+    match o {
+        LineOutcome::Imported { deal_id } => format!("line {line}\timported\tdeal {deal_id}"),
+        LineOutcome::Updated { deal_id } => format!("line {line}\tupdated\tdeal {deal_id}"),
+        LineOutcome::Skipped { deal_id } => {
+            format!("line {line}\tskipped\tduplicate of deal {deal_id}")
+        }
+        LineOutcome::Failed(f) => format_failure(f),
+    }
+}
+
+fn count(d: &Document, key: &str) -> i64 {
+    d.get_i64(key)
+        .or_else(|_| d.get_i32(key).map(i64::from))
+        .unwrap_or(0)
+}
+
+/// The header of one batch: its line range and counts.
+pub fn format_batch(d: &Document) -> String {
+    format!(
+        "lines {}-{}\t{} imported, {} updated, {} skipped, {} failed",
+        count(d, "first_line"),
+        count(d, "last_line"),
+        count(d, "imported_count"),
+        count(d, "updated_count"),
+        count(d, "skipped_count"),
+        count(d, "failed_count"),
+    )
+}
+
+/// Writes the outcomes of `queue_id` to `out`; returns how many batches
+/// were read (0: nothing processed yet, or no such import).
+pub async fn write_logs(
+    db: &Database,
+    queue_id: ObjectId,
+    filter: Filter,
+    out: &mut impl Write,
+) -> Result<u64, Error> {
+    let mut query = doc! { "queue_id": queue_id };
+    if filter == Filter::Failed {
+        query.insert("failed_count", doc! { "$gt": 0_i64 });
+    }
+    let mut cursor = db
+        .collection::<Document>(collections::IMPORT_LINES)
+        .find(query)
+        .sort(doc! { "queue_id": 1, "first_line": 1 })
+        .projection(doc! { "imported": 0, "updated": 0, "skipped": 0, "failed.row": 0 })
+        .await?;
+    let mut batches = 0;
+    while let Some(d) = cursor.try_next().await? {
+        batches += 1;
+        if filter == Filter::All {
+            writeln!(out, "{}", format_batch(&d))?;
+        }
+        if let Ok(failed) = d.get_array("failed") {
+            for f in failed.iter().filter_map(Bson::as_document) {
+                let f = outcomes::RowErrorDoc::from_stored(f);
+                let indent = if filter == Filter::All { "  " } else { "" };
+                writeln!(out, "{indent}{}", format_failure(&f))?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(batches)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure() -> RowErrorDoc {
+        RowErrorDoc {
+            line: 12,
+            code: "invalid_number".into(),
+            field: Some("value".into()),
+            value: Some("abc".into()),
+            message: "\"Value\" is not a number\nlike 5000.".into(),
+        }
+    }
+
+    #[test]
+    fn a_failed_line_is_one_output_line() {
+        assert_eq!(
+            format_failure(&failure()),
+            "line 12\tfailed\tinvalid_number\tvalue\t\"Value\" is not a number like 5000."
+        );
+    }
+
+    #[test]
+    fn outcomes_name_the_deal() {
+        let id = ObjectId::parse_str("64b7f0c2a1b2c3d4e5f60718").unwrap();
+        assert_eq!(
+            format_outcome(3, &LineOutcome::Imported { deal_id: id }),
+            "line 3\timported\tdeal 64b7f0c2a1b2c3d4e5f60718"
+        );
+        assert_eq!(
+            format_outcome(4, &LineOutcome::Skipped { deal_id: id }),
+            "line 4\tskipped\tduplicate of deal 64b7f0c2a1b2c3d4e5f60718"
+        );
+        assert!(format_outcome(12, &LineOutcome::Failed(failure())).starts_with("line 12\tfailed"));
+    }
+
+    #[test]
+    fn a_batch_header_counts_its_lines() {
+        let d = doc! { "first_line": 2_i64, "last_line": 1001_i64, "imported_count": 995_i64,
+        "updated_count": 0_i64, "skipped_count": 0_i64, "failed_count": 5_i64 };
+        assert_eq!(
+            format_batch(&d),
+            "lines 2-1001\t995 imported, 0 updated, 0 skipped, 5 failed"
+        );
+    }
+}
