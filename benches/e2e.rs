@@ -391,11 +391,16 @@ async fn main() {
         .unwrap()
         .client()
         .database(&format!("{}_raw", settings.mongodb.database));
-    settle(raw_db.client()).await;
-    let (raw, raw_server_cpu, raw_client_cpu) =
-        raw_insert(&raw_db, rows, settings.import.writers.get()).await;
-    eprintln!("raw insert_many: {raw:.0} rows/s");
-    let _ = raw_db.drop().await;
+    // The raw limit is measured before and after importd's runs, and their
+    // mean is the bar: this shared machine drifts by ±10 % over minutes.
+    let raw_run = || async {
+        settle(raw_db.client()).await;
+        let r = raw_insert(&raw_db, rows, settings.import.writers.get()).await;
+        eprintln!("raw insert_many: {:.0} rows/s", r.0);
+        let _ = raw_db.drop().await;
+        r
+    };
+    let (raw_before, raw_server_cpu, raw_client_cpu) = raw_run().await;
 
     let r10k = import_run(&settings, &tenk, None, None, "10k").await;
     eprintln!(
@@ -408,7 +413,10 @@ async fn main() {
         "resumed at 90 %: {:.2?} (fresh: {:.2?})",
         resumed.processing, big_run.processing
     );
+    let (raw_after, _, _) = raw_run().await;
+    let raw = (raw_before + raw_after) / 2.0;
     let e2e = rows as f64 / big_run.total.as_secs_f64();
+    let processing_rate = rows as f64 / big_run.processing.as_secs_f64();
     let machine = format!(
         "{} cores, {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -431,6 +439,8 @@ async fn main() {
         "batches_in_flight": settings.import.writers.get(),
         "file_bytes": bytes,
         "raw_insert_rows_per_s": raw.round(),
+        "raw_insert_before_after_rows_per_s": [raw_before.round(), raw_after.round()],
+        "importd_claim_to_completed_rows_per_s": processing_rate.round(),
         "importd_rows_per_s": e2e.round(),
         "ratio_importd_to_raw": (e2e / raw * 1000.0).round() / 1000.0,
         "importd_seconds": big_run.total.as_secs_f64(),
@@ -451,7 +461,7 @@ async fn main() {
     });
     println!("{}", serde_json::to_string_pretty(&result).unwrap());
     println!(
-        "\nraw insert_many      {raw:>10.0} rows/s\nimportd end to end   {e2e:>10.0} rows/s   ratio {:.2}\npeak RSS             {:>7} kB at 10k, {} kB at {rows}\nclaim latency        {:>7} ms\ncpu seconds          raw: server {raw_server_cpu:.1} + client {raw_client_cpu:.1}; importd: server {:.1} + daemon {:.1}\n100-row import while the big one runs: {:?}",
+        "\nraw insert_many      {raw:>10.0} rows/s   (mean of {raw_before:.0} before and {raw_after:.0} after)\nimportd end to end   {e2e:>10.0} rows/s   ratio {:.2}   (claim → completed: {processing_rate:.0} rows/s)\npeak RSS             {:>7} kB at 10k, {} kB at {rows}\nclaim latency        {:>7} ms\ncpu seconds          raw: server {raw_server_cpu:.1} + client {raw_client_cpu:.1}; importd: server {:.1} + daemon {:.1}\n100-row import while the big one runs: {:?}",
         e2e / raw,
         r10k.rss_kb,
         big_run.rss_kb,
