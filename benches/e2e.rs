@@ -345,6 +345,11 @@ async fn import_run(
     let daemon_cpu = cpu_seconds(daemon.id()).unwrap_or(0.0);
     let server_cpu = server_cpu() - server_cpu_before;
     stop(daemon);
+    // Each measurement starts from the same store: drop this run's database
+    // (BENCH_KEEP=1 keeps them for inspection).
+    if std::env::var_os("BENCH_KEEP").is_none() {
+        let _ = db.drop().await;
+    }
     Run {
         claim_latency,
         server_cpu,
@@ -473,15 +478,4 @@ async fn main() {
     let path = root().join(format!("bench/results/{stamp}.json"));
     std::fs::write(&path, serde_json::to_string_pretty(&result).unwrap()).unwrap();
     eprintln!("written {}", path.display());
-    // Leave the databases for inspection unless asked to clean.
-    if std::env::var_os("BENCH_KEEP").is_none() {
-        let client = importd::db::connect(&settings.mongodb).await.unwrap();
-        for tag in ["10k", "big", "resume90"] {
-            let _ = client
-                .client()
-                .database(&format!("{}_{tag}", settings.mongodb.database))
-                .drop()
-                .await;
-        }
-    }
 }
