@@ -11,7 +11,7 @@ use futures::TryStreamExt;
 use mongodb::Database;
 
 use crate::domain::{LineNo, collections};
-use crate::outcomes::{self, LineOutcome, RowErrorDoc};
+use crate::outcomes::{LineOutcome, RowErrorDoc};
 
 /// Errors of `importd logs`.
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +101,7 @@ pub async fn write_logs(
         }
         if let Ok(failed) = d.get_array("failed") {
             for f in failed.iter().filter_map(Bson::as_document) {
-                let f = outcomes::RowErrorDoc::from_stored(f);
+                let f = RowErrorDoc::from_doc(f);
                 let indent = if filter == Filter::All { "  " } else { "" };
                 writeln!(out, "{indent}{}", format_failure(&f))?;
             }

@@ -226,7 +226,8 @@ pub struct RowErrorDoc {
 }
 
 impl RowErrorDoc {
-    fn from_doc(d: &Document) -> Self {
+    /// A failed line as stored in `import_lines.failed`.
+    pub fn from_doc(d: &Document) -> Self {
         Self {
             line: d.get_i64("line").map_or(0, |l| l as u64),
             code: d.get_str("code").unwrap_or_default().to_owned(),
@@ -234,11 +235,6 @@ impl RowErrorDoc {
             value: d.get_str("value").ok().map(str::to_owned),
             message: d.get_str("message").unwrap_or_default().to_owned(),
         }
-    }
-
-    /// A failed line as stored in `import_lines.failed`.
-    pub fn from_stored(d: &Document) -> Self {
-        Self::from_doc(d)
     }
 
     /// Entry of `csv_imports.logs`.

@@ -38,8 +38,7 @@ async fn seed_sample_imports_three_deals_with_stages_custom_fields_and_totals() 
     let id = app
         .enqueue_csv("deals.csv", SEED_CSV.as_bytes(), &SEED_MAPPING)
         .await;
-    let q = app.wait_final(id, Duration::from_secs(30)).await;
-    assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
+    let q = app.wait_completed(id, Duration::from_secs(30)).await;
     assert!(!q.get_bool("in_progress").unwrap());
     assert_eq!(get_i64(&q, "progress.imported_rows"), 3);
     assert_eq!(get_i64(&q, "progress.failed_rows"), 0);
@@ -135,8 +134,7 @@ async fn stage_spellings_share_one_stage_and_statuses_normalise() {
         ("Type", "contract_type"),
     ];
     let id = app.enqueue_csv("s.csv", csv.as_bytes(), &mapping).await;
-    let q = app.wait_final(id, Duration::from_secs(30)).await;
-    assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
+    let q = app.wait_completed(id, Duration::from_secs(30)).await;
     let stages = app
         .find_all(
             collections::PIPELINE_STAGES,
@@ -227,13 +225,7 @@ async fn racing_on_one_new_stage_creates_it_once() {
     let a = app.enqueue_csv("a.csv", body.as_bytes(), &mapping).await;
     let b = app.enqueue_csv("b.csv", body.as_bytes(), &mapping).await;
     for id in [a, b] {
-        assert_eq!(
-            app.wait_final(id, Duration::from_secs(60))
-                .await
-                .get_str("status")
-                .unwrap(),
-            "completed"
-        );
+        app.wait_completed(id, Duration::from_secs(60)).await;
     }
     assert_eq!(
         app.count(collections::PIPELINE_STAGES, doc! { "name": "won later" })
@@ -291,8 +283,7 @@ async fn hundred_thousand_rows_with_planted_failures_account_for_every_line() {
     let id = app
         .enqueue_csv("big.csv", csv.as_bytes(), &GEN_MAPPING)
         .await;
-    let q = app.wait_final(id, LONG).await;
-    assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
+    let q = app.wait_completed(id, LONG).await;
     let imported = get_i64(&q, "progress.imported_rows") as u64;
     let failed = get_i64(&q, "progress.failed_rows") as u64;
     assert_eq!(imported + failed, 100_000);
@@ -369,8 +360,7 @@ async fn two_hundred_thousand_failing_rows_keep_every_document_small() {
     let id = app
         .enqueue_csv("all-bad.csv", csv.as_bytes(), &GEN_MAPPING)
         .await;
-    let q = app.wait_final(id, LONG).await;
-    assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
+    let q = app.wait_completed(id, LONG).await;
     assert_eq!(get_i64(&q, "progress.failed_rows"), 200_000);
     assert_eq!(planted.len(), 200_000);
     let mut largest = bson_size(&q);
@@ -538,8 +528,7 @@ async fn messy_rows_fail_alone_with_field_value_and_line() {
         ("Email", "contact_email"),
     ];
     let id = app.enqueue_csv("messy.csv", csv.as_bytes(), &mapping).await;
-    let q = app.wait_final(id, Duration::from_secs(30)).await;
-    assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
+    app.wait_completed(id, Duration::from_secs(30)).await;
     let summary = app.summary(id).await;
     let logs: Vec<(i64, String)> = summary
         .get_array("logs")
@@ -597,8 +586,7 @@ async fn duplicate_strategies_skip_or_update_deals_of_the_same_name() {
                 doc! { "additional_data": { "pipeline_id": app.pipeline_id, "duplicate_strategy": strategy } },
             )
             .await;
-        let q = app.wait_final(id, Duration::from_secs(30)).await;
-        assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
+        let q = app.wait_completed(id, Duration::from_secs(30)).await;
         let in_pipeline = app
             .find_all(collections::DEALS, doc! { "pipeline_id": app.pipeline_id })
             .await;

@@ -169,6 +169,29 @@ impl TestApp {
             .expect("queue document")
     }
 
+    /// Waits until the import is final and asserts it `completed`.
+    pub async fn wait_completed(&self, id: ObjectId, timeout: Duration) -> Document {
+        let q = self.wait_final(id, timeout).await;
+        assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
+        q
+    }
+
+    /// The `importd` binary with `args`, on the local configuration and
+    /// this test's database, a one-second tick and an ephemeral HTTP port.
+    pub fn binary(&self, args: &[&str]) -> std::process::Command {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_importd"));
+        cmd.args(args)
+            .env("IMPORTD_CONFIG_DIR", config_dir())
+            .env("IMPORTD_ENV", "local")
+            .env(
+                "IMPORTD__MONGODB__DATABASE",
+                &self.settings().mongodb.database,
+            )
+            .env("IMPORTD__SCHEDULER__TICK", "* * * * * *")
+            .env("IMPORTD__HTTP__BIND", "127.0.0.1:0");
+        cmd
+    }
+
     /// Waits until the queue document reaches a final state.
     pub async fn wait_final(&self, id: ObjectId, timeout: Duration) -> Document {
         self.wait_queue(id, timeout, "final", |q| {

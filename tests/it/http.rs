@@ -9,7 +9,7 @@ use jsonwebtoken::{EncodingKey, Header};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, config_dir};
+use crate::helpers::TestApp;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -51,15 +51,7 @@ async fn the_listener_serves_health_metrics_and_progress_to_the_importing_accoun
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let _daemon = Killed(
-        Command::new(env!("CARGO_BIN_EXE_importd"))
-            .arg("run")
-            .env("IMPORTD_CONFIG_DIR", config_dir())
-            .env("IMPORTD_ENV", "local")
-            .env(
-                "IMPORTD__MONGODB__DATABASE",
-                &app.settings().mongodb.database,
-            )
-            .env("IMPORTD__SCHEDULER__TICK", "* * * * * *")
+        app.binary(&["run"])
             .env("IMPORTD__HTTP__ENABLED", "true")
             .env("IMPORTD__HTTP__BIND", format!("127.0.0.1:{port}"))
             .env("IMPORTD__LOG__FORMAT", "json")
@@ -88,8 +80,7 @@ async fn the_listener_serves_health_metrics_and_progress_to_the_importing_accoun
             &[("Name", "name"), ("Value", "value")],
         )
         .await;
-    let q = app.wait_final(id, Duration::from_secs(60)).await;
-    assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
+    app.wait_completed(id, Duration::from_secs(60)).await;
 
     let url = format!("{base}/imports/{}", id.to_hex());
     let own = token(&app, app.account_id, "access_token");

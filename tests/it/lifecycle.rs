@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bson::doc;
 use importd::domain::collections;
 
-use crate::helpers::{TestApp, config_dir, get_i64};
+use crate::helpers::{TestApp, get_i64};
 
 fn csv(rows: usize) -> String {
     let mut s = String::with_capacity(rows * 40);
@@ -37,14 +37,8 @@ async fn sigterm_checkpoints_releases_and_another_daemon_resumes_without_rewriti
     let id = app
         .enqueue_csv("long.csv", csv(ROWS).as_bytes(), &MAPPING)
         .await;
-    let s = app.settings();
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_importd"))
-        .arg("run")
-        .env("IMPORTD_CONFIG_DIR", config_dir())
-        .env("IMPORTD_ENV", "local")
-        .env("IMPORTD__MONGODB__DATABASE", &s.mongodb.database)
-        .env("IMPORTD__SCHEDULER__TICK", "* * * * * *")
-        .env("IMPORTD__HTTP__BIND", "127.0.0.1:0")
+    let mut daemon = app
+        .binary(&["run"])
         .env("IMPORTD__IMPORT__PROGRESS_INTERVAL_MS", "50")
         .env("IMPORTD__LOG__FORMAT", "json")
         .stdout(Stdio::null())
@@ -86,8 +80,7 @@ async fn sigterm_checkpoints_releases_and_another_daemon_resumes_without_rewriti
     assert!((imported_at_stop as usize) < ROWS, "stopped mid-import");
 
     app.spawn_daemon();
-    let q = app.wait_final(id, Duration::from_secs(300)).await;
-    assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
+    let q = app.wait_completed(id, Duration::from_secs(300)).await;
     assert_eq!(get_i64(&q, "attempts"), 2);
     assert_eq!(get_i64(&q, "progress.imported_rows") as usize, ROWS);
     assert_eq!(app.count(collections::DEALS, doc! {}).await as usize, ROWS);

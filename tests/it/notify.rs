@@ -54,13 +54,7 @@ async fn one_summary_email_with_counts_and_a_report_of_exactly_the_failed_lines(
     let id = app
         .enqueue_csv("deals-q4.csv", csv.as_bytes(), &MAPPING)
         .await;
-    assert_eq!(
-        app.wait_final(id, Duration::from_secs(60))
-            .await
-            .get_str("status")
-            .unwrap(),
-        "completed"
-    );
+    app.wait_completed(id, Duration::from_secs(60)).await;
     let mails = smtp.wait_for(1, Duration::from_secs(30)).await;
     assert_eq!(mails.len(), 1, "{mails:?}");
     let m = &mails[0];
@@ -120,13 +114,7 @@ async fn smtp_down_at_completion_still_gets_exactly_one_email_later() {
     let id = app
         .enqueue_csv("later.csv", b"Name,Value,Note\nA,1,x\n", &MAPPING)
         .await;
-    assert_eq!(
-        app.wait_final(id, Duration::from_secs(30))
-            .await
-            .get_str("status")
-            .unwrap(),
-        "completed"
-    );
+    app.wait_completed(id, Duration::from_secs(30)).await;
     // Wait until a round has failed and been recorded, then bring SMTP back.
     app.wait_queue(id, Duration::from_secs(30), "with a failed round", |q| {
         q.get_document("notify")
@@ -203,13 +191,7 @@ async fn a_user_without_email_gets_a_warning_not_a_failed_import() {
     let id = app
         .enqueue_csv("x.csv", b"Name,Value,Note\nA,1,x\n", &MAPPING)
         .await;
-    assert_eq!(
-        app.wait_final(id, Duration::from_secs(30))
-            .await
-            .get_str("status")
-            .unwrap(),
-        "completed"
-    );
+    app.wait_completed(id, Duration::from_secs(30)).await;
     let q = app
         .wait_queue(id, Duration::from_secs(20), "skipped", |q| {
             q.get_document("notify")
@@ -289,13 +271,7 @@ async fn the_webhook_carries_a_fresh_token_signed_with_the_app_secret() {
     let id = app
         .enqueue_csv("hook.csv", b"Name,Value,Note\nA,1,x\nB,oops,y\n", &MAPPING)
         .await;
-    assert_eq!(
-        app.wait_final(id, Duration::from_secs(30))
-            .await
-            .get_str("status")
-            .unwrap(),
-        "completed"
-    );
+    app.wait_completed(id, Duration::from_secs(30)).await;
     let start = Instant::now();
     while seen.lock().unwrap().is_empty() {
         assert!(start.elapsed() < Duration::from_secs(30), "no webhook call");

@@ -1,20 +1,13 @@
 //! Support's command line on a real import: `importd logs` and
 //! `importd status`.
 
-use std::process::Command;
 use std::time::Duration;
 
-use crate::helpers::{TestApp, config_dir};
+use crate::helpers::TestApp;
 
 fn importd(app: &TestApp, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_importd"))
-        .args(args)
-        .env("IMPORTD_CONFIG_DIR", config_dir())
-        .env("IMPORTD_ENV", "local")
-        .env(
-            "IMPORTD__MONGODB__DATABASE",
-            &app.settings().mongodb.database,
-        )
+    let out = app
+        .binary(args)
         .env("IMPORTD__LOG__FILTER", "error")
         .output()
         .expect("binary runs");
@@ -39,8 +32,7 @@ async fn logs_show_batches_failed_lines_and_single_lines() {
             &[("Name", "name"), ("Value", "value")],
         )
         .await;
-    let q = app.wait_final(id, Duration::from_secs(60)).await;
-    assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
+    app.wait_completed(id, Duration::from_secs(60)).await;
     let hex = id.to_hex();
 
     let (code, out, err) = importd(&app, &["logs", &hex, "--failed"]);
