@@ -11,6 +11,9 @@
 //!   run can start a ranged GET at a record boundary.
 //! - The reader is `flexible`: a ragged row is returned as is and `map`
 //!   turns it into a row error we own; only a broken stream is an `Err`.
+//! - Line endings: `\n`, `\r\n`, or a lone `\r` (old Mac exports), told
+//!   from the header line; lone-`\r` files are read as if each `\r` were
+//!   `\n` (byte for byte, so offsets stay exact).
 //! - Encodings: UTF-8 with or without BOM (cells that are not valid UTF-8
 //!   are read as Windows-1252, see `domain::text`), UTF-16 LE/BE with BOM
 //!   (transcoded to UTF-8 on the fly). Delimiter `,` `;` tab or `|`, detected
@@ -71,6 +74,18 @@ pub struct Dialect {
     pub delimiter: u8,
     /// Text encoding.
     pub encoding: Encoding,
+    /// How lines end.
+    pub line_ending: LineEnding,
+}
+
+/// How the file's lines end.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LineEnding {
+    /// `\n` or `\r\n`.
+    #[default]
+    Lf,
+    /// A lone `\r`.
+    Cr,
 }
 
 /// Where reading starts: the file start, or a checkpoint's record boundary.
@@ -107,12 +122,14 @@ pub struct Record<'a> {
 }
 
 /// Pass-through reader remembering how many bytes went by and the last one,
-/// so the parser can tell whether the file's last record ends with `\n`.
+/// so the parser can tell whether the file's last record ends with `\n`;
+/// turns each `\r` into `\n` in a lone-`\r` file.
 struct Tail {
     inner: BoxRead,
     total: u64,
     last: u8,
     eof: bool,
+    cr_to_lf: bool,
 }
 
 impl AsyncRead for Tail {
@@ -125,7 +142,12 @@ impl AsyncRead for Tail {
         let before = buf.filled().len();
         let poll = this.inner.as_mut().poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &poll {
-            let filled = &buf.filled()[before..];
+            let filled = &mut buf.filled_mut()[before..];
+            if this.cr_to_lf {
+                for b in filled.iter_mut().filter(|b| **b == b'\r') {
+                    *b = b'\n';
+                }
+            }
             match filled.last() {
                 Some(&b) => {
                     this.last = b;
@@ -213,6 +235,7 @@ where
     let dialect = Dialect {
         delimiter: detect_delimiter(&head),
         encoding,
+        line_ending: first_line_end(&head).map_or(LineEnding::Lf, |(_, e)| e),
     };
     let reader: BoxRead = Box::pin(std::io::Cursor::new(head).chain(reader));
     let mut records = Records::new(
@@ -261,6 +284,7 @@ impl Records {
                 total: 0,
                 last: 0,
                 eof: false,
+                cr_to_lf: dialect.line_ending == LineEnding::Cr,
             });
         Self {
             rdr,
@@ -337,21 +361,32 @@ async fn peek(mut reader: BoxRead, limit: usize) -> Result<(Vec<u8>, BoxRead)> {
     Ok((buf, reader))
 }
 
-/// End of the first line outside quotes.
-fn first_line_end(buf: &[u8]) -> Option<usize> {
+/// End of the first line outside quotes (the index of its last terminator
+/// byte) and how it ends. A `\r` as the buffer's last byte is not yet an
+/// end: the next byte tells a lone `\r` from `\r\n`.
+fn first_line_end(buf: &[u8]) -> Option<(usize, LineEnding)> {
     let mut quoted = false;
-    buf.iter().position(|&b| {
-        if b == b'"' {
-            quoted = !quoted;
+    for (i, &b) in buf.iter().enumerate() {
+        match b {
+            b'"' => quoted = !quoted,
+            b'\n' if !quoted => return Some((i, LineEnding::Lf)),
+            b'\r' if !quoted => {
+                return match buf.get(i + 1) {
+                    Some(b'\n') => Some((i + 1, LineEnding::Lf)),
+                    Some(_) => Some((i, LineEnding::Cr)),
+                    None => None,
+                };
+            }
+            _ => {}
         }
-        !quoted && b == b'\n'
-    })
+    }
+    None
 }
 
 /// The delimiter among `,` `;` tab `|` that occurs most often in the first
 /// line outside quotes; `,` when none does.
 pub fn detect_delimiter(head: &[u8]) -> u8 {
-    let line = &head[..first_line_end(head).unwrap_or(head.len())];
+    let line = &head[..first_line_end(head).map_or(head.len(), |(i, _)| i)];
     let candidates = [b',', b';', b'\t', b'|'];
     let mut counts = [0usize; 4];
     let mut quoted = false;
@@ -495,6 +530,28 @@ mod tests {
     }
 
     #[test]
+    fn lone_cr_line_endings() {
+        let csv = b"name;notes\rA;one\r\rB;\"two\rlines\"\rC;three".to_vec();
+        let (h, rows) = rt().block_on(read_all(csv)).unwrap();
+        assert_eq!(h, vec!["name", "notes"]);
+        let lines: Vec<u64> = rows.iter().map(|r| r.0).collect();
+        // A on 2, an empty line 3, B spans 4-5, C on 6.
+        assert_eq!(lines, vec![2, 4, 6]);
+        assert_eq!(rows[1].1, vec!["B", "two\nlines"]);
+        assert_eq!(rows[2].1, vec!["C", "three"]);
+    }
+
+    #[test]
+    fn line_ending_is_told_from_the_first_line() {
+        assert_eq!(first_line_end(b"a,b\n"), Some((3, LineEnding::Lf)));
+        assert_eq!(first_line_end(b"a,b\r\nc"), Some((4, LineEnding::Lf)));
+        assert_eq!(first_line_end(b"a,b\rc"), Some((3, LineEnding::Cr)));
+        assert_eq!(first_line_end(b"\"a\rb\",c\nd"), Some((7, LineEnding::Lf)));
+        assert_eq!(first_line_end(b"a,b\r"), None);
+        assert_eq!(detect_delimiter(b"a;b;c\rd,e,f,g,h"), b';');
+    }
+
+    #[test]
     fn bom_is_stripped_and_delimiter_detected() {
         let csv = b"\xEF\xBB\xBFDeal Name;Value\nAcme;\"5,00\"\n".to_vec();
         let (h, rows) = rt().block_on(read_all(csv)).unwrap();
@@ -562,6 +619,7 @@ mod tests {
             let dialect = Dialect {
                 delimiter: b',',
                 encoding: Encoding::Utf8,
+                line_ending: LineEnding::Lf,
             };
             let mut r = resume(std::io::Cursor::new(rest), dialect, start);
             let b = r.next().await.unwrap().unwrap();
@@ -573,26 +631,34 @@ mod tests {
 
     proptest! {
         /// Lines are strictly increasing and each record's line is the line
-        /// of the file where it starts, whatever the quoted newlines.
+        /// of the file where it starts, whatever the quoted newlines and
+        /// the line ending (`\n`, `\r\n` or a lone `\r`).
         #[test]
-        fn lines_match_the_text(rows in proptest::collection::vec(
-            (proptest::string::string_regex("[a-z ]{0,6}").unwrap(), 0usize..3, any::<bool>()), 1..40)
+        fn lines_match_the_text(
+            rows in proptest::collection::vec(
+                (proptest::string::string_regex("[a-z ]{0,6}").unwrap(), 0usize..3, any::<bool>()), 1..40),
+            eol in proptest::sample::select(vec!["\n", "\r\n", "\r"]),
         ) {
-            let mut text = String::from("name,notes\n");
+            let mut text = format!("name,notes{eol}");
             let mut expected = Vec::new();
             let mut line = 2u64;
             for (name, newlines, blank_before) in &rows {
                 if *blank_before {
-                    text.push('\n');
+                    text.push_str(eol);
                     line += 1;
                 }
                 expected.push(line);
-                let notes = "x\n".repeat(*newlines);
-                text.push_str(&format!("{name}z,\"{notes}end\"\n"));
+                let notes = format!("x{eol}").repeat(*newlines);
+                text.push_str(&format!("{name}z,\"{notes}end\"{eol}"));
                 line += 1 + *newlines as u64;
             }
             let (_, got) = rt().block_on(read_all(text.into_bytes())).unwrap();
-            let lines: Vec<u64> = got.iter().map(|r| r.0).collect();
+            // A blank CRLF line is a whitespace record, which the pipeline skips.
+            let lines: Vec<u64> = got
+                .iter()
+                .filter(|r| !(r.1.len() == 1 && r.1[0].trim().is_empty()))
+                .map(|r| r.0)
+                .collect();
             prop_assert_eq!(lines, expected);
         }
 
