@@ -44,7 +44,7 @@ use crate::domain::{
     DuplicateStrategy, FileError, ImportSpec, JobState, LineNo, RecordKind, collections,
 };
 use crate::fetch::{self, Storage};
-use crate::map::{FailedRow, MappedDeal, Plan, Rules};
+use crate::map::{FailedRow, MappedDeal, Plan, RawCells, Rules};
 use crate::outcomes::{self, BatchOutcome, Totals};
 use crate::parse::{self, Records, Start};
 use crate::stages::StageCache;
@@ -645,8 +645,10 @@ async fn produce(
 struct Prepared {
     docs: Vec<RawDocumentBuf>,
     lines: Vec<LineNo>,
-    /// `(line, existing deal, $set)` for `duplicate_strategy: update`.
-    updates: Vec<(LineNo, ObjectId, Document)>,
+    /// The records of `docs`, for the report of a line the database refuses.
+    raws: Vec<RawCells>,
+    /// `(line, existing deal, $set, record)` for `duplicate_strategy: update`.
+    updates: Vec<(LineNo, ObjectId, Document, RawCells)>,
     /// `(line, existing deal)` for `duplicate_strategy: skip`.
     skipped: Vec<(LineNo, ObjectId)>,
     failed: Vec<FailedRow>,
@@ -672,12 +674,13 @@ async fn prepare(
     let now = DateTime::now();
     let mut docs = Vec::with_capacity(batch.rows.len());
     let mut lines = Vec::with_capacity(batch.rows.len());
+    let mut raws = Vec::with_capacity(batch.rows.len());
     let mut updates = Vec::new();
     let mut skipped = Vec::new();
     let mut failed = Vec::new();
     for row in batch.rows {
         match row {
-            Ok(deal) => {
+            Ok(mut deal) => {
                 let existing = match dedupe
                     .names
                     .as_mut()
@@ -704,7 +707,7 @@ async fn prepare(
                                 detail: e.to_string(),
                             })
                         })?;
-                    updates.push((deal.line, id, set));
+                    updates.push((deal.line, id, set, std::mem::take(&mut deal.raw)));
                     continue;
                 }
                 let doc = writer.builder().build(&deal, stage_id, now).map_err(|e| {
@@ -714,6 +717,7 @@ async fn prepare(
                     })
                 })?;
                 lines.push(deal.line);
+                raws.push(std::mem::take(&mut deal.raw));
                 docs.push(doc);
             }
             Err(f) => failed.push(*f),
@@ -722,6 +726,7 @@ async fn prepare(
     Ok(Prepared {
         docs,
         lines,
+        raws,
         updates,
         skipped,
         failed,
@@ -765,7 +770,7 @@ async fn write_batch(db: Database, writer: DealWriter, queue_id: ObjectId, p: Pr
     let sets: Vec<(ObjectId, Document)> = p
         .updates
         .iter()
-        .map(|(_, id, set)| (*id, set.clone()))
+        .map(|(_, id, set, _)| (*id, set.clone()))
         .collect();
     let update_results = (|| writer.update(&sets))
         .retry(write_retry())
@@ -781,7 +786,7 @@ async fn write_batch(db: Database, writer: DealWriter, queue_id: ObjectId, p: Pr
         skipped: p.skipped,
         failed: p.failed,
     };
-    let rejected = |line: LineNo, message: String, name: &str| FailedRow {
+    let rejected = |line: LineNo, message: String, raw: &RawCells| FailedRow {
         error: crate::domain::RowError {
             line,
             code: crate::domain::RowCode::WriteRejected,
@@ -789,29 +794,17 @@ async fn write_batch(db: Database, writer: DealWriter, queue_id: ObjectId, p: Pr
             value: None,
             message,
         },
-        cells: vec![name.to_owned()],
+        cells: raw.to_cells(),
     };
-    for ((line, result), doc) in p.lines.iter().zip(results).zip(&p.docs) {
+    for ((line, result), raw) in p.lines.iter().zip(results).zip(&p.raws) {
         match result {
             LineWrite::Created | LineWrite::AlreadyImported => outcome.imported.push(*line),
-            LineWrite::Rejected(message) => {
-                outcome.failed.push(rejected(
-                    *line,
-                    message,
-                    doc.get_str("name").unwrap_or_default(),
-                ));
-            }
+            LineWrite::Rejected(message) => outcome.failed.push(rejected(*line, message, raw)),
         }
     }
-    for ((line, id, set), result) in p.updates.iter().zip(update_results) {
+    for ((line, id, _, raw), result) in p.updates.iter().zip(update_results) {
         match result {
-            LineWrite::Rejected(message) => {
-                outcome.failed.push(rejected(
-                    *line,
-                    message,
-                    set.get_str("name").unwrap_or_default(),
-                ));
-            }
+            LineWrite::Rejected(message) => outcome.failed.push(rejected(*line, message, raw)),
             _ => outcome.updated.push((*line, *id)),
         }
     }

@@ -110,6 +110,65 @@ pub struct MappedDeal {
     pub contact_name: Option<String>,
     /// Custom field values, `(field id, value)`.
     pub custom: Vec<(String, String)>,
+    /// The record as read, kept until the deal is written so that a line
+    /// the database refuses still reaches the error report whole.
+    pub raw: RawCells,
+}
+
+/// A record's cells in one allocation (`u32` length, then bytes, per cell),
+/// each cut near [`MAX_REPORT_CELL_CHARS`] characters as the report cuts
+/// them anyway.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RawCells(Box<[u8]>);
+
+impl RawCells {
+    /// Copies `fields`.
+    pub fn copy<F: Fields + ?Sized>(fields: &F) -> Self {
+        let kept = |i| kept_bytes(fields.field(i).unwrap_or_default());
+        let len: usize = (0..fields.count()).map(|i| 4 + kept(i).len()).sum();
+        let mut buf = Vec::with_capacity(len);
+        for i in 0..fields.count() {
+            let f = kept(i);
+            buf.extend_from_slice(&(f.len() as u32).to_le_bytes());
+            buf.extend_from_slice(f);
+        }
+        Self(buf.into_boxed_slice())
+    }
+
+    /// The cells as the error report shows them.
+    pub fn to_cells(&self) -> Vec<String> {
+        let mut rest = &self.0[..];
+        let mut cells = Vec::new();
+        while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+            let (cell, tail) = tail.split_at((u32::from_le_bytes(*len) as usize).min(tail.len()));
+            cells.push(report_cell(cell));
+            rest = tail;
+        }
+        cells
+    }
+}
+
+/// A cell's first bytes, enough for [`MAX_REPORT_CELL_CHARS`] characters,
+/// cut before a UTF-8 continuation byte.
+fn kept_bytes(cell: &[u8]) -> &[u8] {
+    let max = MAX_REPORT_CELL_CHARS * 4;
+    if cell.len() <= max {
+        return cell;
+    }
+    let cut = (0..=max)
+        .rev()
+        .find(|&i| cell[i] & 0xC0 != 0x80)
+        .unwrap_or(max);
+    &cell[..cut]
+}
+
+/// A cell decoded and cut to [`MAX_REPORT_CELL_CHARS`] characters.
+fn report_cell(cell: &[u8]) -> String {
+    let s = decode_cell(cell);
+    match s.char_indices().nth(MAX_REPORT_CELL_CHARS) {
+        Some((cut, _)) => s[..cut].to_owned(),
+        None => s.into_owned(),
+    }
 }
 
 /// A failed row with its original cells (for the error report).
@@ -232,13 +291,7 @@ impl Plan {
                     message,
                 },
                 cells: (0..fields.count())
-                    .map(|i| {
-                        let s = decode_cell(fields.field(i).unwrap_or_default());
-                        match s.char_indices().nth(MAX_REPORT_CELL_CHARS) {
-                            Some((cut, _)) => s[..cut].to_owned(),
-                            None => s.into_owned(),
-                        }
-                    })
+                    .map(|i| report_cell(fields.field(i).unwrap_or_default()))
                     .collect(),
             })
         };
@@ -346,6 +399,7 @@ impl Plan {
                 format!("\"{header}\" (the deal name) is empty; every deal needs a name."),
             ));
         }
+        deal.raw = RawCells::copy(fields);
         Ok(deal)
     }
 }
@@ -394,6 +448,36 @@ mod tests {
             rules(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn raw_cells_round_trip_and_are_cut_like_the_report() {
+        let long = "é".repeat(MAX_REPORT_CELL_CHARS * 3);
+        let cells: [&[u8]; 5] = [b"Acme", b"", b"Caf\xE9", long.as_bytes(), b"a,\"b\"\nc"];
+        struct Bytes<'a>(&'a [&'a [u8]]);
+        impl Fields for Bytes<'_> {
+            fn count(&self) -> usize {
+                self.0.len()
+            }
+            fn field(&self, i: usize) -> Option<&[u8]> {
+                self.0.get(i).copied()
+            }
+        }
+        let got = RawCells::copy(&Bytes(&cells)).to_cells();
+        assert_eq!(got.len(), 5);
+        assert_eq!(got[0], "Acme");
+        assert_eq!(got[1], "");
+        assert_eq!(got[2], "Café");
+        assert_eq!(got[3], "é".repeat(MAX_REPORT_CELL_CHARS));
+        assert_eq!(got[4], "a,\"b\"\nc");
+        assert!(RawCells::default().to_cells().is_empty());
+    }
+
+    #[test]
+    fn a_valid_row_keeps_its_cells() {
+        let cells = ["Acme Deal", "5", "Won", "open", "B-7", "x"];
+        let d = plan().map_deal(2, &cells[..]).unwrap();
+        assert_eq!(d.raw.to_cells(), cells);
     }
 
     #[test]

@@ -370,6 +370,7 @@ mod tests {
             contact_email: Some("a@b.co".into()),
             contact_name: None,
             custom: vec![(CUSTOM.into(), "EMEA".into())],
+            raw: Default::default(),
         }
     }
 

@@ -105,6 +105,60 @@ async fn one_summary_email_with_counts_and_a_report_of_exactly_the_failed_lines(
     app.cleanup().await;
 }
 
+/// A line the database refuses (here: its deterministic id is taken by a
+/// document of another import) is a failed line whose report row carries
+/// the original columns, like any other failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_the_database_refuses_reaches_the_report_with_its_columns() {
+    let mut app = TestApp::new().await;
+    let csv =
+        "Name,Value,Note\nAlpha,10,first\nBravo,20,\"second, with a comma\"\nCharlie,30,third\n";
+    let id = app
+        .enqueue_csv("refused.csv", csv.as_bytes(), &MAPPING)
+        .await;
+    let taken = importd::domain::deal_id(&id, 3).unwrap();
+    app.coll(collections::DEALS)
+        .insert_one(doc! { "_id": taken, "name": "someone else's", "import": { "queue_id": ObjectId::new(), "line": 3_i64 } })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    app.wait_completed(id, Duration::from_secs(60)).await;
+
+    let summary = app.summary(id).await;
+    assert_eq!(crate::helpers::get_i64(&summary, "total_records_added"), 2);
+    assert_eq!(crate::helpers::get_i64(&summary, "total_errors"), 1);
+    let log = summary.get_array("logs").unwrap()[0]
+        .as_document()
+        .unwrap()
+        .clone();
+    assert_eq!(crate::helpers::get_i64(&log, "line"), 3);
+    let q = app
+        .wait_queue(id, Duration::from_secs(30), "reported", |q| {
+            q.get_document("report").is_ok()
+        })
+        .await;
+    let key = q.get_document("report").unwrap().get_str("key").unwrap();
+    let url = app
+        .services
+        .storage
+        .presign_get(key, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let body = reqwest::get(url).await.unwrap().text().await.unwrap();
+    let mut rdr = csv::ReaderBuilder::new().from_reader(body.as_bytes());
+    let rows: Vec<csv::StringRecord> = rdr.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 1, "{body}");
+    assert_eq!(
+        rows[0].iter().take(4).collect::<Vec<_>>(),
+        ["Bravo", "20", "second, with a comma", "3"]
+    );
+    assert!(
+        rows[0][4].contains("already uses this record's id"),
+        "{body}"
+    );
+    app.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_down_at_completion_still_gets_exactly_one_email_later() {
     let mut smtp = SmtpCatcher::start().await;
