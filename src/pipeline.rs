@@ -767,11 +767,8 @@ async fn write_batch(db: Database, writer: DealWriter, queue_id: ObjectId, p: Pr
         .notify(|e, d| warn!(error = %error_chain(e), delay_ms = d.as_millis() as u64, "Batch write failed; retrying"))
         .await
         .map_err(|e| Abort::Transient(error_chain(&e)))?;
-    let sets: Vec<(ObjectId, Document)> = p
-        .updates
-        .iter()
-        .map(|(_, id, set, _)| (*id, set.clone()))
-        .collect();
+    let sets: Vec<(ObjectId, &Document)> =
+        p.updates.iter().map(|(_, id, set, _)| (*id, set)).collect();
     let update_results = (|| writer.update(&sets))
         .retry(write_retry())
         .when(|e| e.is_transient())

@@ -15,7 +15,7 @@
 
 use bson::oid::ObjectId;
 use bson::{Bson, DateTime, Document, RawArrayBuf, RawDocumentBuf, doc};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use mongodb::Collection;
 use mongodb::error::{ErrorKind, InsertManyError};
 
@@ -25,6 +25,10 @@ use crate::map::MappedDeal;
 mod dedupe;
 
 pub use dedupe::{Match, NameIndex};
+
+/// Single-deal updates (`duplicate_strategy: update`) sent at once: one
+/// round trip each, so several in flight keep the server busy.
+pub const UPDATES_IN_FLIGHT: usize = 16;
 
 /// Errors of the write layer (per-line problems are not errors).
 #[derive(Debug, thiserror::Error)]
@@ -223,25 +227,34 @@ impl DealWriter {
         &self.builder
     }
 
-    /// Applies updates to existing deals of this account and pipeline.
-    /// `$set` of the same values is idempotent, so replays are harmless.
-    pub async fn update(&self, updates: &[(ObjectId, Document)]) -> Result<Vec<LineWrite>> {
-        let mut results = Vec::with_capacity(updates.len());
-        for (id, set) in updates {
-            let r = self
-                .coll
-                .update_one(
-                    doc! { "_id": id, "account_id": self.builder.account_id, "pipeline_id": self.builder.pipeline_id },
-                    doc! { "$set": set.clone() },
-                )
-                .await?;
-            results.push(if r.matched_count == 1 {
-                LineWrite::Created
-            } else {
-                LineWrite::Rejected("The existing deal to update was deleted meanwhile.".into())
-            });
-        }
-        Ok(results)
+    /// Applies updates to existing deals of this account and pipeline,
+    /// [`UPDATES_IN_FLIGHT`] at a time; results are in the order of
+    /// `updates`. `$set` of the same values is idempotent, so replays are
+    /// harmless.
+    pub async fn update(&self, updates: &[(ObjectId, &Document)]) -> Result<Vec<LineWrite>> {
+        let calls: Vec<_> = updates
+            .iter()
+            .map(|&(id, set)| self.update_one(id, set.clone()))
+            .collect();
+        futures::stream::iter(calls)
+            .buffered(UPDATES_IN_FLIGHT)
+            .try_collect()
+            .await
+    }
+
+    async fn update_one(&self, id: ObjectId, set: Document) -> Result<LineWrite> {
+        let r = self
+            .coll
+            .update_one(
+                doc! { "_id": id, "account_id": self.builder.account_id, "pipeline_id": self.builder.pipeline_id },
+                doc! { "$set": set },
+            )
+            .await?;
+        Ok(if r.matched_count == 1 {
+            LineWrite::Created
+        } else {
+            LineWrite::Rejected("The existing deal to update was deleted meanwhile.".into())
+        })
     }
 
     /// Inserts `docs` (built by [`DealWriter::build`], for `lines` in the
