@@ -15,7 +15,7 @@
 
 use bson::oid::ObjectId;
 use bson::{Bson, DateTime, Document, RawArrayBuf, RawDocumentBuf, doc};
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use mongodb::Collection;
 use mongodb::error::{ErrorKind, InsertManyError};
 
@@ -26,9 +26,9 @@ mod dedupe;
 
 pub use dedupe::{Match, NameIndex};
 
-/// Single-deal updates (`duplicate_strategy: update`) sent at once: one
-/// round trip each, so several in flight keep the server busy.
-pub const UPDATES_IN_FLIGHT: usize = 16;
+/// Largest `update` command sent (`duplicate_strategy: update`), well
+/// under the server's 16 MB message limit.
+pub const UPDATE_COMMAND_BYTES: usize = 4 * 1024 * 1024;
 
 /// Errors of the write layer (per-line problems are not errors).
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,12 @@ pub enum Error {
     /// A document could not be read back from its BSON bytes.
     #[error(transparent)]
     Bson(#[from] bson::raw::Error),
+    /// A document could not be turned into BSON.
+    #[error(transparent)]
+    BsonSer(#[from] bson::ser::Error),
+    /// The write was applied but not acknowledged as asked.
+    #[error("write concern error: {0}")]
+    WriteConcern(String),
     /// A line past the deterministic id's range.
     #[error("line {0} is beyond the largest supported line number")]
     LineOutOfRange(LineNo),
@@ -49,7 +55,8 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Mongo(e) => crate::db::is_transient(e),
-            Self::LineOutOfRange(_) | Self::Bson(_) => false,
+            Self::WriteConcern(_) => true,
+            Self::LineOutOfRange(_) | Self::Bson(_) | Self::BsonSer(_) => false,
         }
     }
 }
@@ -227,34 +234,127 @@ impl DealWriter {
         &self.builder
     }
 
-    /// Applies updates to existing deals of this account and pipeline,
-    /// [`UPDATES_IN_FLIGHT`] at a time; results are in the order of
-    /// `updates`. `$set` of the same values is idempotent, so replays are
+    /// Applies updates to existing deals of this account and pipeline, in
+    /// `update` commands of many statements (unordered; any MongoDB version
+    /// runs them) cut at [`UPDATE_COMMAND_BYTES`]; results are in the order
+    /// of `updates`. `$set` of the same values is idempotent, so replays are
     /// harmless.
     pub async fn update(&self, updates: &[(ObjectId, &Document)]) -> Result<Vec<LineWrite>> {
-        let calls: Vec<_> = updates
-            .iter()
-            .map(|&(id, set)| self.update_one(id, set.clone()))
-            .collect();
-        futures::stream::iter(calls)
-            .buffered(UPDATES_IN_FLIGHT)
-            .try_collect()
-            .await
+        let mut results = Vec::with_capacity(updates.len());
+        let mut statements = RawArrayBuf::new();
+        let mut bytes = 0;
+        let mut first = 0;
+        for (i, (id, set)) in updates.iter().enumerate() {
+            let mut statement = RawDocumentBuf::new();
+            statement.append("q", self.deal_filter(*id));
+            statement.append("u", RawDocumentBuf::from_document(&doc! { "$set": *set })?);
+            bytes += statement.as_bytes().len();
+            statements.push(statement);
+            if bytes >= UPDATE_COMMAND_BYTES || i + 1 == updates.len() {
+                let chunk = &updates[first..=i];
+                let sent = std::mem::take(&mut statements);
+                results.extend(self.update_chunk(chunk, sent).await?);
+                first = i + 1;
+                bytes = 0;
+            }
+        }
+        Ok(results)
     }
 
-    async fn update_one(&self, id: ObjectId, set: Document) -> Result<LineWrite> {
-        let r = self
+    fn deal_filter(&self, id: ObjectId) -> RawDocumentBuf {
+        let mut q = RawDocumentBuf::new();
+        q.append("_id", id);
+        q.append("account_id", self.builder.account_id);
+        q.append("pipeline_id", self.builder.pipeline_id);
+        q
+    }
+
+    /// One `update` command. Its reply counts matches but does not say
+    /// which statement matched, so when some did not, the deals still
+    /// there are read back and the others are failed lines.
+    async fn update_chunk(
+        &self,
+        chunk: &[(ObjectId, &Document)],
+        statements: RawArrayBuf,
+    ) -> Result<Vec<LineWrite>> {
+        let ns = self.coll.namespace();
+        let mut command = RawDocumentBuf::new();
+        command.append("update", ns.coll.as_str());
+        command.append("updates", statements);
+        command.append("ordered", false);
+        if let Some(wc) = self.coll.write_concern() {
+            command.append(
+                "writeConcern",
+                RawDocumentBuf::from_document(&bson::to_document(wc)?)?,
+            );
+        }
+        let reply = self
             .coll
-            .update_one(
-                doc! { "_id": id, "account_id": self.builder.account_id, "pipeline_id": self.builder.pipeline_id },
-                doc! { "$set": set },
-            )
+            .client()
+            .database(&ns.db)
+            .run_raw_command(command)
             .await?;
-        Ok(if r.matched_count == 1 {
-            LineWrite::Created
-        } else {
-            LineWrite::Rejected("The existing deal to update was deleted meanwhile.".into())
-        })
+        if let Ok(wce) = reply.get_document("writeConcernError") {
+            return Err(Error::WriteConcern(wce.to_string()));
+        }
+        let mut results = vec![LineWrite::Created; chunk.len()];
+        let mut refused = 0;
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            for e in errors.iter().filter_map(Bson::as_document) {
+                let index = e
+                    .get_i32("index")
+                    .ok()
+                    .and_then(|i| usize::try_from(i).ok());
+                if let Some(slot) = index.and_then(|i| results.get_mut(i)) {
+                    *slot = LineWrite::Rejected(format!(
+                        "The database refused the update (code {}).",
+                        e.get_i32("code").unwrap_or_default()
+                    ));
+                    refused += 1;
+                }
+            }
+        }
+        let matched = reply
+            .get("n")
+            .and_then(|n| n.as_i64().or_else(|| n.as_i32().map(i64::from)))
+            .unwrap_or_default();
+        if matched + refused < chunk.len() as i64 {
+            self.mark_gone(chunk, &mut results).await?;
+        }
+        Ok(results)
+    }
+
+    /// Fails the lines whose deal no longer exists (deleted meanwhile).
+    async fn mark_gone(
+        &self,
+        chunk: &[(ObjectId, &Document)],
+        results: &mut [LineWrite],
+    ) -> Result<()> {
+        let ids: Vec<ObjectId> = chunk.iter().map(|(id, _)| *id).collect();
+        let mut cursor = self
+            .coll
+            .clone_with_type::<Document>()
+            .find(doc! {
+                "_id": { "$in": &ids },
+                "account_id": self.builder.account_id,
+                "pipeline_id": self.builder.pipeline_id,
+            })
+            .projection(doc! { "_id": 1 })
+            .await?;
+        let mut present = std::collections::HashSet::new();
+        while let Some(d) = cursor.try_next().await? {
+            if let Ok(id) = d.get_object_id("_id") {
+                present.insert(id);
+            }
+        }
+        for (slot, id) in results.iter_mut().zip(&ids) {
+            if *slot == LineWrite::Created && !present.contains(id) {
+                *slot = LineWrite::Rejected(
+                    "The existing deal to update was deleted meanwhile.".into(),
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Inserts `docs` (built by [`DealWriter::build`], for `lines` in the

@@ -669,3 +669,69 @@ async fn a_file_over_the_row_limit_fails_and_leaves_nothing_behind() {
     assert_eq!(get_i64(&summary, "total_records_added"), 0);
     app.cleanup().await;
 }
+
+/// Updates go out as `update` commands of many statements, cut by size;
+/// each line still gets its own result, and a deal gone meanwhile (or one
+/// of another pipeline) is a failed line, not a silent success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_updates_report_each_line() {
+    let app = TestApp::new().await;
+    let spec = importd::domain::ImportSpec {
+        queue_id: ObjectId::new(),
+        kind: importd::domain::RecordKind::Deals,
+        user_id: app.user_id,
+        account_id: app.account_id,
+        parent_account: None,
+        client_id: None,
+        csv_key: "k".into(),
+        file_name: "f.csv".into(),
+        mappings: Vec::new(),
+        pipeline_id: Some(app.pipeline_id),
+        tags: Vec::new(),
+        duplicate_strategy: importd::domain::DuplicateStrategy::Update,
+    };
+    let deals = app.coll(collections::DEALS);
+    let ids: Vec<ObjectId> = (0..1_200).map(|_| ObjectId::new()).collect();
+    let existing: Vec<Document> = ids
+        .iter()
+        .map(|id| doc! { "_id": id, "name": "old", "account_id": app.account_id, "pipeline_id": app.pipeline_id })
+        .collect();
+    deals.insert_many(existing).await.unwrap();
+    deals.delete_one(doc! { "_id": ids[7] }).await.unwrap();
+    deals
+        .update_one(
+            doc! { "_id": ids[900] },
+            doc! { "$set": { "pipeline_id": ObjectId::new() } },
+        )
+        .await
+        .unwrap();
+    // 1,200 × 5 KB: more than one command's worth.
+    let note = "n".repeat(5_000);
+    let sets: Vec<Document> = (0..ids.len())
+        .map(|i| doc! { "name": format!("new {i}"), "description": &note })
+        .collect();
+    let updates: Vec<(ObjectId, &Document)> = ids.iter().copied().zip(&sets).collect();
+    let writer = importd::write::DealWriter::new(deals.clone(), &spec, app.pipeline_id);
+    let results = writer.update(&updates).await.unwrap();
+    assert_eq!(results.len(), ids.len());
+    for (i, r) in results.iter().enumerate() {
+        let refused = matches!(r, importd::write::LineWrite::Rejected(_));
+        assert_eq!(refused, i == 7 || i == 900, "line {i}: {r:?}");
+    }
+    let updated = app
+        .count(
+            collections::DEALS,
+            doc! { "name": { "$regex": "^new " }, "description": &note },
+        )
+        .await;
+    assert_eq!(updated, 1_198);
+    let d = deals
+        .find_one(doc! { "_id": ids[1_199] })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.get_str("name").unwrap(), "new 1199");
+    // A replay changes nothing and reports the same.
+    assert_eq!(writer.update(&updates).await.unwrap(), results);
+    app.cleanup().await;
+}
