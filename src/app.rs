@@ -94,6 +94,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     if let Some(http) = http {
         let _ = http.await;
     }
+    services.db.client().clone().shutdown().await;
     info!("Stopped");
     Ok(())
 }

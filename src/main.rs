@@ -139,12 +139,26 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+    if let Command::Run = command {
+        app::run(settings).await.context("daemon")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let db = db::connect(&settings.mongodb).await?;
+    let code = support(command, &settings, &db).await;
+    // Close the driver (it ends its sessions) while the runtime still runs:
+    // a client dropped at exit races the runtime's shutdown and can panic.
+    db.client().clone().shutdown().await;
+    code
+}
+
+/// The one-shot commands, on one connection.
+async fn support(
+    command: Command,
+    settings: &Settings,
+    db: &mongodb::Database,
+) -> anyhow::Result<ExitCode> {
     match command {
-        Command::CheckConfig => unreachable!("handled before the runtime starts"),
-        Command::Run => {
-            app::run(settings).await.context("daemon")?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::CheckConfig | Command::Run => unreachable!("handled before"),
         Command::Enqueue {
             file,
             source,
@@ -163,7 +177,6 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
             if kind == RecordKind::Deals && pipeline.is_none() {
                 bail!("--pipeline is required for deals");
             }
-            let db = db::connect(&settings.mongodb).await?;
             let storage = fetch::Storage::new(&settings.s3)?;
             let mappings = mapping.as_deref().map(enqueue::read_mapping).transpose()?;
             let req = enqueue::Request {
@@ -178,45 +191,39 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
                 tags,
                 duplicate_strategy,
             };
-            let id = enqueue::enqueue(&db, &storage, &req)
+            let id = enqueue::enqueue(db, &storage, &req)
                 .await
                 .context("enqueue")?;
             println!("{}", id.to_hex());
             if wait {
-                return print_final(&db, id, Duration::from_secs(3600)).await;
+                return print_final(db, id, Duration::from_secs(3600)).await;
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { id } => {
-            let db = db::connect(&settings.mongodb).await?;
-            match status::status(&db, id).await? {
-                Some(s) => {
-                    print!("{}", s.render());
-                    Ok(ExitCode::SUCCESS)
-                }
-                None => {
-                    eprintln!("no import {id}");
-                    Ok(ExitCode::from(1))
-                }
+        Command::Status { id } => match status::status(db, id).await? {
+            Some(s) => {
+                print!("{}", s.render());
+                Ok(ExitCode::SUCCESS)
             }
-        }
+            None => {
+                eprintln!("no import {id}");
+                Ok(ExitCode::from(1))
+            }
+        },
         Command::Logs { id, failed, line } => {
-            let db = db::connect(&settings.mongodb).await?;
             if let Some(line) = line {
-                return Ok(
-                    match importd::outcomes::line_outcome(&db, id, line).await? {
-                        Some(o) => {
-                            println!("{}", logs::format_outcome(line, &o));
-                            ExitCode::SUCCESS
-                        }
-                        None => {
-                            eprintln!(
-                                "no outcome for line {line} of import {id} (not a record's first line, or not processed yet)"
-                            );
-                            ExitCode::from(1)
-                        }
-                    },
-                );
+                return Ok(match importd::outcomes::line_outcome(db, id, line).await? {
+                    Some(o) => {
+                        println!("{}", logs::format_outcome(line, &o));
+                        ExitCode::SUCCESS
+                    }
+                    None => {
+                        eprintln!(
+                            "no outcome for line {line} of import {id} (not a record's first line, or not processed yet)"
+                        );
+                        ExitCode::from(1)
+                    }
+                });
             }
             let filter = if failed {
                 logs::Filter::Failed
@@ -224,7 +231,7 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
                 logs::Filter::All
             };
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            let batches = logs::write_logs(&db, id, filter, &mut out).await?;
+            let batches = logs::write_logs(db, id, filter, &mut out).await?;
             if batches == 0 && !failed {
                 eprintln!("no outcomes for import {id} (no such import, or nothing processed yet)");
                 return Ok(ExitCode::from(1));
@@ -237,10 +244,9 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
             email,
             timeout,
         } => {
-            let db = db::connect(&settings.mongodb).await?;
             let storage = fetch::Storage::new(&settings.s3)?;
             let account = demo::DemoAccount::default();
-            demo::seed(&db, &account, &email)
+            demo::seed(db, &account, &email)
                 .await
                 .context("seeding the demo account")?;
             let mapping = mapping.or_else(|| {
@@ -260,7 +266,7 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
                 tags: vec!["demo".into()],
                 duplicate_strategy: None,
             };
-            let id = enqueue::enqueue(&db, &storage, &req)
+            let id = enqueue::enqueue(db, &storage, &req)
                 .await
                 .context("enqueue")?;
             println!(
@@ -268,7 +274,7 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
                 file.display(),
                 id.to_hex()
             );
-            let code = print_final(&db, id, Duration::from_secs(timeout)).await?;
+            let code = print_final(db, id, Duration::from_secs(timeout)).await?;
             let dbname = &settings.mongodb.database;
             println!(
                 "\nWhere to look:\n  importd status {id}\n  MongoDB {dbname}: queues {{_id: ObjectId('{id}')}}, csv_imports {{queue_id: …}}, deals {{'import.queue_id': …}}, import_lines {{queue_id: …}}"
