@@ -648,7 +648,7 @@ struct Prepared {
     /// The records of `docs`, for the report of a line the database refuses.
     raws: Vec<RawCells>,
     /// `(line, existing deal, $set, record)` for `duplicate_strategy: update`.
-    updates: Vec<(LineNo, ObjectId, Document, RawCells)>,
+    updates: Vec<(LineNo, ObjectId, RawDocumentBuf, RawCells)>,
     /// `(line, existing deal)` for `duplicate_strategy: skip`.
     skipped: Vec<(LineNo, ObjectId)>,
     failed: Vec<FailedRow>,
@@ -698,15 +698,7 @@ async fn prepare(
                     None => None,
                 };
                 if let Some(id) = existing {
-                    let set = writer
-                        .builder()
-                        .update_fields(&deal, stage_id, now)
-                        .map_err(|e| {
-                            Abort::File(FileError::Malformed {
-                                line: deal.line,
-                                detail: e.to_string(),
-                            })
-                        })?;
+                    let set = writer.builder().update_fields(&deal, stage_id, now);
                     updates.push((deal.line, id, set, std::mem::take(&mut deal.raw)));
                     continue;
                 }
@@ -767,7 +759,7 @@ async fn write_batch(db: Database, writer: DealWriter, queue_id: ObjectId, p: Pr
         .notify(|e, d| warn!(error = %error_chain(e), delay_ms = d.as_millis() as u64, "Batch write failed; retrying"))
         .await
         .map_err(|e| Abort::Transient(error_chain(&e)))?;
-    let sets: Vec<(ObjectId, &Document)> =
+    let sets: Vec<(ObjectId, &RawDocumentBuf)> =
         p.updates.iter().map(|(_, id, set, _)| (*id, set)).collect();
     let update_results = (|| writer.update(&sets))
         .retry(write_retry())

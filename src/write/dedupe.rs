@@ -4,11 +4,14 @@
 //!
 //! The index of names is read once per import (names and ids only), so
 //! matching costs no query per row and needs no extra index on `deals`,
-//! whose every index slows every import. Its memory grows with the
-//! pipeline's deal count, never with the file. Rows of the same file match
-//! each other too: the first creates, later ones skip or update it.
+//! whose every index slows every import. Rows of the same file match each
+//! other too: the first creates, later ones skip or update it. So the index
+//! holds one entry per distinct name of the pipeline and the file; an entry
+//! is a 128-bit digest of the name key and a deal id (~40 bytes with the
+//! table's overhead, whatever the name's length), not the name itself.
 
 use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 
 use bson::oid::ObjectId;
 use bson::{Document, doc};
@@ -31,7 +34,21 @@ pub enum Match {
 /// Names of a pipeline's deals.
 pub struct NameIndex {
     queue_id: ObjectId,
-    by_key: HashMap<String, ObjectId>,
+    by_key: HashMap<u128, ObjectId>,
+}
+
+/// A 128-bit digest of a name's key: two SipHash passes with different
+/// prefixes (fixed keys, so stable within the process). A chance collision
+/// of two different names needs ~2^64 names.
+fn digest(name: &str) -> u128 {
+    let key = name_key(name);
+    let half = |salt: u8| {
+        let mut h = DefaultHasher::new();
+        salt.hash(&mut h);
+        key.hash(&mut h);
+        h.finish()
+    };
+    (u128::from(half(0)) << 64) | u128::from(half(1))
 }
 
 impl NameIndex {
@@ -45,13 +62,16 @@ impl NameIndex {
         let mut cursor = coll
             .find(doc! { "account_id": account_id, "pipeline_id": pipeline_id })
             .projection(doc! { "name": 1 })
+            // Small batches: the server would otherwise send up to 16 MB
+            // at a time, all of it held by the cursor at once.
+            .batch_size(2_000)
             .await?;
         let mut by_key = HashMap::new();
         while let Some(d) = cursor.try_next().await? {
             if let (Ok(id), Ok(name)) = (d.get_object_id("_id"), d.get_str("name")) {
                 // The oldest deal of a name wins (ObjectIds sort by time).
                 by_key
-                    .entry(name_key(name))
+                    .entry(digest(name))
                     .and_modify(|e: &mut ObjectId| *e = (*e).min(id))
                     .or_insert(id);
             }
@@ -63,12 +83,13 @@ impl NameIndex {
     /// will create so later rows of the file match it.
     pub fn decide(&mut self, line: LineNo, name: &str) -> Match {
         let own = deal_id(&self.queue_id, line);
-        match self.by_key.get(&name_key(name)) {
+        let key = digest(name);
+        match self.by_key.get(&key) {
             Some(id) if Some(*id) != own => Match::Existing(*id),
             Some(_) => Match::Create,
             None => {
                 if let Some(own) = own {
-                    self.by_key.insert(name_key(name), own);
+                    self.by_key.insert(key, own);
                 }
                 Match::Create
             }
@@ -86,7 +107,7 @@ mod tests {
         let existing = ObjectId::new();
         let mut idx = NameIndex {
             queue_id: q,
-            by_key: HashMap::from([("acme deal".to_owned(), existing)]),
+            by_key: HashMap::from([(digest("Acme Deal"), existing)]),
         };
         assert_eq!(idx.decide(2, " ACME  deal"), Match::Existing(existing));
         assert_eq!(idx.decide(3, "New One"), Match::Create);
@@ -97,5 +118,12 @@ mod tests {
         // A replay of line 3 finds the deal line 3 created: create again
         // (the insert is then absorbed as already imported).
         assert_eq!(idx.decide(3, "New One"), Match::Create);
+    }
+
+    #[test]
+    fn digests_follow_the_name_key() {
+        assert_eq!(digest(" ACME  deal"), digest("acme deal"));
+        assert_ne!(digest("acme deal"), digest("acme deals"));
+        assert_ne!(digest(""), digest(" x"));
     }
 }

@@ -207,16 +207,15 @@ impl DealBuilder {
         deal: &MappedDeal,
         stage_id: Option<ObjectId>,
         now: DateTime,
-    ) -> Result<Document> {
+    ) -> RawDocumentBuf {
         let mut set = raw_with_capacity(DEAL_CAPACITY);
         Self::row_fields(deal, stage_id, &mut set, "additional_info.");
-        let mut set = set.to_document()?;
-        set.insert("updated_at", now);
-        set.insert(
-            "last_import",
-            doc! { "queue_id": self.queue_id, "line": deal.line as i64 },
-        );
-        Ok(set)
+        set.append_ref("updated_at", now);
+        let mut last_import = raw_with_capacity(48);
+        last_import.append_ref("queue_id", self.queue_id);
+        last_import.append_ref("line", deal.line as i64);
+        set.append_ref("last_import", &last_import);
+        set
     }
 }
 
@@ -239,7 +238,7 @@ impl DealWriter {
     /// runs them) cut at [`UPDATE_COMMAND_BYTES`]; results are in the order
     /// of `updates`. `$set` of the same values is idempotent, so replays are
     /// harmless.
-    pub async fn update(&self, updates: &[(ObjectId, &Document)]) -> Result<Vec<LineWrite>> {
+    pub async fn update(&self, updates: &[(ObjectId, &RawDocumentBuf)]) -> Result<Vec<LineWrite>> {
         let mut results = Vec::with_capacity(updates.len());
         let mut statements = RawArrayBuf::new();
         let mut bytes = 0;
@@ -247,7 +246,9 @@ impl DealWriter {
         for (i, (id, set)) in updates.iter().enumerate() {
             let mut statement = RawDocumentBuf::new();
             statement.append("q", self.deal_filter(*id));
-            statement.append("u", RawDocumentBuf::from_document(&doc! { "$set": *set })?);
+            let mut u = raw_with_capacity(set.as_bytes().len() + 16);
+            u.append_ref("$set", &**set);
+            statement.append("u", u);
             bytes += statement.as_bytes().len();
             statements.push(statement);
             if bytes >= UPDATE_COMMAND_BYTES || i + 1 == updates.len() {
@@ -274,7 +275,7 @@ impl DealWriter {
     /// there are read back and the others are failed lines.
     async fn update_chunk(
         &self,
-        chunk: &[(ObjectId, &Document)],
+        chunk: &[(ObjectId, &RawDocumentBuf)],
         statements: RawArrayBuf,
     ) -> Result<Vec<LineWrite>> {
         let ns = self.coll.namespace();
@@ -327,7 +328,7 @@ impl DealWriter {
     /// Fails the lines whose deal no longer exists (deleted meanwhile).
     async fn mark_gone(
         &self,
-        chunk: &[(ObjectId, &Document)],
+        chunk: &[(ObjectId, &RawDocumentBuf)],
         results: &mut [LineWrite],
     ) -> Result<()> {
         let ids: Vec<ObjectId> = chunk.iter().map(|(id, _)| *id).collect();
@@ -530,6 +531,7 @@ mod tests {
         d.value = None;
         let set = DealBuilder::new(&spec, ObjectId::new())
             .update_fields(&d, None, now)
+            .to_document()
             .unwrap();
         let expected = doc! {
             "name": "Acme \u{0} \"renewal\" $set",

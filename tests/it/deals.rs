@@ -707,10 +707,15 @@ async fn bulk_updates_report_each_line() {
         .unwrap();
     // 1,200 × 5 KB: more than one command's worth.
     let note = "n".repeat(5_000);
-    let sets: Vec<Document> = (0..ids.len())
-        .map(|i| doc! { "name": format!("new {i}"), "description": &note })
+    let sets: Vec<bson::RawDocumentBuf> = (0..ids.len())
+        .map(|i| {
+            bson::RawDocumentBuf::from_document(
+                &doc! { "name": format!("new {i}"), "description": &note },
+            )
+            .unwrap()
+        })
         .collect();
-    let updates: Vec<(ObjectId, &Document)> = ids.iter().copied().zip(&sets).collect();
+    let updates: Vec<(ObjectId, &bson::RawDocumentBuf)> = ids.iter().copied().zip(&sets).collect();
     let writer = importd::write::DealWriter::new(deals.clone(), &spec, app.pipeline_id);
     let results = writer.update(&updates).await.unwrap();
     assert_eq!(results.len(), ids.len());
