@@ -1,7 +1,9 @@
 //! The one way tests reach the stack: [`TestApp::new`] loads the real local
 //! configuration, then gives the test its own database
-//! (`importd_test_<uuid>`), its own object key prefix, a one-second tick and
-//! a short lease.
+//! (`importd_test_<pid>_<random>`), its own object key prefix, a one-second
+//! tick and a short lease. A test that passes drops its database; one that
+//! fails leaves it for inspection, and the next test run drops it (its
+//! process is gone).
 
 #![allow(dead_code)]
 
@@ -29,6 +31,34 @@ pub struct TestApp {
     daemons: Vec<CancellationToken>,
 }
 
+const TEST_DB_PREFIX: &str = "importd_test_";
+
+/// Drops the databases of earlier test runs whose process is gone (failed
+/// tests leave theirs behind); a concurrent run's databases are kept.
+async fn sweep_stale_databases(client: &mongodb::Client) {
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SWEPT
+        .get_or_init(|| async {
+            let Ok(names) = client.list_database_names().await else {
+                return;
+            };
+            for name in names {
+                let Some(rest) = name.strip_prefix(TEST_DB_PREFIX) else {
+                    continue;
+                };
+                let pid = rest
+                    .split_once('_')
+                    .and_then(|(p, _)| p.parse::<u32>().ok());
+                let alive =
+                    pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+                if !alive {
+                    let _ = client.database(&name).drop().await;
+                }
+            }
+        })
+        .await;
+}
+
 pub fn config_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config")
 }
@@ -40,7 +70,7 @@ pub fn test_settings() -> Settings {
     })
     .expect("config/local.toml loads");
     let id = uuid::Uuid::new_v4().simple().to_string();
-    s.mongodb.database = format!("importd_test_{}", &id[..12]);
+    s.mongodb.database = format!("{TEST_DB_PREFIX}{}_{}", std::process::id(), &id[..8]);
     s.scheduler.tick = "* * * * * *".into();
     s.scheduler.lease = Duration::from_secs(6);
     s.scheduler.rescue_interval = Duration::from_secs(1);
@@ -64,6 +94,7 @@ impl TestApp {
         let services = importd::app::services(settings)
             .await
             .expect("clients build");
+        sweep_stale_databases(services.db.client()).await;
         importd::db::ensure_indexes(&services.db)
             .await
             .expect("MongoDB answers: is the stack up? (scripts/stack.sh up)");
