@@ -629,6 +629,31 @@ mod tests {
         });
     }
 
+    #[test]
+    fn resume_of_a_lone_cr_file_keeps_its_line_ending() {
+        let csv = b"n,v\rA,1\rB,\"x\ry\"\rC,3\r".to_vec();
+        let rt = rt();
+        let (start, dialect) = rt.block_on(async {
+            let (_, mut r) = open(std::io::Cursor::new(csv.clone())).await.unwrap();
+            let a = r.next().await.unwrap().unwrap();
+            let start = Start {
+                line: a.next_line,
+                byte: a.end_byte,
+            };
+            (start, r.dialect)
+        });
+        assert_eq!(dialect.line_ending, LineEnding::Cr);
+        assert_eq!(start, Start { line: 3, byte: 8 });
+        rt.block_on(async {
+            let rest = std::io::Cursor::new(csv[start.byte as usize..].to_vec());
+            let mut r = resume(rest, dialect, start);
+            let b = r.next().await.unwrap().unwrap();
+            assert_eq!(b.line, 3);
+            assert_eq!(field_text(b.fields, 1), Some(&b"x\ny"[..]));
+            assert_eq!(r.next().await.unwrap().unwrap().line, 5);
+        });
+    }
+
     proptest! {
         /// Lines are strictly increasing and each record's line is the line
         /// of the file where it starts, whatever the quoted newlines and
