@@ -740,3 +740,35 @@ async fn bulk_updates_report_each_line() {
     assert_eq!(writer.update(&updates).await.unwrap(), results);
     app.cleanup().await;
 }
+
+/// Old Mac exports end lines with a lone `\r`: rows, blank lines and line
+/// numbers come out as an editor shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_with_lone_cr_line_endings_imports_line_by_line() {
+    let mut app = TestApp::new().await;
+    app.spawn_daemon();
+    let csv = "Name,Value\rAlpha,1\r\rBravo,oops\rCharlie,\"3\"\r";
+    let id = app
+        .enqueue_csv(
+            "mac.csv",
+            csv.as_bytes(),
+            &[("Name", "name"), ("Value", "value")],
+        )
+        .await;
+    app.wait_completed(id, Duration::from_secs(30)).await;
+    let summary = app.summary(id).await;
+    assert_eq!(get_i64(&summary, "total_records_added"), 2);
+    assert_eq!(get_i64(&summary, "total_errors"), 1);
+    let log = summary.get_array("logs").unwrap()[0]
+        .as_document()
+        .unwrap()
+        .clone();
+    assert_eq!(get_i64(&log, "line"), 4);
+    let deals = app
+        .find_all(collections::DEALS, doc! { "import.queue_id": id })
+        .await;
+    let mut lines: Vec<i64> = deals.iter().map(|d| get_i64(d, "import.line")).collect();
+    lines.sort_unstable();
+    assert_eq!(lines, [2, 5]);
+    app.cleanup().await;
+}
