@@ -787,8 +787,8 @@ async fn write_batch(db: Database, writer: DealWriter, queue_id: ObjectId, p: Pr
     };
     for ((line, result), raw) in p.lines.iter().zip(results).zip(&p.raws) {
         match result {
-            LineWrite::Created | LineWrite::AlreadyImported => outcome.imported.push(*line),
             LineWrite::Rejected(message) => outcome.failed.push(rejected(*line, message, raw)),
+            _ => outcome.imported.push(*line),
         }
     }
     for ((line, id, _, raw), result) in p.updates.iter().zip(update_results) {

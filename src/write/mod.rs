@@ -71,6 +71,8 @@ pub enum LineWrite {
     Created,
     /// Inserted by an earlier run of this import (replay).
     AlreadyImported,
+    /// An existing record updated (`duplicate_strategy: update`).
+    Updated,
     /// The database refused it.
     Rejected(String),
 }
@@ -298,7 +300,7 @@ impl DealWriter {
         if let Ok(wce) = reply.get_document("writeConcernError") {
             return Err(Error::WriteConcern(wce.to_string()));
         }
-        let mut results = vec![LineWrite::Created; chunk.len()];
+        let mut results = vec![LineWrite::Updated; chunk.len()];
         let mut refused = 0;
         if let Ok(errors) = reply.get_array("writeErrors") {
             for e in errors.iter().filter_map(Bson::as_document) {
@@ -349,7 +351,7 @@ impl DealWriter {
             }
         }
         for (slot, id) in results.iter_mut().zip(&ids) {
-            if *slot == LineWrite::Created && !present.contains(id) {
+            if *slot == LineWrite::Updated && !present.contains(id) {
                 *slot = LineWrite::Rejected(
                     "The existing deal to update was deleted meanwhile.".into(),
                 );
