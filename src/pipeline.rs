@@ -761,6 +761,8 @@ async fn write_batch(db: Database, writer: DealWriter, queue_id: ObjectId, p: Pr
         .map_err(|e| Abort::Transient(error_chain(&e)))?;
     let sets: Vec<(ObjectId, &RawDocumentBuf)> =
         p.updates.iter().map(|(_, id, set, _)| (*id, set)).collect();
+    // After the inserts, never beside them: a row may update the deal an
+    // earlier row of the same batch creates.
     let update_results = (|| writer.update(&sets))
         .retry(write_retry())
         .when(|e| e.is_transient())
