@@ -3,7 +3,9 @@
 //! In one run: (a) generates a deals CSV of `BENCH_ROWS` rows (default
 //! 1,000,000) and uploads it; (b) measures the raw limit, `insert_many` of
 //! the same number of equivalent deal documents straight through the driver
-//! (batches of 1,000, unordered, two in flight like importd); (c) measures
+//! (batches of 1,000, unordered, two in flight like importd), each batch
+//! after the contacts its deals link to (every row names a new contact, as
+//! in the file: the worst case for importd's contact step); (c) measures
 //! importd end to end (enqueue → completed) with the daemon as a separate
 //! release process; (d) records the daemon's peak RSS (VmHWM) for 10,000
 //! rows and for N, and claim latency (enqueue → processing); (e) measures
@@ -109,6 +111,23 @@ fn mapping() -> Vec<(String, String)> {
 /// `concurrency` batches in flight, as importd's `import.writers`.
 async fn raw_insert(db: &mongodb::Database, rows: usize, concurrency: usize) -> (f64, f64, f64) {
     let coll = db.collection::<Document>("raw_deals");
+    // Every row names a new contact, as in the generated file: the raw
+    // loader inserts the contacts (under the same unique index importd
+    // keeps), then the deals that link to them.
+    let contacts = db.collection::<Document>("raw_contacts");
+    contacts
+        .create_index(
+            mongodb::IndexModel::builder()
+                .keys(doc! { "account_id": 1, "email": 1 })
+                .options(
+                    mongodb::options::IndexOptions::builder()
+                        .unique(true)
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .expect("contacts index");
     let (account, pipeline, user, queue) = (
         ObjectId::new(),
         ObjectId::new(),
@@ -117,6 +136,16 @@ async fn raw_insert(db: &mongodb::Database, rows: usize, concurrency: usize) -> 
     );
     let stages: Vec<ObjectId> = (0..8).map(|_| ObjectId::new()).collect();
     let now = DateTime::now();
+    let contact = move |i: usize| {
+        doc! {
+            "_id": importd::domain::contact_id(&queue, i as u64 + 2).unwrap(),
+            "account_id": account, "email": format!("buyer{i}@example{}.com", i % 50),
+            "first_name": "", "last_name": "", "owner": user, "created_by": user,
+            "source": "csv", "tags": ["bench"], "additional_info": {},
+            "import": { "queue_id": queue, "line": (i + 2) as i64 },
+            "created_at": now, "updated_at": now,
+        }
+    };
     let make = move |i: usize| {
         let region = ["EMEA", "APAC", "AMER"][i % 3];
         doc! {
@@ -129,6 +158,7 @@ async fn raw_insert(db: &mongodb::Database, rows: usize, concurrency: usize) -> 
             "expected_close_date": now,
             "description": "Imported from the legacy CRM",
             "contact_email": format!("buyer{i}@example{}.com", i % 50),
+            "contact_id": importd::domain::contact_id(&queue, i as u64 + 2).unwrap(),
             "account_id": account, "pipeline_id": pipeline, "owner": user, "created_by": user,
             "source": "csv", "tags": ["bench"],
             "additional_info": { CUSTOM_A: region, CUSTOM_B: format!("campaign-{}", i % 40) },
@@ -140,9 +170,15 @@ async fn raw_insert(db: &mongodb::Database, rows: usize, concurrency: usize) -> 
     let start = Instant::now();
     futures::stream::iter((0..rows).step_by(1000))
         .map(|from| {
-            let coll = coll.clone();
+            let (coll, contacts) = (coll.clone(), contacts.clone());
+            let people: Vec<Document> = (from..(from + 1000).min(rows)).map(contact).collect();
             let docs: Vec<Document> = (from..(from + 1000).min(rows)).map(&make).collect();
             async move {
+                contacts
+                    .insert_many(people)
+                    .ordered(false)
+                    .await
+                    .expect("raw contacts insert");
                 coll.insert_many(docs)
                     .ordered(false)
                     .await

@@ -104,6 +104,7 @@ struct RawImport {
     batch_size: usize,
     writers: usize,
     channel_batches: usize,
+    contact_cache: usize,
     max_file_bytes: u64,
     max_rows: u64,
     max_field_chars: usize,
@@ -273,6 +274,8 @@ pub struct ImportSettings {
     pub writers: NonZeroUsize,
     /// Batches buffered between parser and writers.
     pub channel_batches: NonZeroUsize,
+    /// Emails whose contact id one import keeps at hand.
+    pub contact_cache: NonZeroUsize,
     /// Largest accepted object (bytes); `None` = no limit.
     pub max_file_bytes: Option<u64>,
     /// Most accepted data rows; `None` = no limit.
@@ -539,6 +542,7 @@ impl Settings {
                 batch_size: positive("import.batch_size", raw.import.batch_size)?,
                 writers: positive("import.writers", raw.import.writers)?,
                 channel_batches: positive("import.channel_batches", raw.import.channel_batches)?,
+                contact_cache: positive("import.contact_cache", raw.import.contact_cache)?,
                 max_file_bytes: nonzero(raw.import.max_file_bytes),
                 max_rows: nonzero(raw.import.max_rows),
                 max_field_chars: raw.import.max_field_chars,
@@ -615,6 +619,7 @@ shutdown_grace_seconds = {grace}
 batch_size = {batch_size}
 writers = {writers}
 channel_batches = {channel_batches}
+contact_cache = {contact_cache}
 max_file_bytes = {max_file_bytes}
 max_rows = {max_rows}
 max_field_chars = {max_field_chars}
@@ -673,6 +678,7 @@ filter = "{log_filter}"
             batch_size = self.import.batch_size,
             writers = self.import.writers,
             channel_batches = self.import.channel_batches,
+            contact_cache = self.import.contact_cache,
             max_file_bytes = opt(self.import.max_file_bytes),
             max_rows = opt(self.import.max_rows),
             max_field_chars = self.import.max_field_chars,

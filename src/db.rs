@@ -43,7 +43,7 @@ fn index(keys: Document, name: &str, unique: bool) -> IndexModel {
 
 /// Creates every index importd needs. Safe to run on every start.
 pub async fn ensure_indexes(db: &Database) -> mongodb::error::Result<()> {
-    let specs: [(&str, Document, &str, bool); 8] = [
+    let specs: [(&str, Document, &str, bool); 9] = [
         // Notifications due (final imports whose email is not sent yet).
         (
             collections::QUEUES,
@@ -79,6 +79,14 @@ pub async fn ensure_indexes(db: &Database) -> mongodb::error::Result<()> {
             "account_pipeline_name_unique",
             true,
         ),
+        // One contact per email of an account (SPEC.md): deals naming a new
+        // contact create it once, whoever races.
+        (
+            collections::CONTACTS,
+            doc! { "account_id": 1, "email": 1 },
+            "account_email_unique",
+            true,
+        ),
         // One summary per import.
         (
             collections::CSV_IMPORTS,
@@ -103,11 +111,31 @@ pub async fn ensure_indexes(db: &Database) -> mongodb::error::Result<()> {
         ),
     ];
     for (coll, keys, name, unique) in specs {
-        db.collection::<Document>(coll)
+        let created = db
+            .collection::<Document>(coll)
             .create_index(index(keys, name, unique))
-            .await?;
+            .await;
+        match created {
+            Ok(_) => {}
+            // The CRM's own index on the same keys, under another name:
+            // it serves as well.
+            Err(e) if index_exists_otherwise(&e) => {
+                tracing::info!(
+                    collection = coll,
+                    index = name,
+                    "An equivalent index exists; kept"
+                );
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
+}
+
+/// `IndexOptionsConflict` / `IndexKeySpecsConflict`: an index on these keys
+/// exists under another name or with other options.
+fn index_exists_otherwise(e: &mongodb::error::Error) -> bool {
+    matches!(e.kind.as_ref(), mongodb::error::ErrorKind::Command(c) if c.code == 85 || c.code == 86)
 }
 
 /// Whether a MongoDB error is worth retrying: network trouble, timeouts,

@@ -4,7 +4,8 @@
 //! Modules in data-flow order: [`claim`] (atomic claims under a lease, the
 //! only writer of queue state) → [`fetch`] (S3 object → bytes) → [`parse`]
 //! (bytes → records) → [`map`] (records → deals or row errors, pure) →
-//! [`stages`] (pipeline stages, created once) → [`write`] (idempotent bulk
+//! [`stages`] (pipeline stages, created once) → [`contacts`] (the contacts
+//! deals name, created once) → [`write`] (idempotent bulk
 //! inserts) → [`outcomes`] (per-line outcomes and the summary), wired by
 //! [`pipeline`] and driven by [`daemon`]; [`http`] serves health, metrics
 //! and an import's progress. [`domain`] holds the pure types
@@ -14,6 +15,7 @@ pub mod app;
 pub mod claim;
 pub mod cli;
 pub mod config;
+pub mod contacts;
 pub mod daemon;
 pub mod db;
 pub mod domain;

@@ -40,6 +40,7 @@ use tracing::{Instrument, info, warn};
 
 use crate::claim::{self, Checkpoint, ClaimedJob, Final, Lease, Progress};
 use crate::config::Settings;
+use crate::contacts::{ContactLinker, ContactRef, Linked};
 use crate::domain::{
     DuplicateStrategy, FileError, ImportSpec, JobState, LineNo, RecordKind, collections,
 };
@@ -279,6 +280,7 @@ async fn finish(
         outcomes::close_summary(&svc.db, queue_id, outcome.state().as_str(), totals, &logs).await?;
         tracker.progress = progress_from_totals(totals, tracker.progress, outcome);
         extra.insert("log_id", log_id);
+        extra.insert("contacts_created", totals.contacts_created as i64);
     }
     lease.finish(outcome, tracker.progress, extra).await
 }
@@ -435,6 +437,9 @@ async fn import(
         .await?;
     let mut stages = StageCache::load(&svc.db, spec.account_id, pipeline_id, spec.user_id).await?;
     let writer = DealWriter::new(svc.db.collection(collections::DEALS), spec, pipeline_id);
+    let linker = plan
+        .links_contacts()
+        .then(|| ContactLinker::new(&svc.db, spec, settings.import.contact_cache.get()));
     let mut dedupe = Dedupe {
         strategy: spec.duplicate_strategy,
         names: match spec.duplicate_strategy {
@@ -494,8 +499,14 @@ async fn import(
                     // Its own task: a write makes progress (reply, then the
                     // outcome write) while this loop commits or prepares.
                     inflight.push_back(AbortOnDropHandle::new(tokio::spawn(
-                        write_batch(svc.db.clone(), writer.clone(), lease.queue_id, prepared)
-                            .in_current_span(),
+                        write_batch(
+                            svc.db.clone(),
+                            writer.clone(),
+                            linker.clone(),
+                            lease.queue_id,
+                            prepared,
+                        )
+                        .in_current_span(),
                     )));
                 }
                 None => producer_done = true,
@@ -647,8 +658,12 @@ struct Prepared {
     lines: Vec<LineNo>,
     /// The records of `docs`, for the report of a line the database refuses.
     raws: Vec<RawCells>,
+    /// The contact each of `docs` names.
+    contacts: Vec<Option<Contact>>,
     /// `(line, existing deal, $set, record)` for `duplicate_strategy: update`.
     updates: Vec<(LineNo, ObjectId, RawDocumentBuf, RawCells)>,
+    /// The contact each of `updates` names.
+    update_contacts: Vec<Option<Contact>>,
     /// `(line, existing deal)` for `duplicate_strategy: skip`.
     skipped: Vec<(LineNo, ObjectId)>,
     failed: Vec<FailedRow>,
@@ -657,6 +672,9 @@ struct Prepared {
     end: Start,
     records_end: u64,
 }
+
+/// A deal's contact: email, then name.
+type Contact = (String, Option<String>);
 
 /// Duplicate handling of one import: the strategy and, unless it is
 /// `create`, the names of the pipeline's deals.
@@ -675,7 +693,9 @@ async fn prepare(
     let mut docs = Vec::with_capacity(batch.rows.len());
     let mut lines = Vec::with_capacity(batch.rows.len());
     let mut raws = Vec::with_capacity(batch.rows.len());
+    let mut contacts = Vec::with_capacity(batch.rows.len());
     let mut updates = Vec::new();
+    let mut update_contacts = Vec::new();
     let mut skipped = Vec::new();
     let mut failed = Vec::new();
     for row in batch.rows {
@@ -700,6 +720,7 @@ async fn prepare(
                 if let Some(id) = existing {
                     let set = writer.builder().update_fields(&deal, stage_id, now);
                     updates.push((deal.line, id, set, std::mem::take(&mut deal.raw)));
+                    update_contacts.push(contact_of(&mut deal));
                     continue;
                 }
                 let doc = writer.builder().build(&deal, stage_id, now).map_err(|e| {
@@ -710,6 +731,7 @@ async fn prepare(
                 })?;
                 lines.push(deal.line);
                 raws.push(std::mem::take(&mut deal.raw));
+                contacts.push(contact_of(&mut deal));
                 docs.push(doc);
             }
             Err(f) => failed.push(*f),
@@ -719,7 +741,9 @@ async fn prepare(
         docs,
         lines,
         raws,
+        contacts,
         updates,
+        update_contacts,
         skipped,
         failed,
         first_line: batch.first_line,
@@ -727,6 +751,13 @@ async fn prepare(
         end: batch.end,
         records_end: batch.records_end,
     })
+}
+
+/// The contact a deal names (its email is the key; a name alone links
+/// nothing and stays on the deal as text).
+fn contact_of(deal: &mut MappedDeal) -> Option<Contact> {
+    let email = deal.contact_email.take()?;
+    Some((email, deal.contact_name.take()))
 }
 
 async fn resolve_stage(
@@ -751,8 +782,18 @@ async fn resolve_stage(
 
 /// Inserts a batch's deals, then stores its outcomes; retried as a whole on
 /// transient errors (both steps are idempotent).
-async fn write_batch(db: Database, writer: DealWriter, queue_id: ObjectId, p: Prepared) -> Written {
+async fn write_batch(
+    db: Database,
+    writer: DealWriter,
+    linker: Option<ContactLinker>,
+    queue_id: ObjectId,
+    mut p: Prepared,
+) -> Written {
     let started = Instant::now();
+    let (contacts_created, refused) = match &linker {
+        Some(linker) => link_contacts(linker, &mut p).await?,
+        None => (0, Vec::new()),
+    };
     let results = (|| writer.insert(&p.docs, &p.lines))
         .retry(write_retry())
         .when(|e| e.is_transient())
@@ -776,17 +817,10 @@ async fn write_batch(db: Database, writer: DealWriter, queue_id: ObjectId, p: Pr
         updated: Vec::new(),
         skipped: p.skipped,
         failed: p.failed,
+        contacts_created,
     };
-    let rejected = |line: LineNo, message: String, raw: &RawCells| FailedRow {
-        error: crate::domain::RowError {
-            line,
-            code: crate::domain::RowCode::WriteRejected,
-            field: None,
-            value: None,
-            message,
-        },
-        cells: raw.to_cells(),
-    };
+    outcome.failed.extend(refused);
+    let rejected = rejected_row;
     for ((line, result), raw) in p.lines.iter().zip(results).zip(&p.raws) {
         match result {
             LineWrite::Rejected(message) => outcome.failed.push(rejected(*line, message, raw)),
@@ -807,6 +841,91 @@ async fn write_batch(db: Database, writer: DealWriter, queue_id: ObjectId, p: Pr
         .await?;
     metrics::histogram!(m::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
     Ok((outcome, p.end, p.records_end))
+}
+
+/// A line the database refused, with its original cells for the report.
+fn rejected_row(line: LineNo, message: String, raw: &RawCells) -> FailedRow {
+    FailedRow {
+        error: crate::domain::RowError {
+            line,
+            code: crate::domain::RowCode::WriteRejected,
+            field: None,
+            value: None,
+            message,
+        },
+        cells: raw.to_cells(),
+    }
+}
+
+/// Links each deal of the batch to its contact, creating the missing ones,
+/// and adds `contact_id` to its document (or its `$set`). A line whose
+/// contact the database refuses leaves the batch as a failed line. Returns
+/// the contacts created and those lines.
+async fn link_contacts(
+    linker: &ContactLinker,
+    p: &mut Prepared,
+) -> Result<(u64, Vec<FailedRow>), Abort> {
+    let refs: Vec<ContactRef<'_>> = p
+        .lines
+        .iter()
+        .zip(&p.contacts)
+        .chain(p.updates.iter().map(|u| &u.0).zip(&p.update_contacts))
+        .filter_map(|(line, c)| {
+            c.as_ref().map(|(email, name)| ContactRef {
+                line: *line,
+                email,
+                name: name.as_deref(),
+            })
+        })
+        .collect();
+    if refs.is_empty() {
+        return Ok((0, Vec::new()));
+    }
+    let linked = (|| linker.link(&refs))
+        .retry(write_retry())
+        .when(|e| e.is_transient())
+        .notify(|e, _| warn!(error = %error_chain(e), "Contact lookup failed; retrying"))
+        .await
+        .map_err(|e| Abort::Transient(error_chain(&e)))?;
+    drop(refs);
+    let mut links = linked.links.into_iter();
+    let mut refused = Vec::new();
+    let mut keep = vec![true; p.docs.len()];
+    for (i, contact) in p.contacts.iter().enumerate() {
+        match (contact, contact.as_ref().and_then(|_| links.next())) {
+            (Some(_), Some(Linked::Contact(id))) => p.docs[i].append("contact_id", id),
+            (Some(_), Some(Linked::Refused(message))) => {
+                keep[i] = false;
+                refused.push(rejected_row(p.lines[i], message, &p.raws[i]));
+            }
+            _ => {}
+        }
+    }
+    retain_by(&mut p.docs, &keep);
+    retain_by(&mut p.lines, &keep);
+    retain_by(&mut p.raws, &keep);
+    retain_by(&mut p.contacts, &keep);
+    let mut keep = vec![true; p.updates.len()];
+    for (i, contact) in p.update_contacts.iter().enumerate() {
+        let (line, _, set, raw) = &mut p.updates[i];
+        match (contact, contact.as_ref().and_then(|_| links.next())) {
+            (Some(_), Some(Linked::Contact(id))) => set.append("contact_id", id),
+            (Some(_), Some(Linked::Refused(message))) => {
+                keep[i] = false;
+                refused.push(rejected_row(*line, message, raw));
+            }
+            _ => {}
+        }
+    }
+    retain_by(&mut p.updates, &keep);
+    retain_by(&mut p.update_contacts, &keep);
+    Ok((linked.created, refused))
+}
+
+/// Keeps the items of `v` whose flag in `keep` is set.
+fn retain_by<T>(v: &mut Vec<T>, keep: &[bool]) {
+    let mut flags = keep.iter();
+    v.retain(|_| flags.next().copied().unwrap_or(true));
 }
 
 /// Counts a committed batch and saves progress at most every interval.

@@ -56,6 +56,12 @@ pub fn deal_id(queue_id: &ObjectId, line: LineNo) -> Option<ObjectId> {
     ]))
 }
 
+/// Id of the contact an import creates for the first line naming it: the
+/// scheme of [`deal_id`], in the `contacts` collection.
+pub fn contact_id(queue_id: &ObjectId, line: LineNo) -> Option<ObjectId> {
+    deal_id(queue_id, line)
+}
+
 /// Inclusive `_id` range holding every record id of import `queue_id`.
 pub fn deal_id_range(queue_id: &ObjectId) -> (ObjectId, ObjectId) {
     let q = queue_id.bytes();

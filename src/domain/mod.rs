@@ -10,7 +10,7 @@ use bson::oid::ObjectId;
 pub mod ids;
 pub mod text;
 
-pub use ids::{deal_id, deal_id_range, line_of_deal_id};
+pub use ids::{contact_id, deal_id, deal_id_range, line_of_deal_id};
 
 /// Collection names: the data contract of SPEC.md.
 pub mod collections {
@@ -20,6 +20,9 @@ pub mod collections {
     pub const DEALS: &str = "deals";
     /// Stages of pipelines; unique per `(account_id, pipeline_id, name)`.
     pub const PIPELINE_STAGES: &str = "pipeline_stages";
+    /// Contacts; unique per `(account_id, email)`. Deals imports create
+    /// the contacts their rows name.
+    pub const CONTACTS: &str = "contacts";
     /// Pipelines (read only).
     pub const PIPELINES: &str = "pipelines";
     /// Users (read only): the summary email's address.

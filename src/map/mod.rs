@@ -275,6 +275,13 @@ impl Plan {
         })
     }
 
+    /// Whether deals of this plan name contacts (a `contact_email` column).
+    pub fn links_contacts(&self) -> bool {
+        self.columns
+            .iter()
+            .any(|c| c.target == FieldTarget::Standard(DealField::ContactEmail))
+    }
+
     /// Maps one record to a deal, or says why it cannot be imported.
     pub fn map_deal<F: Fields + ?Sized>(
         &self,

@@ -54,6 +54,8 @@ pub struct BatchOutcome {
     pub skipped: Vec<(LineNo, ObjectId)>,
     /// Failed lines.
     pub failed: Vec<FailedRow>,
+    /// Contacts the batch's deals named and the batch created.
+    pub contacts_created: u64,
 }
 
 fn failure_doc(f: &FailedRow, keep_row: bool) -> Document {
@@ -113,6 +115,7 @@ pub async fn record_batch(db: &Database, queue_id: ObjectId, batch: &BatchOutcom
         "skipped_count": batch.skipped.len() as i64,
         "failed": failed,
         "failed_count": batch.failed.len() as i64,
+        "contacts_created": batch.contacts_created as i64,
         "written_at": DateTime::now(),
     };
     db.collection::<Document>(collections::IMPORT_LINES)
@@ -144,6 +147,8 @@ pub struct Totals {
     pub skipped: u64,
     /// Failed rows.
     pub failed: u64,
+    /// Contacts created for the deals' contact emails.
+    pub contacts_created: u64,
 }
 
 /// Sums the outcome documents of `queue_id`.
@@ -158,6 +163,7 @@ pub async fn totals(db: &Database, queue_id: ObjectId) -> Result<Totals> {
                 "updated": { "$sum": "$updated_count" },
                 "skipped": { "$sum": "$skipped_count" },
                 "failed": { "$sum": "$failed_count" },
+                "contacts_created": { "$sum": "$contacts_created" },
             } },
         ])
         .await?;
@@ -175,6 +181,7 @@ pub async fn totals(db: &Database, queue_id: ObjectId) -> Result<Totals> {
         updated: n("updated"),
         skipped: n("skipped"),
         failed: n("failed"),
+        contacts_created: n("contacts_created"),
         rows: 0,
     };
     Ok(Totals {
@@ -380,6 +387,7 @@ pub async fn close_summary(
                 "total_updated": totals.updated as i64,
                 "total_skipped": totals.skipped as i64,
                 "total_errors": totals.failed as i64,
+                "total_contacts_created": totals.contacts_created as i64,
                 "logs": logs.iter().map(RowErrorDoc::to_log).collect::<Vec<_>>(),
                 "finished_at": DateTime::now(),
             } },

@@ -390,6 +390,7 @@ impl Notifier {
             "totals": {
                 "rows": totals.rows, "imported": totals.imported, "updated": totals.updated,
                 "skipped": totals.skipped, "failed": totals.failed,
+                "contacts_created": totals.contacts_created,
             },
             "error": q.get_document("error").ok().map(|e| serde_json::json!({
                 "code": e.get_str("code").unwrap_or(""), "message": e.get_str("message").unwrap_or(""),

@@ -147,13 +147,17 @@ impl ImportSummary {
 
     fn counts(&self) -> Vec<(&'static str, String)> {
         let t = &self.totals;
-        vec![
+        let mut counts = vec![
             ("Rows", thousands(t.rows)),
             ("Imported", thousands(t.imported)),
             ("Updated", thousands(t.updated)),
             ("Skipped", thousands(t.skipped)),
             ("Failed", thousands(t.failed)),
-        ]
+        ];
+        if t.contacts_created > 0 {
+            counts.push(("Contacts created", thousands(t.contacts_created)));
+        }
+        counts
     }
 
     fn rows(&self) -> Vec<Row> {
@@ -206,6 +210,7 @@ mod tests {
                 updated: 0,
                 skipped: 0,
                 failed: 1_235,
+                contacts_created: 4_321,
             },
             duration_secs: 125,
             pipeline_name: Some("Sales <EU>".into()),
@@ -249,6 +254,7 @@ mod tests {
             "Sales <EU>",
             "Qualified",
             "sig=1&b=2",
+            "Contacts created: 4,321",
         ] {
             assert!(text.contains(needle), "{needle} missing in:\n{text}");
         }

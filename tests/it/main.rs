@@ -3,6 +3,7 @@
 
 mod claim;
 mod config_cli;
+mod contacts;
 mod deals;
 mod helpers;
 mod http;

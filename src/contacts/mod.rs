@@ -1,0 +1,421 @@
+//! Contacts a deals import links to (SPEC.md: `contact_email` and
+//! `contact_name` "link the deal to the account's contact with that email,
+//! creating the contact if missing"). Writes no deals.
+//!
+//! Guarantees:
+//! - One contact per `(account_id, email)`: the unique index on those keys
+//!   makes two batches, two imports or two daemons racing on a new email
+//!   create one contact; the loser's duplicate-key error is answered by
+//!   reading the winner's contact.
+//! - Existing contacts are linked, never modified.
+//! - A contact created by an import has the deterministic id
+//!   `contact_id(queue_id, line)` of the first line that named it, and
+//!   `import: {queue_id, line}`. A replayed batch therefore recognises the
+//!   contacts it created in an earlier run, so its count of contacts created
+//!   is the same however often it runs, and support or an undo finds them
+//!   by one `_id` range.
+//! - Insert first, read only on conflict: an import of new contacts costs one
+//!   round trip per batch; a bounded cache (`import.contact_cache`) saves
+//!   the round trip for emails seen recently in the same import.
+//!
+//! Pure part: [`plan`] (which emails a batch must resolve, by which line)
+//! and [`ContactBuilder`] (the document of a new contact), unit-tested here.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bson::oid::ObjectId;
+use bson::{Bson, DateTime, Document, RawArrayBuf, RawDocumentBuf, doc};
+use futures::TryStreamExt;
+use mongodb::error::{ErrorKind, InsertManyError};
+use mongodb::{Collection, Database};
+use quick_cache::sync::Cache;
+
+use crate::domain::{ImportSpec, LineNo, collections, contact_id};
+
+/// Errors of the contacts layer (a contact refused for one line is not an
+/// error: it fails that line).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// MongoDB failed for the whole batch.
+    #[error(transparent)]
+    Mongo(#[from] mongodb::error::Error),
+}
+
+impl Error {
+    /// Whether retrying may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Mongo(e) => crate::db::is_transient(e),
+        }
+    }
+}
+
+/// Result alias of this layer.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A deal's contact as the CSV names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ContactRef<'a> {
+    /// The deal's line.
+    pub line: LineNo,
+    /// Lower-cased, validated email.
+    pub email: &'a str,
+    /// Full name, if the file has one.
+    pub name: Option<&'a str>,
+}
+
+/// A contact to resolve: the first line of the batch that names `email`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wanted<'a> {
+    /// First line naming it in the batch.
+    pub line: LineNo,
+    /// Email key.
+    pub email: &'a str,
+    /// Name from that line.
+    pub name: Option<&'a str>,
+}
+
+/// The distinct emails of `refs` that `known` cannot answer, each with the
+/// first line naming it, in order of first appearance. Pure.
+pub fn plan<'a>(refs: &[ContactRef<'a>], known: impl Fn(&str) -> bool) -> Vec<Wanted<'a>> {
+    let mut seen = std::collections::HashSet::with_capacity(refs.len());
+    refs.iter()
+        .filter(|r| !known(r.email) && seen.insert(r.email))
+        .map(|r| Wanted {
+            line: r.line,
+            email: r.email,
+            name: r.name,
+        })
+        .collect()
+}
+
+/// `(first_name, last_name)` of a full name: the first word, then the rest.
+/// Pure.
+pub fn split_name(full: &str) -> (&str, &str) {
+    let full = full.trim();
+    match full.split_once(char::is_whitespace) {
+        Some((first, rest)) => (first, rest.trim_start()),
+        None => (full, ""),
+    }
+}
+
+/// Builds the documents of contacts one import creates. Pure.
+#[derive(Clone, Debug)]
+pub struct ContactBuilder {
+    queue_id: ObjectId,
+    account_id: ObjectId,
+    user_id: ObjectId,
+    tags: RawArrayBuf,
+}
+
+impl ContactBuilder {
+    /// A builder for the import described by `spec`.
+    pub fn new(spec: &ImportSpec) -> Self {
+        Self {
+            queue_id: spec.queue_id,
+            account_id: spec.account_id,
+            user_id: spec.user_id,
+            tags: spec.tags.iter().map(String::as_str).collect(),
+        }
+    }
+
+    /// The new contact `w` names, with the id `id`.
+    pub fn build(&self, id: ObjectId, w: &Wanted<'_>, now: DateTime) -> RawDocumentBuf {
+        let (first, last) = split_name(w.name.unwrap_or_default());
+        let mut d = RawDocumentBuf::new();
+        d.append("_id", id);
+        d.append("account_id", self.account_id);
+        d.append("email", w.email);
+        d.append("first_name", first);
+        d.append("last_name", last);
+        d.append("owner", self.user_id);
+        d.append("created_by", self.user_id);
+        d.append("source", "csv");
+        d.append("tags", self.tags.clone());
+        d.append("additional_info", RawDocumentBuf::new());
+        let mut import = RawDocumentBuf::new();
+        import.append("queue_id", self.queue_id);
+        import.append("line", w.line as i64);
+        d.append("import", import);
+        d.append("created_at", now);
+        d.append("updated_at", now);
+        d
+    }
+}
+
+/// How one deal's contact was resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Linked {
+    /// The contact's id.
+    Contact(ObjectId),
+    /// The contact could be neither created nor found: the line fails.
+    Refused(String),
+}
+
+/// The contacts of one batch, resolved.
+#[derive(Debug, Default)]
+pub struct BatchLinks {
+    /// One entry per input [`ContactRef`], in order.
+    pub links: Vec<Linked>,
+    /// Contacts this batch created (counted the same on a replay).
+    pub created: u64,
+}
+
+/// Resolves and creates the contacts of one import. Cheap to clone: batch
+/// tasks share its cache.
+#[derive(Clone)]
+pub struct ContactLinker {
+    coll: Collection<RawDocumentBuf>,
+    builder: ContactBuilder,
+    cache: Arc<Cache<Box<str>, ObjectId>>,
+}
+
+impl ContactLinker {
+    /// A linker for the import `spec`, caching up to `cache_entries` emails.
+    pub fn new(db: &Database, spec: &ImportSpec, cache_entries: usize) -> Self {
+        Self {
+            coll: db.collection(collections::CONTACTS),
+            builder: ContactBuilder::new(spec),
+            cache: Arc::new(Cache::new(cache_entries.max(1))),
+        }
+    }
+
+    /// Resolves each ref to its contact, creating the missing ones.
+    pub async fn link(&self, refs: &[ContactRef<'_>]) -> Result<BatchLinks> {
+        // Cached ids are taken now: a later insert may evict them.
+        let mut resolved: HashMap<&str, Linked> = HashMap::with_capacity(refs.len());
+        for r in refs {
+            if let Some(id) = self.cache.get(r.email) {
+                resolved.insert(r.email, Linked::Contact(id));
+            }
+        }
+        let wanted = plan(refs, |e| resolved.contains_key(e));
+        let mut created = 0;
+        if !wanted.is_empty() {
+            let now = DateTime::now();
+            // Deterministic ids first (a replay recognises its own
+            // contacts); a line past their range gets a fresh id.
+            let ids: Vec<ObjectId> = wanted
+                .iter()
+                .map(|w| {
+                    // Past the deterministic range: a fresh id (default).
+                    contact_id(&self.builder.queue_id, w.line).unwrap_or_default()
+                })
+                .collect();
+            let docs: Vec<RawDocumentBuf> = wanted
+                .iter()
+                .zip(&ids)
+                .map(|(w, id)| self.builder.build(*id, w, now))
+                .collect();
+            let (inserted, conflicts, refused) = self.insert(&docs).await?;
+            for i in inserted {
+                resolved.insert(wanted[i].email, Linked::Contact(ids[i]));
+                created += 1;
+            }
+            for (i, message) in refused {
+                resolved.insert(wanted[i].email, Linked::Refused(message));
+            }
+            if !conflicts.is_empty() {
+                let emails: Vec<&str> = conflicts.iter().map(|&i| wanted[i].email).collect();
+                let found = self.find(&emails).await?;
+                let mut retry = Vec::new();
+                for &i in &conflicts {
+                    let w = &wanted[i];
+                    match found.get(w.email) {
+                        Some(id) => {
+                            // Ours from an earlier run of this batch: still
+                            // created by this import, at this line.
+                            if *id == ids[i] {
+                                created += 1;
+                            }
+                            resolved.insert(w.email, Linked::Contact(*id));
+                        }
+                        // The id clashed but the email is free (the contact
+                        // this line created was since given another email):
+                        // create it under a fresh id.
+                        None => retry.push(i),
+                    }
+                }
+                if !retry.is_empty() {
+                    self.create_fresh(&wanted, &retry, now, &mut resolved, &mut created)
+                        .await?;
+                }
+            }
+            for (email, link) in &resolved {
+                if let Linked::Contact(id) = link {
+                    self.cache.insert((*email).into(), *id);
+                }
+            }
+        }
+        let links =
+            refs.iter()
+                .map(|r| {
+                    resolved.get(r.email).cloned().unwrap_or_else(|| {
+                        Linked::Refused("The contact could not be resolved.".into())
+                    })
+                })
+                .collect();
+        Ok(BatchLinks { links, created })
+    }
+
+    /// Second chance for emails whose deterministic id was taken.
+    async fn create_fresh<'a>(
+        &self,
+        wanted: &[Wanted<'a>],
+        which: &[usize],
+        now: DateTime,
+        resolved: &mut HashMap<&'a str, Linked>,
+        created: &mut u64,
+    ) -> Result<()> {
+        let ids: Vec<ObjectId> = which.iter().map(|_| ObjectId::new()).collect();
+        let docs: Vec<RawDocumentBuf> = which
+            .iter()
+            .zip(&ids)
+            .map(|(&i, id)| self.builder.build(*id, &wanted[i], now))
+            .collect();
+        let (inserted, conflicts, refused) = self.insert(&docs).await?;
+        for k in inserted {
+            resolved.insert(wanted[which[k]].email, Linked::Contact(ids[k]));
+            *created += 1;
+        }
+        for (k, message) in refused {
+            resolved.insert(wanted[which[k]].email, Linked::Refused(message));
+        }
+        if !conflicts.is_empty() {
+            let emails: Vec<&str> = conflicts.iter().map(|&k| wanted[which[k]].email).collect();
+            let found = self.find(&emails).await?;
+            for k in conflicts {
+                let email = wanted[which[k]].email;
+                let link = match found.get(email) {
+                    Some(id) => Linked::Contact(*id),
+                    None => {
+                        Linked::Refused("The contact could be neither created nor found.".into())
+                    }
+                };
+                resolved.insert(email, link);
+            }
+        }
+        Ok(())
+    }
+
+    /// Unordered insert: `(inserted, duplicate-key conflicts, refused)`, as
+    /// indexes into `docs`.
+    async fn insert(
+        &self,
+        docs: &[RawDocumentBuf],
+    ) -> Result<(Vec<usize>, Vec<usize>, Vec<(usize, String)>)> {
+        let err = match self.coll.insert_many(docs).ordered(false).await {
+            Ok(_) => return Ok(((0..docs.len()).collect(), Vec::new(), Vec::new())),
+            Err(e) => e,
+        };
+        let write_errors = match err.kind.as_ref() {
+            ErrorKind::InsertMany(InsertManyError {
+                write_errors: Some(w),
+                write_concern_error: None,
+                ..
+            }) => w,
+            _ => return Err(err.into()),
+        };
+        let mut failed = vec![None; docs.len()];
+        for w in write_errors {
+            if let Some(slot) = failed.get_mut(w.index) {
+                *slot = Some(w.code);
+            }
+        }
+        let (mut inserted, mut conflicts, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, code) in failed.into_iter().enumerate() {
+            match code {
+                None => inserted.push(i),
+                Some(11000) => conflicts.push(i),
+                Some(code) => refused.push((
+                    i,
+                    format!("The database refused the deal's contact (code {code})."),
+                )),
+            }
+        }
+        Ok((inserted, conflicts, refused))
+    }
+
+    /// The account's contacts with these emails, by email.
+    async fn find(&self, emails: &[&str]) -> Result<HashMap<String, ObjectId>> {
+        let mut cursor = self
+            .coll
+            .clone_with_type::<Document>()
+            .find(doc! {
+                "account_id": self.builder.account_id,
+                "email": { "$in": emails },
+            })
+            .projection(doc! { "_id": 1, "email": 1 })
+            .await?;
+        let mut found = HashMap::with_capacity(emails.len());
+        while let Some(d) = cursor.try_next().await? {
+            if let (Ok(id), Some(Bson::String(email))) = (d.get_object_id("_id"), d.get("email")) {
+                found.insert(email.clone(), id);
+            }
+        }
+        Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(line: LineNo, email: &'static str) -> ContactRef<'static> {
+        ContactRef {
+            line,
+            email,
+            name: None,
+        }
+    }
+
+    #[test]
+    fn plan_keeps_first_line_per_email_and_skips_known() {
+        let refs = [
+            r(2, "a@x.co"),
+            r(3, "b@x.co"),
+            r(4, "a@x.co"),
+            r(5, "c@x.co"),
+        ];
+        let w = plan(&refs, |e| e == "b@x.co");
+        let got: Vec<(LineNo, &str)> = w.iter().map(|w| (w.line, w.email)).collect();
+        assert_eq!(got, [(2, "a@x.co"), (5, "c@x.co")]);
+    }
+
+    #[test]
+    fn names_split_at_the_first_word() {
+        assert_eq!(split_name("Jane Q. Doe"), ("Jane", "Q. Doe"));
+        assert_eq!(split_name("  Cher "), ("Cher", ""));
+        assert_eq!(split_name(""), ("", ""));
+        assert_eq!(split_name("Ana\tMaria  Lopez"), ("Ana", "Maria  Lopez"));
+    }
+
+    #[test]
+    fn a_new_contact_carries_the_import_and_never_the_csv_in_keys() {
+        let spec_queue = ObjectId::new();
+        let b = ContactBuilder {
+            queue_id: spec_queue,
+            account_id: ObjectId::new(),
+            user_id: ObjectId::new(),
+            tags: ["q4"].into_iter().collect(),
+        };
+        let w = Wanted {
+            line: 7,
+            email: "$set@x.co",
+            name: Some("Jane Doe"),
+        };
+        let id = contact_id(&spec_queue, 7).unwrap();
+        let d = b.build(id, &w, DateTime::from_millis(0));
+        let d = d.to_document().unwrap();
+        assert_eq!(d.get_object_id("_id").unwrap(), id);
+        assert_eq!(d.get_str("email").unwrap(), "$set@x.co");
+        assert_eq!(d.get_str("first_name").unwrap(), "Jane");
+        assert_eq!(d.get_str("last_name").unwrap(), "Doe");
+        assert_eq!(d.get_str("source").unwrap(), "csv");
+        let import = d.get_document("import").unwrap();
+        assert_eq!(import.get_object_id("queue_id").unwrap(), spec_queue);
+        assert_eq!(import.get_i64("line").unwrap(), 7);
+        assert!(d.keys().all(|k| !k.starts_with('$')));
+    }
+}
