@@ -93,7 +93,7 @@ pub async fn delete_created(db: &mongodb::Database, queue_id: ObjectId) -> Resul
 const DEAL_CAPACITY: usize = 512;
 
 /// An empty BSON document whose buffer holds `capacity` bytes.
-fn raw_with_capacity(capacity: usize) -> RawDocumentBuf {
+pub(crate) fn raw_with_capacity(capacity: usize) -> RawDocumentBuf {
     let mut bytes = Vec::with_capacity(capacity.max(5));
     bytes.extend_from_slice(&5_i32.to_le_bytes());
     bytes.push(0);
