@@ -9,7 +9,7 @@
 //! complete (imported + failed = rows, failed = the planted lines); exactly
 //! one summary email per import. Exit code 1 if any check fails.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -27,19 +27,36 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Writes a file; returns the number of bad rows (every 97th).
-fn generate(path: &Path, rows: usize) -> u64 {
+/// Distinct contact emails of the files: every import names contacts the
+/// others name too, so imports race on creating them.
+const CONTACTS: usize = 20_000;
+
+/// Writes a file; returns the number of bad rows (every 97th). Adds the
+/// contact of each valid row to `contacts`.
+fn generate(path: &Path, rows: usize, contacts: &mut HashSet<usize>) -> u64 {
     let mut w = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    writeln!(w, "Name,Value,Stage,Notes").unwrap();
+    writeln!(w, "Name,Value,Stage,Notes,Contact").unwrap();
     let mut bad = 0;
     let mut line = String::new();
     for i in 0..rows {
         line.clear();
         if i % 97 == 13 {
             bad += 1;
-            let _ = writeln!(line, "Deal {i},not-a-number,Stage {},\"two\nlines\"", i % 6);
+            let _ = writeln!(
+                line,
+                "Deal {i},not-a-number,Stage {},\"two\nlines\",c{}@chaos.example",
+                i % 6,
+                i % CONTACTS
+            );
         } else {
-            let _ = writeln!(line, "Deal {i},{},Stage {},plain", i * 7, i % 6);
+            contacts.insert(i % CONTACTS);
+            let _ = writeln!(
+                line,
+                "Deal {i},{},Stage {},plain,C{}@Chaos.example",
+                i * 7,
+                i % 6,
+                i % CONTACTS
+            );
         }
         w.write_all(line.as_bytes()).unwrap();
     }
@@ -65,6 +82,7 @@ fn request(
                 ("Value", "value"),
                 ("Stage", "stage_id"),
                 ("Notes", "description"),
+                ("Contact", "contact_email"),
             ]
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -180,9 +198,10 @@ async fn main() {
     let imports = if infra { 6 } else { 5 };
     let mut ids = Vec::new();
     let mut planted = HashMap::new();
+    let mut contacts = HashSet::new();
     for n in 0..imports {
         let path = dir.path().join(format!("chaos-{stamp}-{n}.csv"));
-        let bad = generate(&path, rows);
+        let bad = generate(&path, rows, &mut contacts);
         let req = request(path, &demo);
         let id = importd::cli::enqueue::enqueue(&db, &svc.storage, &req)
             .await
@@ -238,7 +257,7 @@ async fn main() {
     if infra {
         let n = imports - 1;
         let path = dir.path().join(format!("chaos-{stamp}-{n}.csv"));
-        let bad = generate(&path, rows * 2);
+        let bad = generate(&path, rows * 2, &mut contacts);
         let req = request(path, &demo);
         let id = importd::cli::enqueue::enqueue(&db, &svc.storage, &req)
             .await
@@ -307,6 +326,7 @@ async fn main() {
         println!("{} {name}", if pass { "PASS" } else { "FAIL" });
         ok &= pass;
     };
+    let mut contacts_created = 0;
     let maildir = std::env::var_os("IMPORTD_STACK_MAILDIR")
         .map_or_else(|| root().join(".stack/mail"), PathBuf::from)
         .join("new");
@@ -368,6 +388,18 @@ async fn main() {
             distinct as u64 == deals,
         );
         let t = importd::outcomes::totals(&db, *id).await.unwrap();
+        contacts_created += t.contacts_created;
+        let linked = db
+            .collection::<Document>(collections::DEALS)
+            .count_documents(
+                doc! { "_id": { "$gte": lo, "$lte": hi }, "contact_id": { "$exists": true } },
+            )
+            .await
+            .unwrap();
+        check(
+            format!("import {n}: every deal linked to its contact ({linked})"),
+            linked == deals,
+        );
         check(
             format!(
                 "import {n}: outcomes imported {} + failed {} = rows {rows_here}, failed = planted {bad}",
@@ -385,6 +417,24 @@ async fn main() {
             count == 1,
         );
     }
+    let stored = db
+        .collection::<Document>(collections::CONTACTS)
+        .count_documents(doc! { "account_id": demo.account_id })
+        .await
+        .unwrap();
+    let emails = db
+        .collection::<Document>(collections::CONTACTS)
+        .distinct("email", doc! { "account_id": demo.account_id })
+        .await
+        .unwrap()
+        .len() as u64;
+    check(
+        format!(
+            "contacts: {stored} stored, {emails} distinct emails, {} named by valid rows, {contacts_created} counted as created",
+            contacts.len()
+        ),
+        stored == contacts.len() as u64 && emails == stored && contacts_created == stored,
+    );
     println!(
         "\n{} imports of {rows} rows, 3 daemons, {kills} kill -9 ({} daemon starts), daemon phase {:.1?}",
         ids.len(),

@@ -185,3 +185,47 @@ async fn racing_imports_and_a_replay_create_each_contact_once() {
     assert_eq!(app.count(collections::DEALS, doc! {}).await, 1200);
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_updated_deal_is_linked_to_the_contact_its_row_names() {
+    let mut app = TestApp::new().await;
+    let existing = ObjectId::new();
+    app.coll(collections::DEALS)
+        .insert_one(doc! {
+            "_id": existing, "name": "Acme deal", "account_id": app.account_id,
+            "pipeline_id": app.pipeline_id,
+        })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let csv = "Deal Name,Contact Name,Contact Email\nACME Deal,Dana Scully,dana@fbi.gov\n";
+    let id = app
+        .enqueue_with(
+            "update.csv",
+            csv.as_bytes(),
+            &MAPPING,
+            doc! { "additional_data": { "pipeline_id": app.pipeline_id, "duplicate_strategy": "update" } },
+        )
+        .await;
+    let q = app.wait_completed(id, LONG).await;
+    assert_eq!(get_i64(&q, "progress.updated_rows"), 1);
+    assert_eq!(get_i64(&q, "contacts_created"), 1);
+    let contact = app
+        .coll(collections::CONTACTS)
+        .find_one(doc! { "email": "dana@fbi.gov" })
+        .await
+        .unwrap()
+        .expect("contact created");
+    let deal = app
+        .coll(collections::DEALS)
+        .find_one(doc! { "_id": existing })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        deal.get_object_id("contact_id").unwrap(),
+        contact.get_object_id("_id").unwrap()
+    );
+    assert_eq!(contact.get_str("last_name").unwrap(), "Scully");
+    app.cleanup().await;
+}
