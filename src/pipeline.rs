@@ -602,17 +602,18 @@ async fn produce(
         let Some(record) = records.next().await? else {
             break;
         };
-        if skip > 0 {
-            skip -= 1;
-            continue;
-        }
         if record.fields.len() == 1
             && record
                 .fields
                 .get(0)
                 .is_some_and(|f| f.iter().all(u8::is_ascii_whitespace))
         {
-            // A whitespace-only line is not a row.
+            // A whitespace-only line is not a row (nor counted in the
+            // checkpoint's records, so not in `skip` either).
+            continue;
+        }
+        if skip > 0 {
+            skip -= 1;
             continue;
         }
         count += 1;

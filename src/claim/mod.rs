@@ -501,6 +501,19 @@ impl Claimer {
             .await?)
     }
 
+    /// Extends this daemon's sending round of `queue_id` by `lease`.
+    /// Returns false when the round is no longer ours.
+    pub async fn renew_notification(&self, queue_id: ObjectId, lease: Duration) -> Result<bool> {
+        let r = self
+            .queues
+            .update_one(
+                doc! { "_id": queue_id, "notify.state": "sending", "notify.owner": &self.owner },
+                doc! { "$set": { "notify.expires_at": now_plus(lease) } },
+            )
+            .await?;
+        Ok(r.matched_count == 1)
+    }
+
     /// Ends a sending round: `state` is `sent`, `skipped`, `failed`, or
     /// `pending` (another round later). `fields` are merged into the `$set`.
     /// Returns false when the round was no longer ours.

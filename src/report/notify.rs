@@ -119,8 +119,9 @@ pub struct Notifier {
     http: reqwest::Client,
 }
 
-/// A notification round's lease: longer than a full round of retries.
-const ROUND_LEASE: Duration = Duration::from_secs(15 * 60);
+/// A notification round's lease, renewed every third of it while the round
+/// runs: a daemon killed mid-round gives the round up within a minute.
+const ROUND_LEASE: Duration = Duration::from_secs(60);
 
 impl Notifier {
     /// A notifier sending as `claimer`'s owner.
@@ -175,13 +176,42 @@ impl Notifier {
         }
     }
 
+    /// Renews the round's lease every third of it; returns when the round
+    /// is lost, or when no renewal succeeded for a whole lease (the round
+    /// may have expired and been taken).
+    async fn hold_round(&self, queue_id: ObjectId) {
+        let mut last_ok = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(ROUND_LEASE / 3).await;
+            match self.claimer.renew_notification(queue_id, ROUND_LEASE).await {
+                Ok(true) => last_ok = tokio::time::Instant::now(),
+                Ok(false) => return,
+                Err(e) => {
+                    warn!(error = %error_chain(&e), "Could not renew the notification round");
+                    if last_ok.elapsed() >= ROUND_LEASE * 2 / 3 {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
     async fn round(&self, doc: Document) {
         let Ok(queue_id) = doc.get_object_id("_id") else {
             return;
         };
         let span = info_span!("notify", queue_id = %queue_id);
         async {
-            let (state, fields) = match self.send_summary(queue_id, &doc).await {
+            let sent = tokio::select! {
+                sent = self.send_summary(queue_id, &doc) => sent,
+                () = self.hold_round(queue_id) => {
+                    // Another daemon may take the round from here on: stop
+                    // before it could send a second email.
+                    warn!("Notification round lease lost; stopped");
+                    return;
+                }
+            };
+            let (state, fields) = match sent {
                 Ok(outcome) => outcome,
                 Err(e) => {
                     let rounds = doc.get_document("notify").ok().and_then(|n| n.get_i64("rounds").ok()).unwrap_or(1);

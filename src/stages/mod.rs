@@ -28,9 +28,10 @@ pub enum Error {
     /// MongoDB failed.
     #[error(transparent)]
     Mongo(#[from] mongodb::error::Error),
-    /// A stage vanished between a duplicate-key error and the re-read.
-    #[error("stage \"{0}\" could be neither created nor found")]
-    Vanished(String),
+    /// A stage vanished between a duplicate-key error and the re-read (its
+    /// name is a CSV value: kept out of the message, which is logged).
+    #[error("a stage could be neither created nor found")]
+    Vanished,
 }
 
 impl Error {
@@ -38,7 +39,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Mongo(e) => crate::db::is_transient(e),
-            Self::Vanished(_) => true,
+            Self::Vanished => true,
         }
     }
 }
@@ -146,7 +147,7 @@ impl StageCache {
                 .projection(doc! { "_id": 1 })
                 .await?
                 .and_then(|d| d.get_object_id("_id").ok())
-                .ok_or_else(|| Error::Vanished(stage.key.clone()))?,
+                .ok_or(Error::Vanished)?,
             Err(e) => return Err(e.into()),
         };
         self.by_key.insert(stage.key.clone(), id);

@@ -772,3 +772,48 @@ async fn a_file_with_lone_cr_line_endings_imports_line_by_line() {
     assert_eq!(lines, [2, 5]);
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_utf16_file_with_blank_lines_continues_at_its_checkpoint() {
+    let mut app = TestApp::new().await;
+    app.spawn_daemon();
+    // UTF-16 has no byte mapping: a resume reads from the start and skips
+    // the checkpoint's count of data records. Whitespace-only lines are no
+    // records and must not be counted while skipping.
+    let mut text = String::from("Name\r\n");
+    let mut line = 1;
+    let mut line_of_row = Vec::new();
+    for i in 0..40 {
+        if i % 5 == 0 {
+            text.push_str("   \r\n");
+            line += 1;
+        }
+        line += 1;
+        line_of_row.push(line);
+        writeln!(text, "Deal {i}\r").unwrap();
+    }
+    let mut bytes = vec![0xFF, 0xFE];
+    for u in text.encode_utf16() {
+        bytes.extend(u.to_le_bytes());
+    }
+    let id = app
+        .enqueue_with(
+            "utf16.csv",
+            &bytes,
+            &[("Name", "name")],
+            doc! { "checkpoint": { "line": line_of_row[20] as i64, "byte": 0_i64, "records": 20_i64 } },
+        )
+        .await;
+    app.wait_completed(id, LONG).await;
+    let deals = app.find_all(collections::DEALS, doc! {}).await;
+    let mut lines: Vec<i64> = deals
+        .iter()
+        .map(|d| d.get_document("import").unwrap().get_i64("line").unwrap())
+        .collect();
+    lines.sort_unstable();
+    let expected: Vec<i64> = line_of_row[20..].iter().map(|&l| l as i64).collect();
+    assert_eq!(lines, expected, "rows from the checkpoint on, each once");
+    let names: HashSet<&str> = deals.iter().map(|d| d.get_str("name").unwrap()).collect();
+    assert!(names.contains("Deal 20") && !names.contains("Deal 19"));
+    app.cleanup().await;
+}
