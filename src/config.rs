@@ -36,6 +36,9 @@ pub enum Error {
 /// Result alias of this layer.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Shortest `app_secret` accepted when tokens are verified or minted.
+pub const MIN_APP_SECRET_CHARS: usize = 16;
+
 fn invalid(key: &'static str, message: impl Into<String>) -> Error {
     Error::Invalid {
         key,
@@ -475,6 +478,19 @@ impl Settings {
                 ));
             }
         };
+        // The status API verifies dashboard tokens and the webhook signs
+        // its own with this key: an empty or short one would let anyone
+        // mint a valid token.
+        if (raw.http.enabled || webhook_url.is_some())
+            && raw.app_secret.expose_secret().chars().count() < MIN_APP_SECRET_CHARS
+        {
+            return Err(invalid(
+                "app_secret",
+                format!(
+                    "must be at least {MIN_APP_SECRET_CHARS} characters when http.enabled or crm.webhook_url is set"
+                ),
+            ));
+        }
         if !(raw.s3.endpoint.starts_with("http://") || raw.s3.endpoint.starts_with("https://")) {
             return Err(invalid("s3.endpoint", "must be an http(s) URL"));
         }

@@ -103,6 +103,8 @@ type BoxRead = Pin<Box<dyn AsyncRead + Send>>;
 pub struct Records {
     rdr: AsyncReader<Tail>,
     record: ByteRecord,
+    /// Line after the last record read.
+    next_line: LineNo,
     line_base: u64,
     byte_base: u64,
     /// Dialect in use.
@@ -130,7 +132,21 @@ struct Tail {
     last: u8,
     eof: bool,
     cr_to_lf: bool,
+    /// Stream offset where the record being parsed starts.
+    record_start: u64,
 }
+
+/// Longest record accepted, in bytes. The parser holds a whole record in
+/// memory, so an unclosed quote (or a file without line ends) must not make
+/// the rest of the file one record: past this it is a `malformed_csv`
+/// file. Far above any real record (`import.max_field_chars` of 10,000
+/// characters in each of 400 columns is ~16 MB of the widest UTF-8).
+pub const MAX_RECORD_BYTES: u64 = 32 * 1024 * 1024;
+
+/// The stream ran past [`MAX_RECORD_BYTES`] inside one record.
+#[derive(Debug, thiserror::Error)]
+#[error("a record is longer than {MAX_RECORD_BYTES} bytes")]
+struct RecordTooLong;
 
 impl AsyncRead for Tail {
     fn poll_read(
@@ -154,6 +170,9 @@ impl AsyncRead for Tail {
                     this.total += filled.len() as u64;
                 }
                 None => this.eof = true,
+            }
+            if this.total.saturating_sub(this.record_start) > MAX_RECORD_BYTES {
+                return Poll::Ready(Err(std::io::Error::other(RecordTooLong)));
             }
         }
         poll
@@ -285,10 +304,12 @@ impl Records {
                 last: 0,
                 eof: false,
                 cr_to_lf: dialect.line_ending == LineEnding::Cr,
+                record_start: 0,
             });
         Self {
             rdr,
             record: ByteRecord::new(),
+            next_line: start.line.max(1),
             line_base: start.line.saturating_sub(1),
             byte_base: start.byte,
             dialect,
@@ -307,6 +328,18 @@ impl Records {
                     csv_async::ErrorKind::Io(io) => io,
                     other => std::io::Error::other(format!("{other:?}")),
                 };
+                if source
+                    .get_ref()
+                    .is_some_and(|inner| inner.is::<RecordTooLong>())
+                {
+                    return Error::File(FileError::Malformed {
+                        line: self.next_line,
+                        detail: format!(
+                            "the record starting here runs over {} MB (is a quote left open?)",
+                            MAX_RECORD_BYTES / (1024 * 1024)
+                        ),
+                    });
+                }
                 Error::Io { line, source }
             })?;
         if !more {
@@ -317,7 +350,7 @@ impl Records {
         // instead: the record spans the newlines inside its (quoted) fields
         // plus its `\n` terminator, which only a last record running to the
         // end of the stream lacks.
-        let end = self.rdr.position();
+        let end = self.rdr.position().clone();
         let inner_newlines = self
             .record
             .as_slice()
@@ -330,10 +363,12 @@ impl Records {
             .line()
             .saturating_sub(inner_newlines + u64::from(!unterminated))
             .max(1);
+        self.next_line = self.line_base + end.line();
+        self.rdr.get_mut().record_start = end.byte();
         Ok(Some(Record {
             line: self.line_base + start_line,
             end_byte: self.byte_base + end.byte(),
-            next_line: self.line_base + end.line(),
+            next_line: self.next_line,
             fields: &self.record,
         }))
     }
@@ -504,6 +539,22 @@ mod tests {
         tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap()
+    }
+
+    #[test]
+    fn an_unclosed_quote_fails_the_file_instead_of_swallowing_it() {
+        use tokio::io::AsyncReadExt as _;
+        let head = std::io::Cursor::new(b"Name,Notes\nok,fine\nbad,\"never closed\n".to_vec());
+        let rest = tokio::io::repeat(b'x').take(MAX_RECORD_BYTES + 1024 * 1024);
+        let err = rt().block_on(async {
+            let (_, mut records) = open(head.chain(rest)).await?;
+            while records.next().await?.is_some() {}
+            Ok::<_, Error>(())
+        });
+        match err {
+            Err(Error::File(FileError::Malformed { line, .. })) => assert_eq!(line, 3),
+            other => panic!("expected malformed_csv at line 3, got {other:?}"),
+        }
     }
 
     #[test]

@@ -29,7 +29,7 @@ fn secrets_are_masked_and_env_overrides_apply() {
     let (ok, out, err) = check_config(&[
         ("IMPORTD__S3__SECRET_KEY", "s3-very-secret"),
         ("IMPORTD__SMTP__PASSWORD", "smtp-very-secret"),
-        ("IMPORTD__APP_SECRET", "app-very-secret"),
+        ("IMPORTD__APP_SECRET", "app-very-secret-for-tests"),
         (
             "IMPORTD__MONGODB__URI",
             "mongodb://app:mongo-very-secret@db.internal:27017/crm",
@@ -64,6 +64,9 @@ fn invalid_values_name_their_key() {
         ),
         ("IMPORTD__IMPORT__BATCH_SIZE", "0", "import.batch_size"),
         ("IMPORTD__HTTP__BIND", "localhost", "http.bind"),
+        // Local runs the status API, which verifies tokens with it.
+        ("IMPORTD__APP_SECRET", "", "app_secret"),
+        ("IMPORTD__APP_SECRET", "short", "app_secret"),
     ] {
         let (ok, _, err) = check_config(&[(var, value)]);
         assert!(!ok, "{var}={value} accepted");
