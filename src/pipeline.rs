@@ -206,7 +206,10 @@ pub async fn run(svc: &Services, job: ClaimedJob, shutdown: CancellationToken) -
     // The spec is read even past the attempts cap: the summary needs it.
     let spec = claim::spec_from_doc(&job.doc);
     let result = match &spec {
-        _ if lease.attempt > i64::from(max_attempts) => {
+        // Cancelled while pending (or between attempts): nothing more is
+        // written; what earlier attempts imported is reported.
+        _ if job.doc.get_bool("cancel_requested") == Ok(true) => Err(Abort::Cancelled),
+        _ if counted_attempts(&job.doc, lease.attempt) > i64::from(max_attempts) => {
             Err(Abort::File(FileError::TooManyAttempts(max_attempts)))
         }
         Ok(spec) => import(svc, &lease, spec, &mut tracker, &stop).await,
@@ -216,6 +219,17 @@ pub async fn run(svc: &Services, job: ClaimedJob, shutdown: CancellationToken) -
     let end = conclude(svc, &lease, spec.as_ref().ok(), &mut tracker, result).await;
     info!(outcome = ?end, "Import run ended");
     end
+}
+
+/// Claims that count towards `scheduler.max_attempts`: all but those that
+/// ended in a release on shutdown.
+fn counted_attempts(doc: &Document, attempt: i64) -> i64 {
+    let clean = match doc.get("shutdown_releases") {
+        Some(bson::Bson::Int64(n)) => *n,
+        Some(bson::Bson::Int32(n)) => i64::from(*n),
+        _ => 0,
+    };
+    attempt - clean.max(0)
 }
 
 /// Writes the end of a run: final state, or release, or nothing.
@@ -241,7 +255,11 @@ async fn conclude(
             if let Abort::Transient(e) = &reason {
                 warn!(error = %e, "Import paused on a transient error; releasing the lease");
             }
-            return match lease.release(tracker.progress, tracker.checkpoint).await {
+            let on_shutdown = matches!(reason, Abort::Shutdown);
+            return match lease
+                .release(tracker.progress, tracker.checkpoint, on_shutdown)
+                .await
+            {
                 Ok(()) => RunEnd::Released,
                 Err(e) => {
                     warn!(error = %error_chain(&e), "Could not release the lease; it will expire");
@@ -258,7 +276,9 @@ async fn conclude(
             // The final write itself failed: give the import back so the
             // next attempt completes it (its lines are all idempotent).
             warn!(error = %error_chain(&e), "Could not store the final state; releasing");
-            let _ = lease.release(tracker.progress, tracker.checkpoint).await;
+            let _ = lease
+                .release(tracker.progress, tracker.checkpoint, false)
+                .await;
             RunEnd::Released
         }
     }
@@ -491,7 +511,7 @@ async fn import(
             }
             Some(done) = inflight.next(), if !inflight.is_empty() => {
                 let (outcome, batch_end, records_end) = joined(done)?;
-                commit(svc, lease, tracker, &outcome, batch_end, records_end).await?;
+                commit(svc, lease, tracker, stop, &outcome, batch_end, records_end).await?;
             }
             batch = rx.recv(), if !producer_done && inflight.len() < writers => match batch {
                 Some(batch) => {
@@ -525,9 +545,9 @@ async fn import(
             producer.abort();
             while let Some(done) = inflight.next().await {
                 let (outcome, batch_end, records_end) = joined(done)?;
-                commit(svc, lease, tracker, &outcome, batch_end, records_end).await?;
+                commit(svc, lease, tracker, stop, &outcome, batch_end, records_end).await?;
             }
-            save(lease, tracker).await?;
+            save(lease, tracker, stop).await?;
             return Err(reason);
         }
         None => {}
@@ -934,6 +954,7 @@ async fn commit(
     svc: &Services,
     lease: &Lease,
     tracker: &mut Tracker,
+    stop: &Stop,
     outcome: &BatchOutcome,
     end: Start,
     records_end: u64,
@@ -963,18 +984,22 @@ async fn commit(
         records: records_end,
     };
     if tracker.last_save.elapsed() >= svc.settings.import.progress_interval {
-        save(lease, tracker).await?;
+        save(lease, tracker, stop).await?;
     }
     Ok(())
 }
 
-async fn save(lease: &Lease, tracker: &mut Tracker) -> Result<(), Abort> {
+async fn save(lease: &Lease, tracker: &mut Tracker, stop: &Stop) -> Result<(), Abort> {
     match lease
         .save_progress(tracker.progress, tracker.checkpoint)
         .await
     {
-        Ok(()) => {
+        Ok(hb) => {
             tracker.last_save = Instant::now();
+            if hb.cancel_requested {
+                info!("Cancellation requested");
+                stop.trigger(STOP_CANCELLED);
+            }
             Ok(())
         }
         Err(claim::Error::LeaseLost { .. }) => Err(Abort::LeaseLost),

@@ -370,12 +370,18 @@ impl Lease {
         })
     }
 
-    /// Stores progress and checkpoint, and extends the lease.
-    pub async fn save_progress(&self, progress: Progress, checkpoint: Checkpoint) -> Result<()> {
+    /// Stores progress and checkpoint, and extends the lease; says whether
+    /// cancellation was requested (so an import stops at the next batch,
+    /// not at the next heartbeat).
+    pub async fn save_progress(
+        &self,
+        progress: Progress,
+        checkpoint: Checkpoint,
+    ) -> Result<Heartbeat> {
         let now = DateTime::now();
-        let r = self
+        let doc = self
             .queues
-            .update_one(
+            .find_one_and_update(
                 self.guard(),
                 doc! { "$set": {
                     "progress": progress.to_doc(),
@@ -384,11 +390,13 @@ impl Lease {
                     "lease.heartbeat_at": now,
                 } },
             )
-            .await?;
-        if r.matched_count == 0 {
-            return Err(self.lost());
-        }
-        Ok(())
+            .projection(doc! { "cancel_requested": 1 })
+            .return_document(ReturnDocument::After)
+            .await?
+            .ok_or_else(|| self.lost())?;
+        Ok(Heartbeat {
+            cancel_requested: doc.get_bool("cancel_requested").unwrap_or(false),
+        })
     }
 
     /// Records data found once the import is claimed (e.g. `started_at`).
@@ -434,7 +442,15 @@ impl Lease {
 
     /// Gives the import back (shutdown, persistent transient errors): it is
     /// `pending` again at once, and its checkpoint says where to resume.
-    pub async fn release(&self, progress: Progress, checkpoint: Checkpoint) -> Result<()> {
+    /// A release on shutdown is counted in `shutdown_releases`, and such
+    /// attempts do not count towards `scheduler.max_attempts` (a deploy or
+    /// a scale-down is not the import's fault).
+    pub async fn release(
+        &self,
+        progress: Progress,
+        checkpoint: Checkpoint,
+        on_shutdown: bool,
+    ) -> Result<()> {
         let r = self
             .queues
             .update_one(
@@ -447,6 +463,7 @@ impl Lease {
                         "checkpoint": checkpoint.to_doc(),
                         "released_at": DateTime::now(),
                     },
+                    "$inc": { "shutdown_releases": i64::from(on_shutdown) },
                     "$unset": { "lease": "" },
                 },
             )

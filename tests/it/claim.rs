@@ -130,14 +130,15 @@ async fn a_stale_owner_is_fenced_off() {
         first
             .lease
             .save_progress(Default::default(), Default::default())
-            .await,
+            .await
+            .map(|_| ()),
         first
             .lease
             .finish(&claim::Final::Completed, Default::default(), doc! {})
             .await,
         first
             .lease
-            .release(Default::default(), Default::default())
+            .release(Default::default(), Default::default(), false)
             .await,
     ] {
         assert!(
@@ -171,13 +172,22 @@ async fn release_makes_the_import_claimable_at_once_with_its_checkpoint() {
         byte: 52_000,
         records: 1000,
     };
-    job.lease.release(Default::default(), cp).await.unwrap();
+    job.lease
+        .release(Default::default(), cp, true)
+        .await
+        .unwrap();
     let again = a
         .claim_next(&SOURCES)
         .await
         .unwrap()
         .expect("claimable again without waiting");
     assert_eq!(claim::Checkpoint::from_queue_doc(&again.doc), cp);
+    assert_eq!(again.lease.attempt, 2);
+    assert_eq!(
+        again.doc.get_i64("shutdown_releases").unwrap(),
+        1,
+        "a release on shutdown is counted apart from other attempts"
+    );
     app.cleanup().await;
 }
 

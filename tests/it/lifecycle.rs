@@ -76,6 +76,7 @@ async fn sigterm_checkpoints_releases_and_another_daemon_resumes_without_rewriti
     let released = *q.get_datetime("released_at").unwrap();
     let checkpoint = get_i64(&q, "checkpoint.line");
     assert!(checkpoint > 2, "a checkpoint was saved: {q}");
+    assert_eq!(get_i64(&q, "shutdown_releases"), 1, "{q}");
     let imported_at_stop = get_i64(&q, "progress.imported_rows");
     assert!((imported_at_stop as usize) < ROWS, "stopped mid-import");
 
@@ -103,7 +104,11 @@ async fn sigterm_checkpoints_releases_and_another_daemon_resumes_without_rewriti
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancellation_stops_at_the_next_batch_and_keeps_what_was_imported() {
-    let mut app = TestApp::new().await;
+    let mut settings = crate::helpers::test_settings();
+    // A long lease: its heartbeat (every 20 s) is not what notices the
+    // request; the next progress save after a batch is.
+    settings.scheduler.lease = Duration::from_secs(60);
+    let mut app = TestApp::with_settings(settings).await;
     app.spawn_daemon();
     let id = app
         .enqueue_csv("cancel.csv", csv(300_000).as_bytes(), &MAPPING)
@@ -116,7 +121,7 @@ async fn cancellation_stops_at_the_next_batch_and_keeps_what_was_imported() {
         )
         .await
         .unwrap();
-    let q = app.wait_final(id, Duration::from_secs(60)).await;
+    let q = app.wait_final(id, Duration::from_secs(10)).await;
     assert_eq!(q.get_str("status").unwrap(), "cancelled", "{q}");
     assert!(!q.get_bool("in_progress").unwrap());
     let imported = get_i64(&q, "progress.imported_rows");
@@ -129,6 +134,43 @@ async fn cancellation_stops_at_the_next_batch_and_keeps_what_was_imported() {
     let summary = app.summary(id).await;
     assert_eq!(summary.get_str("status").unwrap(), "cancelled");
     assert_eq!(get_i64(&summary, "total_records_added"), imported);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_cancelled_while_pending_writes_nothing_and_tells_the_user() {
+    let mut app = TestApp::new().await;
+    let id = app
+        .enqueue_with(
+            "cancelled.csv",
+            b"Name\nA\nB\n",
+            &[("Name", "name")],
+            doc! { "cancel_requested": true },
+        )
+        .await;
+    app.spawn_daemon();
+    let q = app.wait_final(id, Duration::from_secs(30)).await;
+    assert_eq!(q.get_str("status").unwrap(), "cancelled", "{q}");
+    assert_eq!(app.count(collections::DEALS, doc! {}).await, 0);
+    assert_eq!(get_i64(&q, "progress.imported_rows"), 0);
+    assert_eq!(
+        app.summary(id).await.get_str("status").unwrap(),
+        "cancelled"
+    );
+    let q = app
+        .wait_queue(id, Duration::from_secs(30), "notified", |q| {
+            q.get_document("notify")
+                .is_ok_and(|n| n.get_str("state") == Ok("sent"))
+        })
+        .await;
+    assert!(
+        q.get_document("notify")
+            .unwrap()
+            .get_str("subject")
+            .unwrap()
+            .contains("cancelled"),
+        "{q}"
+    );
     app.cleanup().await;
 }
 
