@@ -24,6 +24,9 @@ pub enum Error {
     /// The scheduler could not start.
     #[error("scheduler: {0}")]
     Scheduler(#[from] tokio_cron_scheduler::JobSchedulerError),
+    /// Indexes could not be created (and retrying would not help).
+    #[error("indexes: {0}")]
+    Indexes(#[from] db::IndexError),
     /// Mail set-up.
     #[error(transparent)]
     Notify(#[from] crate::report::notify::Error),
@@ -53,17 +56,22 @@ pub async fn services(settings: Settings) -> Result<Services, Error> {
 
 /// Creates indexes, retrying with backoff until MongoDB answers or the
 /// daemon is asked to stop: a database that is down at start-up delays the
-/// daemon, it does not kill it.
-async fn ensure_indexes(services: &Services, daemon: &Daemon) {
+/// daemon, it does not kill it. A problem retrying cannot fix (an index
+/// that conflicts, duplicates under a unique index, no permission) stops
+/// start-up with an error that says so.
+async fn ensure_indexes(services: &Services, daemon: &Daemon) -> Result<(), Error> {
     let shutdown = daemon.shutdown_token();
     let mut delay = Duration::from_millis(500);
     loop {
         match db::ensure_indexes(&services.db).await {
-            Ok(()) => return,
-            Err(e) => warn!(error = %error_chain(&e), "Creating indexes failed; retrying"),
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() => {
+                warn!(error = %error_chain(&e), "Creating indexes failed; retrying");
+            }
+            Err(e) => return Err(e.into()),
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(30));
@@ -88,7 +96,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         true => Some(start_http(&services, daemon.shutdown_token()).await?),
         false => None,
     };
-    ensure_indexes(&services, &daemon).await;
+    ensure_indexes(&services, &daemon).await?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     daemon.run().await?;
     if let Some(http) = http {

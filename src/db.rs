@@ -41,8 +41,41 @@ fn index(keys: Document, name: &str, unique: bool) -> IndexModel {
         .build()
 }
 
+/// Errors of index set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    /// MongoDB failed.
+    #[error(transparent)]
+    Mongo(#[from] mongodb::error::Error),
+    /// An index on the same keys exists but does not give the guarantee
+    /// importd relies on (e.g. not unique).
+    #[error(
+        "{collection}: an index on {keys} exists without the options importd needs ({detail}); drop or fix it"
+    )]
+    Conflict {
+        /// Collection.
+        collection: &'static str,
+        /// Key pattern.
+        keys: Document,
+        /// What differs.
+        detail: String,
+    },
+}
+
+impl IndexError {
+    /// Whether retrying may succeed (a server that is down or electing);
+    /// anything else (existing duplicates under a new unique index, a
+    /// conflicting index, no permission) needs an operator.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Mongo(e) => is_transient(e),
+            Self::Conflict { .. } => false,
+        }
+    }
+}
+
 /// Creates every index importd needs. Safe to run on every start.
-pub async fn ensure_indexes(db: &Database) -> mongodb::error::Result<()> {
+pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
     let specs: [(&str, Document, &str, bool); 9] = [
         // Notifications due (final imports whose email is not sent yet).
         (
@@ -111,25 +144,52 @@ pub async fn ensure_indexes(db: &Database) -> mongodb::error::Result<()> {
         ),
     ];
     for (coll, keys, name, unique) in specs {
-        let created = db
-            .collection::<Document>(coll)
-            .create_index(index(keys, name, unique))
+        let collection = db.collection::<Document>(coll);
+        let created = collection
+            .create_index(index(keys.clone(), name, unique))
             .await;
         match created {
             Ok(_) => {}
             // The CRM's own index on the same keys, under another name:
-            // it serves as well.
+            // it serves as well if it is unique where ours would be.
             Err(e) if index_exists_otherwise(&e) => {
-                tracing::info!(
-                    collection = coll,
-                    index = name,
-                    "An equivalent index exists; kept"
-                );
+                let existing = existing_unique(&collection, &keys).await?;
+                match existing {
+                    Some(u) if u || !unique => tracing::info!(
+                        collection = coll,
+                        index = name,
+                        "An equivalent index exists; kept"
+                    ),
+                    Some(_) => {
+                        return Err(IndexError::Conflict {
+                            collection: coll,
+                            keys,
+                            detail: "it is not unique".into(),
+                        });
+                    }
+                    None => return Err(e.into()),
+                }
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
+}
+
+/// Whether the collection has an index on exactly `keys`, and if so
+/// whether it is unique.
+async fn existing_unique(
+    collection: &mongodb::Collection<Document>,
+    keys: &Document,
+) -> mongodb::error::Result<Option<bool>> {
+    use futures::TryStreamExt;
+    let mut cursor = collection.list_indexes().await?;
+    while let Some(model) = cursor.try_next().await? {
+        if &model.keys == keys {
+            return Ok(Some(model.options.and_then(|o| o.unique).unwrap_or(false)));
+        }
+    }
+    Ok(None)
 }
 
 /// `IndexOptionsConflict` / `IndexKeySpecsConflict`: an index on these keys

@@ -7,6 +7,7 @@ mod contacts;
 mod deals;
 mod helpers;
 mod http;
+mod indexes;
 mod lifecycle;
 mod notify;
 mod support_cli;

@@ -1,0 +1,103 @@
+//! Start-up index creation against a database the CRM already uses.
+
+use bson::oid::ObjectId;
+use bson::{Document, doc};
+use futures::TryStreamExt;
+use importd::db::IndexError;
+use importd::domain::collections;
+use mongodb::IndexModel;
+
+use crate::helpers::test_settings;
+
+async fn fresh_db() -> mongodb::Database {
+    importd::db::connect(&test_settings().mongodb)
+        .await
+        .expect("client")
+}
+
+#[tokio::test]
+async fn indexes_are_idempotent_beside_a_crm_index_on_the_same_keys() {
+    let db = fresh_db().await;
+    // The CRM's own unique index on contacts, named its way.
+    db.collection::<Document>(collections::CONTACTS)
+        .create_index(
+            IndexModel::builder()
+                .keys(doc! { "account_id": 1, "email": 1 })
+                .options(
+                    mongodb::options::IndexOptions::builder()
+                        .name("crm_contacts_email".to_owned())
+                        .unique(true)
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .unwrap();
+    importd::db::ensure_indexes(&db).await.expect("first start");
+    importd::db::ensure_indexes(&db)
+        .await
+        .expect("second start");
+    db.drop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_problem_retrying_cannot_fix_is_reported_not_retried() {
+    // Existing duplicate contacts: the unique index cannot be built.
+    let db = fresh_db().await;
+    let account = ObjectId::new();
+    db.collection::<Document>(collections::CONTACTS)
+        .insert_many([
+            doc! { "account_id": account, "email": "twice@x.co" },
+            doc! { "account_id": account, "email": "twice@x.co" },
+        ])
+        .await
+        .unwrap();
+    let err = importd::db::ensure_indexes(&db)
+        .await
+        .expect_err("duplicates refuse a unique index");
+    assert!(!err.is_transient(), "{err}");
+    db.drop().await.unwrap();
+
+    // A non-unique index on the keys that must be unique.
+    let db = fresh_db().await;
+    db.collection::<Document>(collections::CONTACTS)
+        .create_index(
+            IndexModel::builder()
+                .keys(doc! { "account_id": 1, "email": 1 })
+                .options(
+                    mongodb::options::IndexOptions::builder()
+                        .name("crm_contacts_email".to_owned())
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .unwrap();
+    // Servers differ: MongoDB refuses a second index on the same keys
+    // (which importd reports as a conflict), this local server builds it.
+    // Either way importd never runs without the uniqueness it relies on.
+    match importd::db::ensure_indexes(&db).await {
+        Err(err) => {
+            assert!(matches!(err, IndexError::Conflict { .. }), "{err}");
+            assert!(!err.is_transient(), "{err}");
+        }
+        Ok(()) => {
+            let indexes: Vec<IndexModel> = db
+                .collection::<Document>(collections::CONTACTS)
+                .list_indexes()
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+            assert!(
+                indexes.iter().any(|i| {
+                    i.keys == doc! { "account_id": 1, "email": 1 }
+                        && i.options.as_ref().and_then(|o| o.unique) == Some(true)
+                }),
+                "{indexes:?}"
+            );
+        }
+    }
+    db.drop().await.unwrap();
+}
