@@ -89,21 +89,16 @@ pub async fn write_report(
             let line = f.get_i64("line").unwrap_or(0).to_string();
             let mut message = f.get_str("message").unwrap_or_default().to_owned();
             rec.clear();
-            match f.get_array("row") {
-                Ok(row) => {
-                    for c in row {
-                        rec.push_field(neutralise(c.as_str().unwrap_or_default()).as_bytes());
-                    }
-                }
+            let row: Vec<&str> = match f.get_array("row") {
+                Ok(row) => row.iter().map(|c| c.as_str().unwrap_or_default()).collect(),
                 Err(_) => {
                     message.push_str(" (row too large to include)");
-                    for _ in columns {
-                        rec.push_field(b"");
-                    }
+                    Vec::new()
                 }
+            };
+            for cell in report_cells(&row, columns.len(), &line, &message) {
+                rec.push_field(neutralise(cell).as_bytes());
             }
-            rec.push_field(line.as_bytes());
-            rec.push_field(neutralise(&message).as_bytes());
             w.write_byte_record(&rec).await?;
             rows += 1;
         }
@@ -120,9 +115,44 @@ pub async fn write_report(
     Ok(rows)
 }
 
+/// A failed row's cells in report order: one per header (a short, ragged
+/// row padded with empty cells), then `line` and `error` under their
+/// headers, then any cells past the header's width (a long ragged row
+/// loses nothing). Pure.
+fn report_cells<'a>(
+    row: &'a [&'a str],
+    width: usize,
+    line: &'a str,
+    error: &'a str,
+) -> impl Iterator<Item = &'a str> {
+    let known = row.len().min(width);
+    row[..known]
+        .iter()
+        .copied()
+        .chain(std::iter::repeat_n("", width - known))
+        .chain([line, error])
+        .chain(row[known..].iter().copied())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ragged_rows_keep_line_and_error_under_their_headers() {
+        fn cells(row: &[&str]) -> Vec<String> {
+            report_cells(row, 3, "7", "bad")
+                .map(str::to_owned)
+                .collect()
+        }
+        assert_eq!(cells(&["a", "b", "c"]), ["a", "b", "c", "7", "bad"]);
+        assert_eq!(cells(&["a"]), ["a", "", "", "7", "bad"]);
+        assert_eq!(cells(&[]), ["", "", "", "7", "bad"]);
+        assert_eq!(
+            cells(&["a", "b", "c", "d", "e"]),
+            ["a", "b", "c", "7", "bad", "d", "e"]
+        );
+    }
 
     #[test]
     fn formulas_are_neutralised() {
