@@ -348,6 +348,7 @@ async fn heartbeat(lease: Lease, stop: Stop, shutdown: CancellationToken) {
     let period = lease.duration() / 3;
     let mut ticker = tokio::time::interval(period);
     ticker.tick().await;
+    let mut renewed = Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => { stop.trigger(STOP_SHUTDOWN); return; }
@@ -360,12 +361,21 @@ async fn heartbeat(lease: Lease, stop: Stop, shutdown: CancellationToken) {
                 stop.trigger(STOP_CANCELLED);
                 return;
             }
-            Ok(_) => {}
+            Ok(_) => renewed = Instant::now(),
             Err(claim::Error::LeaseLost { .. }) => {
                 stop.trigger(STOP_LEASE_LOST);
                 return;
             }
-            Err(e) => warn!(error = %error_chain(&e), "Heartbeat failed; retrying"),
+            Err(e) => {
+                warn!(error = %error_chain(&e), "Heartbeat failed; retrying");
+                // Unrenewed for a whole lease: it may have expired and been
+                // claimed by another daemon, so stop writing.
+                if renewed.elapsed() >= lease.duration() {
+                    warn!("Lease not renewed for its whole duration; stopping");
+                    stop.trigger(STOP_LEASE_LOST);
+                    return;
+                }
+            }
         }
     }
 }

@@ -41,6 +41,9 @@ pub enum Error {
     /// MongoDB failed for the whole batch.
     #[error(transparent)]
     Mongo(#[from] mongodb::error::Error),
+    /// The contacts were written but not acknowledged as asked.
+    #[error("write concern error (code {0})")]
+    WriteConcern(i32),
 }
 
 impl Error {
@@ -48,6 +51,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Mongo(e) => crate::db::is_transient(e),
+            Self::WriteConcern(_) => true,
         }
     }
 }
@@ -327,6 +331,12 @@ impl ContactLinker {
                 write_concern_error: None,
                 ..
             }) => w,
+            // Not acknowledged as asked: retried as a whole. Only the code
+            // travels on; the server's messages quote emails.
+            ErrorKind::InsertMany(InsertManyError {
+                write_concern_error: Some(wce),
+                ..
+            }) => return Err(Error::WriteConcern(wce.code)),
             _ => return Err(err.into()),
         };
         let mut failed = vec![None; docs.len()];

@@ -230,12 +230,23 @@ impl Notifier {
             };
             let result = if state == "pending" { "retry" } else { state };
             metrics::counter!(m::NOTIFICATIONS, "channel" => "email", "result" => result).increment(1);
-            match self.claimer.finish_notification(queue_id, state, fields).await {
-                Ok(true) => info!(state, "Notification round ended"),
-                Ok(false) => warn!("Notification round was taken over; not recorded"),
-                Err(e) => warn!(error = %error_chain(&e), "Could not record the notification; it will be retried"),
-            }
-            if state != "pending" {
+            let ours = match self.claimer.finish_notification(queue_id, state, fields).await {
+                Ok(true) => {
+                    info!(state, "Notification round ended");
+                    true
+                }
+                Ok(false) => {
+                    warn!("Notification round was taken over; not recorded");
+                    false
+                }
+                Err(e) => {
+                    warn!(error = %error_chain(&e), "Could not record the notification; it will be retried");
+                    false
+                }
+            };
+            // The webhook follows the round that recorded the final result,
+            // so a round taken over posts nothing.
+            if ours && state != "pending" {
                 self.webhook(queue_id, &doc).await;
             }
         }

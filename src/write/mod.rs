@@ -381,6 +381,12 @@ impl DealWriter {
                 write_concern_error: None,
                 ..
             }) => w.clone(),
+            // Not acknowledged as asked: retried as a whole. Only the code
+            // travels on; the server's messages may quote values.
+            ErrorKind::InsertMany(InsertManyError {
+                write_concern_error: Some(wce),
+                ..
+            }) => return Err(Error::WriteConcern(format!("code {}", wce.code))),
             _ => return Err(err.into()),
         };
         let mut duplicates = Vec::new();
