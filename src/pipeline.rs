@@ -179,6 +179,10 @@ struct Tracker {
     last_save: Instant,
 }
 
+/// Most rows a batch may hold, whatever a checkpoint says (an outcome
+/// document holds one batch).
+const MAX_BATCH_ROWS: usize = 10_000;
+
 /// Retry policy of one database operation of the write path.
 fn write_retry() -> ExponentialBuilder {
     // ~1 minute in all, enough for a server restart or a primary election;
@@ -486,12 +490,19 @@ async fn import(
         },
     };
 
+    // The batches of the first run, kept by every later one (outcome
+    // documents are keyed by their batch's first line).
+    let batch_size = match usize::try_from(resume.batch_size) {
+        Ok(n) if n > 0 => n.min(MAX_BATCH_ROWS),
+        _ => settings.import.batch_size.get(),
+    };
+    tracker.checkpoint.batch_size = batch_size as u64;
     let (tx, mut rx) = mpsc::channel::<Batch>(settings.import.channel_batches.get());
     let producer = tokio::spawn(
         produce(
             records,
             plan,
-            settings.import.batch_size.get(),
+            batch_size,
             settings.import.max_rows,
             resume.records,
             skip,
@@ -992,6 +1003,7 @@ async fn commit(
         line: end.line,
         byte: end.byte,
         records: records_end,
+        batch_size: tracker.checkpoint.batch_size,
     };
     if tracker.last_save.elapsed() >= svc.settings.import.progress_interval {
         save(lease, tracker, stop).await?;

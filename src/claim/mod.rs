@@ -147,11 +147,20 @@ pub struct Checkpoint {
     pub byte: u64,
     /// Data records consumed up to `line`.
     pub records: u64,
+    /// Rows per batch of the run that wrote it (0 = unknown). A resumed run
+    /// cuts batches the same way whatever its own configuration, so each
+    /// line's outcome stays in exactly one batch document.
+    pub batch_size: u64,
 }
 
 impl Checkpoint {
     fn to_doc(self) -> Document {
-        doc! { "line": self.line as i64, "byte": self.byte as i64, "records": self.records as i64 }
+        doc! {
+            "line": self.line as i64,
+            "byte": self.byte as i64,
+            "records": self.records as i64,
+            "batch_size": self.batch_size as i64,
+        }
     }
 
     /// Reads `checkpoint` from a queue document (absent → start of file).
@@ -168,6 +177,7 @@ impl Checkpoint {
             line: n("line"),
             byte: n("byte"),
             records: n("records"),
+            batch_size: n("batch_size"),
         }
     }
 }

@@ -171,6 +171,7 @@ async fn release_makes_the_import_claimable_at_once_with_its_checkpoint() {
         line: 1001,
         byte: 52_000,
         records: 1000,
+        batch_size: 1000,
     };
     job.lease
         .release(Default::default(), cp, true)

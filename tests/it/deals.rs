@@ -817,3 +817,36 @@ async fn a_resumed_utf16_file_with_blank_lines_continues_at_its_checkpoint() {
     assert!(names.contains("Deal 20") && !names.contains("Deal 19"));
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_import_cuts_batches_as_its_first_run_did() {
+    let mut app = TestApp::new().await;
+    app.spawn_daemon();
+    let header = "Name\n";
+    let mut csv = String::from(header);
+    for i in 0..20 {
+        writeln!(csv, "Deal {i}").unwrap();
+    }
+    // A checkpoint at the first row, written by a run whose batches held 7
+    // rows (this daemon's own are 1,000).
+    let id = app
+        .enqueue_with(
+            "batches.csv",
+            csv.as_bytes(),
+            &[("Name", "name")],
+            doc! { "checkpoint": { "line": 2_i64, "byte": header.len() as i64, "records": 0_i64, "batch_size": 7_i64 } },
+        )
+        .await;
+    let q = app.wait_completed(id, LONG).await;
+    assert_eq!(get_i64(&q, "progress.imported_rows"), 20);
+    let firsts: Vec<i64> = app
+        .find_all(collections::IMPORT_LINES, doc! { "queue_id": id })
+        .await
+        .iter()
+        .map(|d| d.get_i64("first_line").unwrap())
+        .collect();
+    let mut firsts = firsts;
+    firsts.sort_unstable();
+    assert_eq!(firsts, [2, 9, 16]);
+    app.cleanup().await;
+}
