@@ -518,6 +518,9 @@ async fn import(
         _ => settings.import.writers.get(),
     };
     let mut inflight = FuturesOrdered::new();
+    // Lines whose deal later rows of the same name matched, but whose
+    // write failed (see `settle_own`).
+    let mut failed_own = std::collections::HashSet::new();
     let mut producer_done = false;
     let mut aborted: Option<Abort> = None;
     loop {
@@ -531,8 +534,9 @@ async fn import(
                 break;
             }
             Some(done) = inflight.next(), if !inflight.is_empty() => {
-                let (outcome, batch_end, records_end) = joined(done)?;
-                commit(svc, lease, tracker, stop, &outcome, batch_end, records_end).await?;
+                let mut done = joined(done)?;
+                settle_own(&svc.db, lease.queue_id, &mut dedupe, &mut failed_own, &mut done).await?;
+                commit(svc, lease, tracker, stop, &done).await?;
             }
             batch = rx.recv(), if !producer_done && inflight.len() < writers => match batch {
                 Some(batch) => {
@@ -565,8 +569,16 @@ async fn import(
             // Finish the batches already being written, then stop.
             producer.abort();
             while let Some(done) = inflight.next().await {
-                let (outcome, batch_end, records_end) = joined(done)?;
-                commit(svc, lease, tracker, stop, &outcome, batch_end, records_end).await?;
+                let mut done = joined(done)?;
+                settle_own(
+                    &svc.db,
+                    lease.queue_id,
+                    &mut dedupe,
+                    &mut failed_own,
+                    &mut done,
+                )
+                .await?;
+                commit(svc, lease, tracker, stop, &done).await?;
             }
             save(lease, tracker, stop).await?;
             return Err(reason);
@@ -600,7 +612,21 @@ async fn import(
     Ok(())
 }
 
-type Written = Result<(BatchOutcome, Start, u64), Abort>;
+/// A written batch.
+struct Done {
+    outcome: BatchOutcome,
+    /// Where reading resumes after it.
+    end: Start,
+    /// Data records read through it.
+    records_end: u64,
+    /// Per `outcome.skipped`: the record, when it matched a deal an earlier
+    /// row of this import was to create.
+    skipped_raws: Vec<Option<RawCells>>,
+    /// Rows that were to create a deal and failed: `(line, name)`.
+    failed_creates: Vec<(LineNo, String)>,
+}
+
+type Written = Result<Done, Abort>;
 
 /// The result of a batch writer task (a panic is a transient failure: the
 /// lease is released and the batch is written again by the next attempt).
@@ -708,6 +734,9 @@ struct Prepared {
     update_contacts: Vec<Option<Contact>>,
     /// `(line, existing deal)` for `duplicate_strategy: skip`.
     skipped: Vec<(LineNo, ObjectId)>,
+    /// Per `skipped`: the record, when the deal matched is one an earlier
+    /// row of this import creates (its write may yet fail).
+    skipped_raws: Vec<Option<RawCells>>,
     failed: Vec<FailedRow>,
     first_line: LineNo,
     last_line: LineNo,
@@ -739,6 +768,7 @@ async fn prepare(
     let mut updates = Vec::new();
     let mut update_contacts = Vec::new();
     let mut skipped = Vec::new();
+    let mut skipped_raws = Vec::new();
     let mut failed = Vec::new();
     for row in batch.rows {
         match row {
@@ -752,7 +782,9 @@ async fn prepare(
                     _ => None,
                 };
                 if let (Some(id), DuplicateStrategy::Skip) = (existing, dedupe.strategy) {
+                    let own = dedupe.names.as_ref().is_some_and(|n| n.is_own(&id));
                     skipped.push((deal.line, id));
+                    skipped_raws.push(own.then(|| std::mem::take(&mut deal.raw)));
                     continue;
                 }
                 let stage_id = match &deal.stage {
@@ -787,6 +819,7 @@ async fn prepare(
         updates,
         update_contacts,
         skipped,
+        skipped_raws,
         failed,
         first_line: batch.first_line,
         last_line: batch.last_line,
@@ -832,9 +865,9 @@ async fn write_batch(
     mut p: Prepared,
 ) -> Written {
     let started = Instant::now();
-    let (contacts_created, refused) = match &linker {
+    let (contacts_created, refused, mut failed_creates) = match &linker {
         Some(linker) => link_contacts(linker, &mut p).await?,
-        None => (0, Vec::new()),
+        None => (0, Vec::new(), Vec::new()),
     };
     let results = (|| writer.insert(&p.docs, &p.lines))
         .retry(write_retry())
@@ -863,9 +896,12 @@ async fn write_batch(
     };
     outcome.failed.extend(refused);
     let rejected = rejected_row;
-    for ((line, result), raw) in p.lines.iter().zip(results).zip(&p.raws) {
+    for (((line, result), raw), doc) in p.lines.iter().zip(results).zip(&p.raws).zip(&p.docs) {
         match result {
-            LineWrite::Rejected(message) => outcome.failed.push(rejected(*line, message, raw)),
+            LineWrite::Rejected(message) => {
+                outcome.failed.push(rejected(*line, message, raw));
+                failed_creates.push((*line, doc.get_str("name").unwrap_or_default().to_owned()));
+            }
             _ => outcome.imported.push(*line),
         }
     }
@@ -882,7 +918,72 @@ async fn write_batch(
         .notify(|e, _| warn!(error = %error_chain(e), "Outcome write failed; retrying"))
         .await?;
     metrics::histogram!(m::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
-    Ok((outcome, p.end, p.records_end))
+    Ok(Done {
+        outcome,
+        end: p.end,
+        records_end: p.records_end,
+        skipped_raws: p.skipped_raws,
+        failed_creates,
+    })
+}
+
+/// A row that was to create a deal and failed must not stand as the deal
+/// later rows of the same name are duplicates of (`skip` would drop them
+/// silently). Runs as batches complete, in file order: the failed row's
+/// name is forgotten, so batches prepared from now on create it again, and
+/// rows of this or an in-flight batch already skipped against it become
+/// failed lines, with their cells, in the report.
+async fn settle_own(
+    db: &Database,
+    queue_id: ObjectId,
+    dedupe: &mut Dedupe,
+    failed_own: &mut std::collections::HashSet<LineNo>,
+    done: &mut Done,
+) -> Result<(), Abort> {
+    let Some(names) = dedupe.names.as_mut() else {
+        return Ok(());
+    };
+    for (line, name) in &done.failed_creates {
+        if names.forget(*line, name) {
+            failed_own.insert(*line);
+        }
+    }
+    if failed_own.is_empty() {
+        return Ok(());
+    }
+    let outcome = &mut done.outcome;
+    let mut moved = false;
+    let mut kept = Vec::with_capacity(outcome.skipped.len());
+    let raws = std::mem::take(&mut done.skipped_raws);
+    for ((line, id), raw) in outcome.skipped.drain(..).zip(raws) {
+        match (crate::domain::line_of_deal_id(&queue_id, &id), raw) {
+            (Some(of), Some(raw)) if failed_own.contains(&of) => {
+                moved = true;
+                outcome.failed.push(FailedRow {
+                    error: crate::domain::RowError {
+                        line,
+                        code: crate::domain::RowCode::WriteRejected,
+                        field: None,
+                        value: None,
+                        message: format!(
+                            "Not imported: it repeats the name of line {of}, which failed."
+                        ),
+                    },
+                    cells: raw.to_cells(),
+                });
+            }
+            _ => kept.push((line, id)),
+        }
+    }
+    outcome.skipped = kept;
+    if moved {
+        outcome.failed.sort_by_key(|f| f.error.line);
+        (|| outcomes::record_batch(db, queue_id, outcome))
+            .retry(write_retry())
+            .when(crate::db::is_transient)
+            .await?;
+    }
+    Ok(())
 }
 
 /// A line the database refused, with its original cells for the report.
@@ -906,7 +1007,7 @@ fn rejected_row(line: LineNo, message: String, raw: &RawCells) -> FailedRow {
 async fn link_contacts(
     linker: &ContactLinker,
     p: &mut Prepared,
-) -> Result<(u64, Vec<FailedRow>), Abort> {
+) -> Result<(u64, Vec<FailedRow>, Vec<(LineNo, String)>), Abort> {
     let refs: Vec<ContactRef<'_>> = p
         .lines
         .iter()
@@ -921,7 +1022,7 @@ async fn link_contacts(
         })
         .collect();
     if refs.is_empty() {
-        return Ok((0, Vec::new()));
+        return Ok((0, Vec::new(), Vec::new()));
     }
     let linked = (|| linker.link(&refs))
         .retry(write_retry())
@@ -932,6 +1033,7 @@ async fn link_contacts(
     drop(refs);
     let mut links = linked.links.into_iter();
     let mut refused = Vec::new();
+    let mut refused_names = Vec::new();
     let mut keep = vec![true; p.docs.len()];
     for (i, contact) in p.contacts.iter().enumerate() {
         match (contact, contact.as_ref().and_then(|_| links.next())) {
@@ -939,6 +1041,8 @@ async fn link_contacts(
             (Some(_), Some(Linked::Refused(message))) => {
                 keep[i] = false;
                 refused.push(rejected_row(p.lines[i], message, &p.raws[i]));
+                let name = p.docs[i].get_str("name").unwrap_or_default();
+                refused_names.push((p.lines[i], name.to_owned()));
             }
             _ => {}
         }
@@ -961,7 +1065,7 @@ async fn link_contacts(
     }
     retain_by(&mut p.updates, &keep);
     retain_by(&mut p.update_contacts, &keep);
-    Ok((linked.created, refused))
+    Ok((linked.created, refused, refused_names))
 }
 
 /// Keeps the items of `v` whose flag in `keep` is set.
@@ -976,10 +1080,9 @@ async fn commit(
     lease: &Lease,
     tracker: &mut Tracker,
     stop: &Stop,
-    outcome: &BatchOutcome,
-    end: Start,
-    records_end: u64,
+    done: &Done,
 ) -> Result<(), Abort> {
+    let (outcome, end, records_end) = (&done.outcome, done.end, done.records_end);
     for (label, n) in [
         ("imported", outcome.imported.len()),
         ("updated", outcome.updated.len()),

@@ -79,6 +79,26 @@ impl NameIndex {
         Ok(Self { queue_id, by_key })
     }
 
+    /// Whether `id` is a deal this import creates (matched by a later row
+    /// of the file, not found in the database at the start).
+    pub fn is_own(&self, id: &ObjectId) -> bool {
+        crate::domain::line_of_deal_id(&self.queue_id, id).is_some()
+    }
+
+    /// Forgets the deal the row on `line` named `name` was to create (its
+    /// write failed): later rows of that name no longer match it. Returns
+    /// whether the row had registered its name.
+    pub fn forget(&mut self, line: LineNo, name: &str) -> bool {
+        let key = digest(name);
+        let own = deal_id(&self.queue_id, line);
+        if own.is_some() && self.by_key.get(&key) == own.as_ref() {
+            self.by_key.remove(&key);
+            true
+        } else {
+            false
+        }
+    }
+
     /// Decides for the row on `line` named `name`, and remembers a deal it
     /// will create so later rows of the file match it.
     pub fn decide(&mut self, line: LineNo, name: &str) -> Match {
@@ -118,6 +138,15 @@ mod tests {
         // A replay of line 3 finds the deal line 3 created: create again
         // (the insert is then absorbed as already imported).
         assert_eq!(idx.decide(3, "New One"), Match::Create);
+        assert!(idx.is_own(&deal_id(&q, 3).unwrap()) && !idx.is_own(&existing));
+        // Line 3's write failed: the name is free again, for line 5.
+        assert!(!idx.forget(4, "new one"), "line 4 registered nothing");
+        assert!(idx.forget(3, "NEW one"));
+        assert_eq!(idx.decide(5, "new one"), Match::Create);
+        assert_eq!(
+            idx.decide(6, "New One"),
+            Match::Existing(deal_id(&q, 5).unwrap())
+        );
     }
 
     #[test]

@@ -850,3 +850,33 @@ async fn a_resumed_import_cuts_batches_as_its_first_run_did() {
     assert_eq!(firsts, [2, 9, 16]);
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_skipped_as_a_repeat_of_a_failed_row_is_failed_not_lost() {
+    let mut app = TestApp::new().await;
+    let csv = "Name,Value\nAcme,1\nacme ,2\nOther,3\n";
+    let id = app
+        .enqueue_with(
+            "repeat.csv",
+            csv.as_bytes(),
+            &[("Name", "name"), ("Value", "value")],
+            doc! { "additional_data": { "pipeline_id": app.pipeline_id, "duplicate_strategy": "skip" } },
+        )
+        .await;
+    // Line 2's deal cannot be written (its id is taken by another record),
+    // so line 3, a repeat of its name, has nothing to be a duplicate of.
+    app.coll(collections::DEALS)
+        .insert_one(doc! { "_id": deal_id(&id, 2).unwrap(), "name": "someone else's" })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let q = app.wait_completed(id, LONG).await;
+    assert_eq!(get_i64(&q, "progress.skipped_rows"), 0, "{q}");
+    assert_eq!(get_i64(&q, "progress.failed_rows"), 2, "{q}");
+    assert_eq!(get_i64(&q, "progress.imported_rows"), 1, "{q}");
+    match outcomes::line_outcome(&app.db, id, 3).await.unwrap() {
+        Some(LineOutcome::Failed(e)) => assert!(e.message.contains("line 2"), "{e:?}"),
+        other => panic!("line 3: {other:?}"),
+    }
+    app.cleanup().await;
+}
