@@ -76,7 +76,7 @@ impl IndexError {
 
 /// Creates every index importd needs. Safe to run on every start.
 pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
-    let specs: [(&str, Document, &str, bool); 9] = [
+    let specs: [(&str, Document, &str, bool); 11] = [
         // Notifications due (final imports whose email is not sent yet).
         (
             collections::QUEUES,
@@ -89,6 +89,19 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
             collections::QUEUES,
             doc! { "notify.state": 1, "notify.expires_at": 1 },
             "notify_expiry",
+            false,
+        ),
+        // Webhooks due, and expired webhook rounds (as for the email).
+        (
+            collections::QUEUES,
+            doc! { "webhook.state": 1, "webhook.next_attempt_at": 1 },
+            "webhook_state",
+            false,
+        ),
+        (
+            collections::QUEUES,
+            doc! { "webhook.state": 1, "webhook.expires_at": 1 },
+            "webhook_expiry",
             false,
         ),
         // The claim: equality on status over the few pending imports, oldest first.

@@ -329,13 +329,15 @@ impl Claimer {
                 },
             )
             .await?;
-        // A notification whose sender died goes back to pending.
-        self.queues
-            .update_many(
-                doc! { "notify.state": "sending", "notify.expires_at": { "$lt": now } },
-                doc! { "$set": { "notify.state": "pending" } },
-            )
-            .await?;
+        // A delivery whose sender died goes back to pending.
+        for channel in [Channel::Email, Channel::Webhook] {
+            self.queues
+                .update_many(
+                    doc! { channel.key("state"): "sending", channel.key("expires_at"): { "$lt": now } },
+                    doc! { "$set": { channel.key("state"): "pending" } },
+                )
+                .await?;
+        }
         Ok(r.modified_count)
     }
 }
@@ -485,28 +487,54 @@ impl Lease {
     }
 }
 
-/// The notification guard: `notify.state` moves `pending` (set by
-/// [`Lease::finish`]) → `sending` (one daemon, under its own short lease)
-/// → `sent` | `skipped` | `failed`, or back to `pending` with a
+/// A way the outcome of a final import is delivered, each with its own
+/// state machine on the queue document.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Channel {
+    /// The summary email (`notify.*`).
+    Email,
+    /// The completion webhook (`webhook.*`), due once the email round
+    /// recorded its result.
+    Webhook,
+}
+
+impl Channel {
+    /// The queue document's field holding the channel's state.
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::Email => "notify",
+            Self::Webhook => "webhook",
+        }
+    }
+
+    fn key(self, sub: &str) -> String {
+        format!("{}.{sub}", self.field())
+    }
+}
+
+/// The delivery guard: `<channel>.state` moves `pending` (set by
+/// [`Lease::finish`] for the email, by the email round's end for the
+/// webhook) → `sending` (one daemon, under its own short lease, renewed while
+/// it works) → `sent` | `skipped` | `failed`, or back to `pending` with a
 /// `next_attempt_at` after a failed round. Each move is one atomic update
 /// guarded on the current state (and owner), so two daemons, a retry or a
-/// restart never send a second email for one import. A daemon that dies
-/// while `sending` leaves a lease that [`Claimer::rescue_expired`] turns back
-/// into `pending`: after a crash in the instant between the SMTP server's
-/// acceptance and the `sent` write, a second email is possible; a lost one
-/// is not.
+/// restart never deliver twice. A daemon that dies while `sending` leaves
+/// a lease that [`Claimer::rescue_expired`] turns back into `pending`: after
+/// a crash in the instant between the receiver's acceptance and the `sent`
+/// write, a second delivery is possible; a lost one is not.
 impl Claimer {
-    /// Takes the notification of `queue_id` (or of any final import whose
-    /// notification is due) for sending.
+    /// Takes the delivery on `channel` of `queue_id` (or of any final import
+    /// whose delivery is due) for sending.
     pub async fn claim_notification(
         &self,
+        channel: Channel,
         queue_id: Option<ObjectId>,
         lease: Duration,
     ) -> Result<Option<Document>> {
         let now = DateTime::now();
         let mut filter = doc! {
-            "notify.state": "pending",
-            "notify.next_attempt_at": { "$not": { "$gt": now } },
+            channel.key("state"): "pending",
+            channel.key("next_attempt_at"): { "$not": { "$gt": now } },
         };
         if let Some(id) = queue_id {
             filter.insert("_id", id);
@@ -517,25 +545,34 @@ impl Claimer {
                 filter,
                 doc! {
                     "$set": {
-                        "notify.state": "sending",
-                        "notify.owner": &self.owner,
-                        "notify.expires_at": now_plus(lease),
+                        channel.key("state"): "sending",
+                        channel.key("owner"): &self.owner,
+                        channel.key("expires_at"): now_plus(lease),
                     },
-                    "$inc": { "notify.rounds": 1_i64 },
+                    "$inc": { channel.key("rounds"): 1_i64 },
                 },
             )
             .return_document(ReturnDocument::After)
             .await?)
     }
 
+    fn round_guard(&self, channel: Channel, queue_id: ObjectId) -> Document {
+        doc! { "_id": queue_id, channel.key("state"): "sending", channel.key("owner"): &self.owner }
+    }
+
     /// Extends this daemon's sending round of `queue_id` by `lease`.
     /// Returns false when the round is no longer ours.
-    pub async fn renew_notification(&self, queue_id: ObjectId, lease: Duration) -> Result<bool> {
+    pub async fn renew_notification(
+        &self,
+        channel: Channel,
+        queue_id: ObjectId,
+        lease: Duration,
+    ) -> Result<bool> {
         let r = self
             .queues
             .update_one(
-                doc! { "_id": queue_id, "notify.state": "sending", "notify.owner": &self.owner },
-                doc! { "$set": { "notify.expires_at": now_plus(lease) } },
+                self.round_guard(channel, queue_id),
+                doc! { "$set": { channel.key("expires_at"): now_plus(lease) } },
             )
             .await?;
         Ok(r.matched_count == 1)
@@ -546,27 +583,21 @@ impl Claimer {
     /// Returns false when the round was no longer ours.
     pub async fn finish_notification(
         &self,
+        channel: Channel,
         queue_id: ObjectId,
         state: &str,
         fields: Document,
     ) -> Result<bool> {
-        let mut set = doc! { "notify.state": state, "notify.updated_at": DateTime::now() };
+        let mut set =
+            doc! { channel.key("state"): state, channel.key("updated_at"): DateTime::now() };
         set.extend(fields);
         let r = self
             .queues
             .update_one(
-                doc! { "_id": queue_id, "notify.state": "sending", "notify.owner": &self.owner },
-                doc! { "$set": set, "$unset": { "notify.owner": "", "notify.expires_at": "" } },
+                self.round_guard(channel, queue_id),
+                doc! { "$set": set, "$unset": { channel.key("owner"): "", channel.key("expires_at"): "" } },
             )
             .await?;
         Ok(r.matched_count == 1)
-    }
-
-    /// Records facts on a final import (report, webhook result).
-    pub async fn record_final_fields(&self, queue_id: ObjectId, fields: Document) -> Result<()> {
-        self.queues
-            .update_one(doc! { "_id": queue_id }, doc! { "$set": fields })
-            .await?;
-        Ok(())
     }
 }

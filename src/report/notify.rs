@@ -10,6 +10,13 @@
 //! import's own status never changes because of mail, and every failure is
 //! recorded on the queue document (`notify.error`). A user without an email
 //! address gets `notify.state: skipped` with a warning, not a failed import.
+//!
+//! The completion webhook has the same machine under `webhook.*`: it becomes
+//! due (`pending`) in the very update that records the email round's final
+//! result, so a crash between the two loses nothing, and any daemon's
+//! rescue tick posts a due webhook. A 4xx other than 408/429 ends it
+//! `failed` at once; other failures are retried within the round, then in
+//! later rounds up to `notify.max_rounds`.
 
 use std::time::Duration;
 
@@ -25,7 +32,7 @@ use tracing::{Instrument, info, info_span, warn};
 use super::errors_csv::{report_key, write_report};
 use super::summary::{Ending, ImportSummary};
 use super::webhook::{self, Principal};
-use crate::claim::Claimer;
+use crate::claim::{Channel, Claimer};
 use crate::config::{SmtpSettings, SmtpTls};
 use crate::domain::collections;
 use crate::outcomes;
@@ -153,7 +160,7 @@ impl Notifier {
     pub async fn deliver(&self, queue_id: ObjectId) {
         match self
             .claimer
-            .claim_notification(Some(queue_id), ROUND_LEASE)
+            .claim_notification(Channel::Email, Some(queue_id), ROUND_LEASE)
             .await
         {
             Ok(Some(doc)) => self.round(doc).await,
@@ -162,14 +169,41 @@ impl Notifier {
         }
     }
 
-    /// Delivers every due notification (after restarts and failed rounds).
+    /// Delivers every due notification (after restarts and failed rounds):
+    /// emails, then webhooks.
     pub async fn deliver_due(&self) {
         loop {
-            match self.claimer.claim_notification(None, ROUND_LEASE).await {
+            match self
+                .claimer
+                .claim_notification(Channel::Email, None, ROUND_LEASE)
+                .await
+            {
                 Ok(Some(doc)) => self.round(doc).await,
-                Ok(None) => return,
+                Ok(None) => break,
                 Err(e) => {
                     warn!(error = %error_chain(&e), "Could not look for due notifications");
+                    return;
+                }
+            }
+        }
+        self.deliver_webhooks(None).await;
+    }
+
+    /// Posts the due webhook of `queue_id`, or every due webhook.
+    async fn deliver_webhooks(&self, queue_id: Option<ObjectId>) {
+        if self.services.settings.crm.webhook_url.is_none() {
+            return;
+        }
+        loop {
+            match self
+                .claimer
+                .claim_notification(Channel::Webhook, queue_id, ROUND_LEASE)
+                .await
+            {
+                Ok(Some(doc)) => self.webhook_round(doc).await,
+                Ok(None) => return,
+                Err(e) => {
+                    warn!(error = %error_chain(&e), "Could not look for due webhooks");
                     return;
                 }
             }
@@ -179,11 +213,15 @@ impl Notifier {
     /// Renews the round's lease every third of it; returns when the round
     /// is lost, or when no renewal succeeded for a whole lease (the round
     /// may have expired and been taken).
-    async fn hold_round(&self, queue_id: ObjectId) {
+    async fn hold_round(&self, channel: Channel, queue_id: ObjectId) {
         let mut last_ok = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(ROUND_LEASE / 3).await;
-            match self.claimer.renew_notification(queue_id, ROUND_LEASE).await {
+            match self
+                .claimer
+                .renew_notification(channel, queue_id, ROUND_LEASE)
+                .await
+            {
                 Ok(true) => last_ok = tokio::time::Instant::now(),
                 Ok(false) => return,
                 Err(e) => {
@@ -204,14 +242,14 @@ impl Notifier {
         async {
             let sent = tokio::select! {
                 sent = self.send_summary(queue_id, &doc) => sent,
-                () = self.hold_round(queue_id) => {
+                () = self.hold_round(Channel::Email, queue_id) => {
                     // Another daemon may take the round from here on: stop
                     // before it could send a second email.
                     warn!("Notification round lease lost; stopped");
                     return;
                 }
             };
-            let (state, fields) = match sent {
+            let (state, mut fields) = match sent {
                 Ok(outcome) => outcome,
                 Err(e) => {
                     let rounds = doc.get_document("notify").ok().and_then(|n| n.get_i64("rounds").ok()).unwrap_or(1);
@@ -230,7 +268,17 @@ impl Notifier {
             };
             let result = if state == "pending" { "retry" } else { state };
             metrics::counter!(m::NOTIFICATIONS, "channel" => "email", "result" => result).increment(1);
-            let ours = match self.claimer.finish_notification(queue_id, state, fields).await {
+            let webhook_due = state != "pending" && self.services.settings.crm.webhook_url.is_some();
+            if webhook_due {
+                // Due from the moment the email's result is recorded, in
+                // the same update: a crash right after loses no webhook.
+                fields.insert("webhook.state", "pending");
+            }
+            let ours = match self
+                .claimer
+                .finish_notification(Channel::Email, queue_id, state, fields)
+                .await
+            {
                 Ok(true) => {
                     info!(state, "Notification round ended");
                     true
@@ -244,10 +292,8 @@ impl Notifier {
                     false
                 }
             };
-            // The webhook follows the round that recorded the final result,
-            // so a round taken over posts nothing.
-            if ours && state != "pending" {
-                self.webhook(queue_id, &doc).await;
+            if ours && webhook_due {
+                self.deliver_webhooks(Some(queue_id)).await;
             }
         }
         .instrument(span)
@@ -404,11 +450,64 @@ impl Notifier {
     }
 
     /// Posts the completion webhook, if configured; records the result.
-    async fn webhook(&self, queue_id: ObjectId, q: &Document) {
-        let settings = &self.services.settings;
-        let Some(url) = settings.crm.webhook_url.as_deref() else {
+    /// One webhook round: post (retried within the round), then record
+    /// `sent`, `failed`, or `pending` for a later round.
+    async fn webhook_round(&self, doc: Document) {
+        let Ok(queue_id) = doc.get_object_id("_id") else {
             return;
         };
+        let span = info_span!("webhook", queue_id = %queue_id);
+        async {
+            let posted = tokio::select! {
+                posted = self.post_webhook(queue_id, &doc) => posted,
+                () = self.hold_round(Channel::Webhook, queue_id) => {
+                    warn!("Webhook round lease lost; stopped");
+                    return;
+                }
+            };
+            let Some(result) = posted else { return };
+            let label = if result.is_ok() { "sent" } else { "failed" };
+            metrics::counter!(m::NOTIFICATIONS, "channel" => "webhook", "result" => label).increment(1);
+            let now = DateTime::now();
+            let (state, fields) = match &result {
+                Ok(status) => ("sent", doc! { "webhook.status": i32::from(*status), "webhook.at": now }),
+                Err(e) => {
+                    let rounds = doc.get_document("webhook").ok().and_then(|w| w.get_i64("rounds").ok()).unwrap_or(1);
+                    let last = !e.is_transient()
+                        || rounds >= i64::from(self.services.settings.notify.max_rounds);
+                    warn!(error = %e, rounds, final_failure = last, "Webhook not delivered");
+                    let mut fields = doc! { "webhook.error": e.to_string(), "webhook.at": now };
+                    if !last {
+                        let next = now.timestamp_millis()
+                            + self.services.settings.notify.redeliver_after.as_millis() as i64;
+                        fields.insert("webhook.next_attempt_at", DateTime::from_millis(next));
+                    }
+                    (if last { "failed" } else { "pending" }, fields)
+                }
+            };
+            match self
+                .claimer
+                .finish_notification(Channel::Webhook, queue_id, state, fields)
+                .await
+            {
+                Ok(true) => info!(state, "Webhook round ended"),
+                Ok(false) => warn!("Webhook round was taken over; not recorded"),
+                Err(e) => warn!(error = %error_chain(&e), "Could not record the webhook; it will be retried"),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Posts the summary of `q` to `crm.webhook_url`, retried with backoff
+    /// on transient failures. `None` when no webhook is configured.
+    async fn post_webhook(
+        &self,
+        queue_id: ObjectId,
+        q: &Document,
+    ) -> Option<Result<u16, webhook::Error>> {
+        let settings = &self.services.settings;
+        let url = settings.crm.webhook_url.as_deref()?;
         let hex = |k: &str| q.get_object_id(k).map(|i| i.to_hex()).unwrap_or_default();
         let who = Principal {
             uid: hex("user_id"),
@@ -437,25 +536,13 @@ impl Notifier {
                 "code": e.get_str("code").unwrap_or(""), "message": e.get_str("message").unwrap_or(""),
             })),
         });
-        let result = (|| webhook::post(&self.http, url, &settings.app_secret, &who, &body))
-            .retry(self.retry())
-            .when(webhook::Error::is_transient)
-            .notify(|e, _| warn!(error = %e, "Webhook failed; retrying"))
-            .await;
-        let label = if result.is_ok() { "sent" } else { "failed" };
-        metrics::counter!(m::NOTIFICATIONS, "channel" => "webhook", "result" => label).increment(1);
-        let fields = match &result {
-            Ok(status) => {
-                doc! { "webhook": { "state": "sent", "status": i32::from(*status), "at": DateTime::now() } }
-            }
-            Err(e) => {
-                warn!(error = %e, "Webhook not delivered");
-                doc! { "webhook": { "state": "failed", "error": e.to_string(), "at": DateTime::now() } }
-            }
-        };
-        if let Err(e) = self.claimer.record_final_fields(queue_id, fields).await {
-            warn!(error = %error_chain(&e), "Could not record the webhook result");
-        }
+        Some(
+            (|| webhook::post(&self.http, url, &settings.app_secret, &who, &body))
+                .retry(self.retry())
+                .when(webhook::Error::is_transient)
+                .notify(|e, _| warn!(error = %e, "Webhook failed; retrying"))
+                .await,
+        )
     }
 }
 

@@ -414,3 +414,41 @@ async fn the_stack_smtp_server_delivers_into_its_maildir() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_left_by_a_dead_daemon_is_posted_once_by_another() {
+    let smtp = SmtpCatcher::start().await;
+    let (url, seen) = listener().await;
+    let mut settings = settings_with_smtp(smtp.port);
+    settings.crm.webhook_url = Some(url);
+    let mut app = TestApp::with_settings(settings).await;
+    // A final import whose email went out, and whose webhook round was
+    // taken by a daemon that died (its round lease has expired).
+    let id = ObjectId::new();
+    let past = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 60_000);
+    app.queues()
+        .insert_one(doc! {
+            "_id": id, "source": "deals", "status": "completed", "in_progress": false,
+            "user_id": app.user_id, "account_id": app.account_id,
+            "parent_account": app.account_id, "client_id": app.account_id,
+            "csv": [{ "key": "k", "name": "orphan.csv" }],
+            "notify": { "state": "sent", "rounds": 1_i64 },
+            "webhook": { "state": "sending", "owner": "a-dead-daemon", "expires_at": past, "rounds": 1_i64 },
+        })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    app.wait_queue(id, Duration::from_secs(30), "with the webhook sent", |q| {
+        q.get_document("webhook")
+            .is_ok_and(|w| w.get_str("state") == Ok("sent"))
+    })
+    .await;
+    // Several rescue ticks later, still one call.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let calls = seen.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].1["queue_id"], id.to_hex());
+    assert_eq!(calls[0].1["status"], "completed");
+    assert!(smtp.messages().is_empty(), "no second email");
+    app.cleanup().await;
+}
