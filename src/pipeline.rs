@@ -359,7 +359,11 @@ async fn heartbeat(lease: Lease, stop: Stop, shutdown: CancellationToken) {
             _ = stop.token.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        match lease.heartbeat().await {
+        // Bounded, so a hanging call cannot outlive the lease unnoticed.
+        let beat = tokio::time::timeout(period, lease.heartbeat())
+            .await
+            .unwrap_or_else(|_| Err(claim::Error::Timeout));
+        match beat {
             Ok(hb) if hb.cancel_requested => {
                 info!("Cancellation requested");
                 stop.trigger(STOP_CANCELLED);
@@ -372,10 +376,10 @@ async fn heartbeat(lease: Lease, stop: Stop, shutdown: CancellationToken) {
             }
             Err(e) => {
                 warn!(error = %error_chain(&e), "Heartbeat failed; retrying");
-                // Unrenewed for a whole lease: it may have expired and been
-                // claimed by another daemon, so stop writing.
-                if renewed.elapsed() >= lease.duration() {
-                    warn!("Lease not renewed for its whole duration; stopping");
+                // Unrenewed for two thirds of the lease: stop writing before
+                // it can expire and be claimed by another daemon.
+                if renewed.elapsed() >= lease.duration() * 2 / 3 {
+                    warn!("Lease not renewed for two thirds of it; stopping");
                     stop.trigger(STOP_LEASE_LOST);
                     return;
                 }
@@ -466,8 +470,21 @@ async fn import(
         columns = headers.len(),
         "Import started"
     );
+    // The batches of the first run, kept by every later one (outcome
+    // documents are keyed by their batch's first line): stored before the
+    // first batch is written, so even a run that dies before its first
+    // progress save leaves it.
+    let batch_size = match usize::try_from(resume.batch_size) {
+        Ok(n) if n > 0 => n.min(MAX_BATCH_ROWS),
+        _ => settings.import.batch_size.get(),
+    };
+    tracker.checkpoint.batch_size = batch_size as u64;
     lease
-        .set_fields(doc! { "file_size": info.size as i64, "columns": &headers })
+        .set_fields(doc! {
+            "file_size": info.size as i64,
+            "columns": &headers,
+            "checkpoint.batch_size": batch_size as i64,
+        })
         .await?;
     let mut stages = StageCache::load(&svc.db, spec.account_id, pipeline_id, spec.user_id).await?;
     let writer = DealWriter::new(svc.db.collection(collections::DEALS), spec, pipeline_id);
@@ -490,13 +507,6 @@ async fn import(
         },
     };
 
-    // The batches of the first run, kept by every later one (outcome
-    // documents are keyed by their batch's first line).
-    let batch_size = match usize::try_from(resume.batch_size) {
-        Ok(n) if n > 0 => n.min(MAX_BATCH_ROWS),
-        _ => settings.import.batch_size.get(),
-    };
-    tracker.checkpoint.batch_size = batch_size as u64;
     let (tx, mut rx) = mpsc::channel::<Batch>(settings.import.channel_batches.get());
     let producer = tokio::spawn(
         produce(

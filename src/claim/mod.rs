@@ -51,6 +51,9 @@ pub enum Error {
     /// MongoDB failed.
     #[error(transparent)]
     Mongo(#[from] mongodb::error::Error),
+    /// A lease renewal did not answer in time.
+    #[error("the lease renewal timed out")]
+    Timeout,
 }
 
 impl Error {
@@ -59,6 +62,7 @@ impl Error {
         match self {
             Self::LeaseLost { .. } => false,
             Self::Mongo(e) => crate::db::is_transient(e),
+            Self::Timeout => true,
         }
     }
 }

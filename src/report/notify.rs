@@ -217,11 +217,16 @@ impl Notifier {
         let mut last_ok = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(ROUND_LEASE / 3).await;
-            match self
-                .claimer
-                .renew_notification(channel, queue_id, ROUND_LEASE)
-                .await
-            {
+            // Bounded: a renewal hanging past the lease must not let the
+            // round run on while another daemon takes it.
+            let renewed = tokio::time::timeout(
+                ROUND_LEASE / 4,
+                self.claimer
+                    .renew_notification(channel, queue_id, ROUND_LEASE),
+            )
+            .await
+            .unwrap_or_else(|_| Err(crate::claim::Error::Timeout));
+            match renewed {
                 Ok(true) => last_ok = tokio::time::Instant::now(),
                 Ok(false) => return,
                 Err(e) => {
@@ -230,6 +235,51 @@ impl Notifier {
                         return;
                     }
                 }
+            }
+        }
+    }
+
+    /// Records a round's result, retrying a database blip (the round's
+    /// lease is renewed meanwhile, so no other daemon redoes a delivery that
+    /// happened). Returns whether this round recorded it.
+    async fn finish_round(
+        &self,
+        channel: Channel,
+        queue_id: ObjectId,
+        state: &str,
+        fields: Document,
+    ) -> bool {
+        let record = (|| {
+            self.claimer
+                .finish_notification(channel, queue_id, state, fields.clone())
+        })
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(5))
+                .with_max_times(12)
+                .with_jitter(),
+        )
+        .when(crate::claim::Error::is_transient)
+        .notify(|e, _| warn!(error = %error_chain(e), "Recording the round failed; retrying"));
+        tokio::select! {
+            recorded = record => match recorded {
+                Ok(true) => {
+                    info!(channel = channel.field(), state, "Round ended");
+                    true
+                }
+                Ok(false) => {
+                    warn!(channel = channel.field(), "Round was taken over; not recorded");
+                    false
+                }
+                Err(e) => {
+                    warn!(channel = channel.field(), error = %error_chain(&e), "Could not record the round; it will be redone");
+                    false
+                }
+            },
+            () = self.hold_round(channel, queue_id) => {
+                warn!(channel = channel.field(), "Round lease lost while recording");
+                false
             }
         }
     }
@@ -274,24 +324,7 @@ impl Notifier {
                 // the same update: a crash right after loses no webhook.
                 fields.insert("webhook.state", "pending");
             }
-            let ours = match self
-                .claimer
-                .finish_notification(Channel::Email, queue_id, state, fields)
-                .await
-            {
-                Ok(true) => {
-                    info!(state, "Notification round ended");
-                    true
-                }
-                Ok(false) => {
-                    warn!("Notification round was taken over; not recorded");
-                    false
-                }
-                Err(e) => {
-                    warn!(error = %error_chain(&e), "Could not record the notification; it will be retried");
-                    false
-                }
-            };
+            let ours = self.finish_round(Channel::Email, queue_id, state, fields).await;
             if ours && webhook_due {
                 self.deliver_webhooks(Some(queue_id)).await;
             }
@@ -467,12 +500,20 @@ impl Notifier {
             };
             let Some(result) = posted else { return };
             let label = if result.is_ok() { "sent" } else { "failed" };
-            metrics::counter!(m::NOTIFICATIONS, "channel" => "webhook", "result" => label).increment(1);
+            metrics::counter!(m::NOTIFICATIONS, "channel" => "webhook", "result" => label)
+                .increment(1);
             let now = DateTime::now();
             let (state, fields) = match &result {
-                Ok(status) => ("sent", doc! { "webhook.status": i32::from(*status), "webhook.at": now }),
+                Ok(status) => (
+                    "sent",
+                    doc! { "webhook.status": i32::from(*status), "webhook.at": now },
+                ),
                 Err(e) => {
-                    let rounds = doc.get_document("webhook").ok().and_then(|w| w.get_i64("rounds").ok()).unwrap_or(1);
+                    let rounds = doc
+                        .get_document("webhook")
+                        .ok()
+                        .and_then(|w| w.get_i64("rounds").ok())
+                        .unwrap_or(1);
                     let last = !e.is_transient()
                         || rounds >= i64::from(self.services.settings.notify.max_rounds);
                     warn!(error = %e, rounds, final_failure = last, "Webhook not delivered");
@@ -485,15 +526,8 @@ impl Notifier {
                     (if last { "failed" } else { "pending" }, fields)
                 }
             };
-            match self
-                .claimer
-                .finish_notification(Channel::Webhook, queue_id, state, fields)
-                .await
-            {
-                Ok(true) => info!(state, "Webhook round ended"),
-                Ok(false) => warn!("Webhook round was taken over; not recorded"),
-                Err(e) => warn!(error = %error_chain(&e), "Could not record the webhook; it will be retried"),
-            }
+            self.finish_round(Channel::Webhook, queue_id, state, fields)
+                .await;
         }
         .instrument(span)
         .await
@@ -515,9 +549,12 @@ impl Notifier {
             parent_account: hex("parent_account"),
             client_id: hex("client_id"),
         };
-        let totals = outcomes::totals(&self.services.db, queue_id)
-            .await
-            .unwrap_or_default();
+        // Totals that cannot be read fail the post (retried later): a
+        // webhook never reports zeros it did not count.
+        let totals = match outcomes::totals(&self.services.db, queue_id).await {
+            Ok(t) => t,
+            Err(e) => return Some(Err(webhook::Error::Totals(error_chain(&e)))),
+        };
         let body = serde_json::json!({
             "event": "import.finished",
             "queue_id": queue_id.to_hex(),

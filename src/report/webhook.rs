@@ -62,6 +62,9 @@ pub enum Error {
     /// The endpoint answered with an error status.
     #[error("the endpoint answered {0}")]
     Status(u16),
+    /// The import's totals could not be read.
+    #[error("reading the totals: {0}")]
+    Totals(String),
 }
 
 impl Error {
@@ -69,7 +72,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Jwt(_) => false,
-            Self::Http(_) => true,
+            Self::Http(_) | Self::Totals(_) => true,
             Self::Status(s) => *s >= 500 || *s == 408 || *s == 429,
         }
     }
