@@ -189,6 +189,25 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
     Ok(())
 }
 
+/// Whether two key patterns name the same fields in the same order and
+/// directions (`1`, `1.0` and `1_i64` alike, as shells store them).
+fn same_keys(a: &Document, b: &Document) -> bool {
+    let num = |v: &bson::Bson| match v {
+        bson::Bson::Int32(n) => Some(f64::from(*n)),
+        bson::Bson::Int64(n) => Some(*n as f64),
+        bson::Bson::Double(n) => Some(*n),
+        _ => None,
+    };
+    a.len() == b.len()
+        && a.iter().zip(b.iter()).all(|((ka, va), (kb, vb))| {
+            ka == kb
+                && match (num(va), num(vb)) {
+                    (Some(x), Some(y)) => x == y,
+                    _ => va == vb,
+                }
+        })
+}
+
 /// Whether the collection has an index on exactly `keys`, and if so
 /// whether it is unique.
 async fn existing_unique(
@@ -198,7 +217,7 @@ async fn existing_unique(
     use futures::TryStreamExt;
     let mut cursor = collection.list_indexes().await?;
     while let Some(model) = cursor.try_next().await? {
-        if &model.keys == keys {
+        if same_keys(&model.keys, keys) {
             return Ok(Some(model.options.and_then(|o| o.unique).unwrap_or(false)));
         }
     }
@@ -238,5 +257,26 @@ pub fn is_transient(e: &mongodb::error::Error) -> bool {
         ),
         ErrorKind::Write(mongodb::error::WriteFailure::WriteConcernError(_)) => true,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_patterns_compare_by_field_order_and_numeric_direction() {
+        let ours = doc! { "account_id": 1, "email": 1 };
+        assert!(same_keys(
+            &ours,
+            &doc! { "account_id": 1.0, "email": 1_i64 }
+        ));
+        assert!(!same_keys(&ours, &doc! { "email": 1, "account_id": 1 }));
+        assert!(!same_keys(&ours, &doc! { "account_id": 1, "email": -1 }));
+        assert!(!same_keys(&ours, &doc! { "account_id": 1 }));
+        assert!(!same_keys(
+            &ours,
+            &doc! { "account_id": 1, "email": "text" }
+        ));
     }
 }
