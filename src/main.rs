@@ -277,7 +277,7 @@ async fn support(
             let code = print_final(db, id, Duration::from_secs(timeout)).await?;
             let dbname = &settings.mongodb.database;
             println!(
-                "\nWhere to look:\n  importd status {id}\n  MongoDB {dbname}: queues {{_id: ObjectId('{id}')}}, csv_imports {{queue_id: …}}, deals {{'import.queue_id': …}}, import_lines {{queue_id: …}}"
+                "\nWhere to look:\n  importd status {id}\n  MongoDB {dbname}: queues {{_id: ObjectId('{id}')}}, csv_imports {{queue_id: …}}, deals {{'import.queue_id': …}}, import_lines {{queue_id: …}}, contacts {{'import.queue_id': …}} (created) and deals' contact_id"
             );
             Ok(code)
         }
