@@ -9,7 +9,8 @@
 //!   reading the winner's contact.
 //! - Existing contacts are linked, never modified.
 //! - A contact created by an import has the deterministic id
-//!   `contact_id(queue_id, line)` of the first line that named it, and
+//!   `contact_id(queue_id, line)` of the first line that named it (or, if
+//!   that id is taken, `contact_fallback_id(queue_id, line)`), and
 //!   `import: {queue_id, line}`. A replayed batch therefore recognises the
 //!   contacts it created in an earlier run, so its count of contacts created
 //!   is the same however often it runs, and support or an undo finds them
@@ -31,7 +32,7 @@ use mongodb::error::{ErrorKind, InsertManyError};
 use mongodb::{Collection, Database};
 use quick_cache::sync::Cache;
 
-use crate::domain::{ImportSpec, LineNo, collections, contact_id};
+use crate::domain::{ImportSpec, LineNo, collections, contact_fallback_id, contact_id};
 use crate::write::raw_with_capacity;
 
 /// Errors of the contacts layer (a contact refused for one line is not an
@@ -242,7 +243,9 @@ impl ContactLinker {
                         Some(id) => {
                             // Ours from an earlier run of this batch: still
                             // created by this import, at this line.
-                            if *id == ids[i] {
+                            if *id == ids[i]
+                                || Some(*id) == contact_fallback_id(&self.builder.queue_id, w.line)
+                            {
                                 created += 1;
                             }
                             resolved.insert(w.email, Linked::Contact(*id));
@@ -284,7 +287,12 @@ impl ContactLinker {
         resolved: &mut HashMap<&'a str, Linked>,
         created: &mut u64,
     ) -> Result<()> {
-        let ids: Vec<ObjectId> = which.iter().map(|_| ObjectId::new()).collect();
+        let ids: Vec<ObjectId> = which
+            .iter()
+            .map(|&i| {
+                contact_fallback_id(&self.builder.queue_id, wanted[i].line).unwrap_or_default()
+            })
+            .collect();
         let docs: Vec<RawDocumentBuf> = which
             .iter()
             .zip(&ids)
@@ -304,7 +312,12 @@ impl ContactLinker {
             for k in conflicts {
                 let email = wanted[which[k]].email;
                 let link = match found.get(email) {
-                    Some(id) => Linked::Contact(*id),
+                    Some(id) => {
+                        if *id == ids[k] {
+                            *created += 1;
+                        }
+                        Linked::Contact(*id)
+                    }
                     None => {
                         Linked::Refused("The contact could be neither created nor found.".into())
                     }

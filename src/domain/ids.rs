@@ -62,6 +62,18 @@ pub fn contact_id(queue_id: &ObjectId, line: LineNo) -> Option<ObjectId> {
     deal_id(queue_id, line)
 }
 
+/// A second deterministic contact id for `(queue_id, line)`, used when
+/// [`contact_id`] is already taken (the contact that line created was
+/// since given another email): a replay derives it again, so it still
+/// recognises the contact as its own. Outside the import's `_id` range.
+pub fn contact_fallback_id(queue_id: &ObjectId, line: LineNo) -> Option<ObjectId> {
+    let mut b = contact_id(queue_id, line)?.bytes();
+    for x in &mut b[4..8] {
+        *x = !*x;
+    }
+    Some(ObjectId::from_bytes(b))
+}
+
 /// Inclusive `_id` range holding every record id of import `queue_id`.
 pub fn deal_id_range(queue_id: &ObjectId) -> (ObjectId, ObjectId) {
     let q = queue_id.bytes();
@@ -83,6 +95,15 @@ pub fn line_of_deal_id(queue_id: &ObjectId, id: &ObjectId) -> Option<LineNo> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_fallback_contact_id_is_stable_and_outside_the_range() {
+        let q = ObjectId::new();
+        let f = contact_fallback_id(&q, 9).unwrap();
+        assert_eq!(Some(f), contact_fallback_id(&q, 9));
+        assert_ne!(Some(f), contact_id(&q, 9));
+        assert_eq!(line_of_deal_id(&q, &f), None);
+    }
 
     #[test]
     fn ids_are_deterministic_and_distinct_per_line() {

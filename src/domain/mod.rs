@@ -10,7 +10,7 @@ use bson::oid::ObjectId;
 pub mod ids;
 pub mod text;
 
-pub use ids::{contact_id, deal_id, deal_id_range, line_of_deal_id};
+pub use ids::{contact_fallback_id, contact_id, deal_id, deal_id_range, line_of_deal_id};
 
 /// Collection names: the data contract of SPEC.md.
 pub mod collections {

@@ -229,3 +229,46 @@ async fn an_updated_deal_is_linked_to_the_contact_its_row_names() {
     assert_eq!(contact.get_str("last_name").unwrap(), "Scully");
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contact_whose_id_is_taken_gets_a_stable_second_id() {
+    let mut app = TestApp::new().await;
+    let csv = "Deal Name,Contact Name,Contact Email\nOne,Ann Lee,ann@x.co\n";
+    let id = app.enqueue_csv("taken.csv", csv.as_bytes(), &MAPPING).await;
+    // The contact line 2 would create exists under another email (as if
+    // an earlier run created it and a user then changed its email).
+    app.coll(collections::CONTACTS)
+        .insert_one(doc! {
+            "_id": contact_id(&id, 2).unwrap(), "account_id": app.account_id,
+            "email": "renamed@x.co",
+        })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let q = app.wait_completed(id, LONG).await;
+    assert_eq!(get_i64(&q, "contacts_created"), 1);
+    let fallback = importd::domain::contact_fallback_id(&id, 2).unwrap();
+    let deal = app
+        .coll(collections::DEALS)
+        .find_one(doc! { "name": "One" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(deal.get_object_id("contact_id").unwrap(), fallback);
+    // A replay from the start counts it as this import's again.
+    app.queues()
+        .update_one(
+            doc! { "_id": id },
+            doc! { "$set": { "status": "pending", "in_progress": false }, "$unset": { "checkpoint": "", "progress": "" } },
+        )
+        .await
+        .unwrap();
+    let q = app
+        .wait_queue(id, LONG, "completed again", |q| {
+            get_i64(q, "attempts") == 2 && q.get_str("status") == Ok("completed")
+        })
+        .await;
+    assert_eq!(get_i64(&q, "contacts_created"), 1);
+    assert_eq!(app.count(collections::CONTACTS, doc! {}).await, 2);
+    app.cleanup().await;
+}
