@@ -905,11 +905,10 @@ async fn write_batch(
         contacts_created,
     };
     outcome.failed.extend(refused);
-    let rejected = rejected_row;
     for (((line, result), raw), doc) in p.lines.iter().zip(results).zip(&p.raws).zip(&p.docs) {
         match result {
             LineWrite::Rejected(message) => {
-                outcome.failed.push(rejected(*line, message, raw));
+                outcome.failed.push(rejected_row(*line, message, raw));
                 failed_creates.push((*line, doc.get_str("name").unwrap_or_default().to_owned()));
             }
             _ => outcome.imported.push(*line),
@@ -917,7 +916,7 @@ async fn write_batch(
     }
     for ((line, id, _, raw), result) in p.updates.iter().zip(update_results) {
         match result {
-            LineWrite::Rejected(message) => outcome.failed.push(rejected(*line, message, raw)),
+            LineWrite::Rejected(message) => outcome.failed.push(rejected_row(*line, message, raw)),
             _ => outcome.updated.push((*line, *id)),
         }
     }

@@ -370,20 +370,7 @@ impl Lease {
 
     /// Extends the lease and reports whether cancellation was requested.
     pub async fn heartbeat(&self) -> Result<Heartbeat> {
-        let now = DateTime::now();
-        let doc = self
-            .queues
-            .find_one_and_update(
-                self.guard(),
-                doc! { "$set": { "lease.expires_at": now_plus(self.duration), "lease.heartbeat_at": now } },
-            )
-            .projection(doc! { "cancel_requested": 1 })
-            .return_document(ReturnDocument::After)
-            .await?
-            .ok_or_else(|| self.lost())?;
-        Ok(Heartbeat {
-            cancel_requested: doc.get_bool("cancel_requested").unwrap_or(false),
-        })
+        self.renew(Document::new()).await
     }
 
     /// Stores progress and checkpoint, and extends the lease; says whether
@@ -394,18 +381,19 @@ impl Lease {
         progress: Progress,
         checkpoint: Checkpoint,
     ) -> Result<Heartbeat> {
+        self.renew(doc! { "progress": progress.to_doc(), "checkpoint": checkpoint.to_doc() })
+            .await
+    }
+
+    /// Extends the lease, setting `fields` too, in one guarded update that
+    /// reads back `cancel_requested`.
+    async fn renew(&self, mut fields: Document) -> Result<Heartbeat> {
         let now = DateTime::now();
+        fields.insert("lease.expires_at", now_plus(self.duration));
+        fields.insert("lease.heartbeat_at", now);
         let doc = self
             .queues
-            .find_one_and_update(
-                self.guard(),
-                doc! { "$set": {
-                    "progress": progress.to_doc(),
-                    "checkpoint": checkpoint.to_doc(),
-                    "lease.expires_at": now_plus(self.duration),
-                    "lease.heartbeat_at": now,
-                } },
-            )
+            .find_one_and_update(self.guard(), doc! { "$set": fields })
             .projection(doc! { "cancel_requested": 1 })
             .return_document(ReturnDocument::After)
             .await?

@@ -158,61 +158,50 @@ impl Notifier {
     /// Delivers the notification of `queue_id` if it is due and nobody else
     /// has it.
     pub async fn deliver(&self, queue_id: ObjectId) {
-        match self
-            .claimer
-            .claim_notification(Channel::Email, Some(queue_id), ROUND_LEASE)
-            .await
-        {
-            Ok(Some(doc)) => self.round(doc).await,
-            Ok(None) => {}
-            Err(e) => warn!(error = %error_chain(&e), "Could not start a notification round"),
+        for due in self.deliver_on(Channel::Email, Some(queue_id)).await {
+            self.deliver_on(Channel::Webhook, Some(due)).await;
         }
     }
 
     /// Delivers every due notification (after restarts and failed rounds):
     /// emails, then webhooks.
     pub async fn deliver_due(&self) {
-        loop {
-            match self
-                .claimer
-                .claim_notification(Channel::Email, None, ROUND_LEASE)
-                .await
-            {
-                Ok(Some(doc)) => self.round(doc).await,
-                Ok(None) => break,
-                Err(e) => {
-                    warn!(error = %error_chain(&e), "Could not look for due notifications");
-                    return;
-                }
-            }
-        }
-        self.deliver_webhooks(None).await;
+        // The webhooks these rounds make due are among the next step's.
+        self.deliver_on(Channel::Email, None).await;
+        self.deliver_on(Channel::Webhook, None).await;
     }
 
-    /// Posts the due webhook of `queue_id`, or every due webhook.
-    async fn deliver_webhooks(&self, queue_id: Option<ObjectId>) {
-        if self.services.settings.crm.webhook_url.is_none() {
-            return;
+    /// Runs rounds on `channel` for `queue_id` (or for every import) while
+    /// one is due. Ends: each round leaves its delivery sent, failed, or
+    /// due only later. Returns the imports whose webhook the email rounds
+    /// made due.
+    async fn deliver_on(&self, channel: Channel, queue_id: Option<ObjectId>) -> Vec<ObjectId> {
+        let mut webhooks_due = Vec::new();
+        if channel == Channel::Webhook && self.services.settings.crm.webhook_url.is_none() {
+            return webhooks_due;
         }
         loop {
             match self
                 .claimer
-                .claim_notification(Channel::Webhook, queue_id, ROUND_LEASE)
+                .claim_notification(channel, queue_id, ROUND_LEASE)
                 .await
             {
-                Ok(Some(doc)) => self.webhook_round(doc).await,
-                Ok(None) => return,
+                Ok(Some(doc)) => match channel {
+                    Channel::Email => webhooks_due.extend(self.round(doc).await),
+                    Channel::Webhook => self.webhook_round(doc).await,
+                },
+                Ok(None) => return webhooks_due,
                 Err(e) => {
-                    warn!(error = %error_chain(&e), "Could not look for due webhooks");
-                    return;
+                    warn!(channel = channel.field(), error = %error_chain(&e), "Could not look for due deliveries");
+                    return webhooks_due;
                 }
             }
         }
     }
 
     /// Renews the round's lease every third of it; returns when the round
-    /// is lost, or when no renewal succeeded for a whole lease (the round
-    /// may have expired and been taken).
+    /// is lost, or when no renewal succeeded for two thirds of the lease
+    /// (the round could soon expire and be taken).
     async fn hold_round(&self, channel: Channel, queue_id: ObjectId) {
         let mut last_ok = tokio::time::Instant::now();
         loop {
@@ -284,9 +273,10 @@ impl Notifier {
         }
     }
 
-    async fn round(&self, doc: Document) {
+    /// One email round; returns the import if it made its webhook due.
+    async fn round(&self, doc: Document) -> Option<ObjectId> {
         let Ok(queue_id) = doc.get_object_id("_id") else {
-            return;
+            return None;
         };
         let span = info_span!("notify", queue_id = %queue_id);
         async {
@@ -296,7 +286,7 @@ impl Notifier {
                     // Another daemon may take the round from here on: stop
                     // before it could send a second email.
                     warn!("Notification round lease lost; stopped");
-                    return;
+                    return None;
                 }
             };
             let (state, mut fields) = match sent {
@@ -325,9 +315,7 @@ impl Notifier {
                 fields.insert("webhook.state", "pending");
             }
             let ours = self.finish_round(Channel::Email, queue_id, state, fields).await;
-            if ours && webhook_due {
-                self.deliver_webhooks(Some(queue_id)).await;
-            }
+            (ours && webhook_due).then_some(queue_id)
         }
         .instrument(span)
         .await

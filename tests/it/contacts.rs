@@ -169,13 +169,7 @@ async fn racing_imports_and_a_replay_create_each_contact_once() {
 
     // Import `a` again from the start: nothing new, the same count.
     let before = get_i64(&app.queue(a).await, "contacts_created");
-    app.queues()
-        .update_one(
-            doc! { "_id": a },
-            doc! { "$set": { "status": "pending", "in_progress": false }, "$unset": { "checkpoint": "", "progress": "" } },
-        )
-        .await
-        .unwrap();
+    app.replay_from_start(a).await;
     app.wait_queue(a, LONG, "completed again", |q| {
         get_i64(q, "attempts") == 2 && q.get_str("status") == Ok("completed")
     })
@@ -256,13 +250,7 @@ async fn a_contact_whose_id_is_taken_gets_a_stable_second_id() {
         .unwrap();
     assert_eq!(deal.get_object_id("contact_id").unwrap(), fallback);
     // A replay from the start counts it as this import's again.
-    app.queues()
-        .update_one(
-            doc! { "_id": id },
-            doc! { "$set": { "status": "pending", "in_progress": false }, "$unset": { "checkpoint": "", "progress": "" } },
-        )
-        .await
-        .unwrap();
+    app.replay_from_start(id).await;
     let q = app
         .wait_queue(id, LONG, "completed again", |q| {
             get_i64(q, "attempts") == 2 && q.get_str("status") == Ok("completed")

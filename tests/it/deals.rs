@@ -388,13 +388,7 @@ async fn processing_a_queue_document_twice_creates_no_second_deal() {
     assert_eq!(deals_before, 5_000 - planted.len() as u64);
 
     // From the start again: no checkpoint, as if the first run never ended.
-    app.queues()
-        .update_one(
-            doc! { "_id": id },
-            doc! { "$set": { "status": "pending", "in_progress": false }, "$unset": { "checkpoint": "", "progress": "" } },
-        )
-        .await
-        .unwrap();
+    app.replay_from_start(id).await;
     let second = app.wait_final(id, LONG).await;
     assert_eq!(second.get_str("status").unwrap(), "completed");
     assert_eq!(get_i64(&second, "attempts"), 2);

@@ -257,6 +257,18 @@ impl TestApp {
         }
     }
 
+    /// Makes a finished import pending again with no checkpoint, as if
+    /// its first run never ended: the next claim processes the whole file.
+    pub async fn replay_from_start(&self, id: ObjectId) {
+        self.queues()
+            .update_one(
+                doc! { "_id": id },
+                doc! { "$set": { "status": "pending", "in_progress": false }, "$unset": { "checkpoint": "", "progress": "" } },
+            )
+            .await
+            .unwrap();
+    }
+
     /// The import's `csv_imports` summary.
     pub async fn summary(&self, id: ObjectId) -> Document {
         self.coll(collections::CSV_IMPORTS)

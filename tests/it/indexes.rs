@@ -15,10 +15,8 @@ async fn fresh_db() -> mongodb::Database {
         .expect("client")
 }
 
-#[tokio::test]
-async fn indexes_are_idempotent_beside_a_crm_index_on_the_same_keys() {
-    let db = fresh_db().await;
-    // The CRM's own unique index on contacts, named its way.
+/// The CRM's own index on `contacts (account_id, email)`, named its way.
+async fn crm_contacts_index(db: &mongodb::Database, unique: bool) {
     db.collection::<Document>(collections::CONTACTS)
         .create_index(
             IndexModel::builder()
@@ -26,13 +24,20 @@ async fn indexes_are_idempotent_beside_a_crm_index_on_the_same_keys() {
                 .options(
                     mongodb::options::IndexOptions::builder()
                         .name("crm_contacts_email".to_owned())
-                        .unique(true)
+                        .unique(unique)
                         .build(),
                 )
                 .build(),
         )
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn indexes_are_idempotent_beside_a_crm_index_on_the_same_keys() {
+    let db = fresh_db().await;
+    // The CRM's own unique index on contacts, named its way.
+    crm_contacts_index(&db, true).await;
     importd::db::ensure_indexes(&db).await.expect("first start");
     importd::db::ensure_indexes(&db)
         .await
@@ -60,19 +65,7 @@ async fn a_problem_retrying_cannot_fix_is_reported_not_retried() {
 
     // A non-unique index on the keys that must be unique.
     let db = fresh_db().await;
-    db.collection::<Document>(collections::CONTACTS)
-        .create_index(
-            IndexModel::builder()
-                .keys(doc! { "account_id": 1, "email": 1 })
-                .options(
-                    mongodb::options::IndexOptions::builder()
-                        .name("crm_contacts_email".to_owned())
-                        .build(),
-                )
-                .build(),
-        )
-        .await
-        .unwrap();
+    crm_contacts_index(&db, false).await;
     // Servers differ: MongoDB refuses a second index on the same keys
     // (which importd reports as a conflict), this local server builds it.
     // Either way importd never runs without the uniqueness it relies on.
