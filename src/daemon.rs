@@ -29,10 +29,6 @@ use crate::report::notify::{self, Notifier};
 use crate::telemetry::error_chain;
 use crate::telemetry::metrics as m;
 
-/// Sources this daemon imports. Contacts stay pending for a daemon that
-/// implements them, rather than being failed by this one.
-pub const SOURCES: [&str; 1] = ["deals"];
-
 struct Inner {
     services: Services,
     claimer: Claimer,
@@ -96,7 +92,7 @@ impl Daemon {
             let Ok(permit) = inner.slots.clone().try_acquire_owned() else {
                 break;
             };
-            let Some(job) = inner.claimer.claim_next(&SOURCES).await? else {
+            let Some(job) = inner.claimer.claim_next().await? else {
                 break;
             };
             claimed += 1;

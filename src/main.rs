@@ -214,7 +214,8 @@ async fn support(
             if let Some(line) = line {
                 return Ok(match importd::outcomes::line_outcome(db, id, line).await? {
                     Some(o) => {
-                        println!("{}", logs::format_outcome(line, &o));
+                        let kind = logs::record_kind(db, id).await?;
+                        println!("{}", logs::format_outcome(line, &o, kind));
                         ExitCode::SUCCESS
                     }
                     None => {

@@ -45,13 +45,13 @@ use crate::domain::{
     DuplicateStrategy, FileError, ImportSpec, JobState, LineNo, RecordKind, collections,
 };
 use crate::fetch::{self, Storage};
-use crate::map::{FailedRow, MappedDeal, Plan, RawCells, Rules};
+use crate::map::{FailedRow, MappedContact, MappedDeal, Plan, RawCells, Rules};
 use crate::outcomes::{self, BatchOutcome, Totals};
 use crate::parse::{self, Records, Start};
 use crate::stages::StageCache;
 use crate::telemetry::error_chain;
 use crate::telemetry::metrics as m;
-use crate::write::{self, DealWriter, LineWrite, Match, NameIndex};
+use crate::write::{self, ContactWrite, ContactWriter, DealWriter, LineWrite, Match, NameIndex};
 
 /// What a pipeline needs from the outside world.
 #[derive(Clone)]
@@ -160,9 +160,9 @@ impl Stop {
     }
 }
 
-/// A batch of mapped rows, cut by row count.
-struct Batch {
-    rows: Vec<Result<MappedDeal, Box<FailedRow>>>,
+/// A batch of mapped rows (deals or contacts), cut by row count.
+struct Batch<R> {
+    rows: Vec<Result<R, Box<FailedRow>>>,
     first_line: LineNo,
     last_line: LineNo,
     /// Where reading resumes after this batch.
@@ -396,25 +396,25 @@ async fn import(
     stop: &Stop,
 ) -> Result<(), Abort> {
     let settings = &svc.settings;
-    if spec.kind != RecordKind::Deals {
-        return Err(Abort::File(FileError::UnsupportedSource(
-            spec.kind.as_str().to_owned(),
-        )));
-    }
-    let pipeline_id = spec.pipeline_id.ok_or_else(|| {
-        Abort::File(FileError::InvalidQueueDocument(
-            "`additional_data.pipeline_id` is missing".into(),
-        ))
-    })?;
+    let pipeline_id = match spec.kind {
+        RecordKind::Deals => Some(spec.pipeline_id.ok_or_else(|| {
+            Abort::File(FileError::InvalidQueueDocument(
+                "`additional_data.pipeline_id` is missing".into(),
+            ))
+        })?),
+        RecordKind::Contacts => None,
+    };
     outcomes::open_summary(&svc.db, spec).await?;
-    let pipeline = svc
-        .db
-        .collection::<Document>(collections::PIPELINES)
-        .find_one(doc! { "_id": pipeline_id, "account_id": spec.account_id })
-        .projection(doc! { "_id": 1 })
-        .await?;
-    if pipeline.is_none() {
-        return Err(Abort::File(FileError::PipelineNotFound));
+    if let Some(pipeline_id) = pipeline_id {
+        let pipeline = svc
+            .db
+            .collection::<Document>(collections::PIPELINES)
+            .find_one(doc! { "_id": pipeline_id, "account_id": spec.account_id })
+            .projection(doc! { "_id": 1 })
+            .await?;
+        if pipeline.is_none() {
+            return Err(Abort::File(FileError::PipelineNotFound));
+        }
     }
     let info = svc.storage.head(&spec.csv_key).await?;
     tracker.size = info.size;
@@ -436,7 +436,7 @@ async fn import(
         number_locale: settings.import.number_locale,
         date_order: settings.import.date_order,
     };
-    let plan = Plan::new(&headers, &spec.mappings, rules).map_err(Abort::File)?;
+    let plan = Plan::new(spec.kind, &headers, &spec.mappings, rules).map_err(Abort::File)?;
     let resume = tracker.checkpoint;
     let (records, skip) = if resume.line == 0 {
         (records, 0)
@@ -486,14 +486,188 @@ async fn import(
             "checkpoint.batch_size": batch_size as i64,
         })
         .await?;
-    let mut stages = StageCache::load(&svc.db, spec.account_id, pipeline_id, spec.user_id).await?;
-    let writer = DealWriter::new(svc.db.collection(collections::DEALS), spec, pipeline_id);
-    let linker = plan
-        .links_contacts()
-        .then(|| ContactLinker::new(&svc.db, spec, settings.import.contact_cache.get()));
-    let mut dedupe = Dedupe {
-        strategy: spec.duplicate_strategy,
-        names: match spec.duplicate_strategy {
+    let source = Source {
+        records,
+        batch_size,
+        max_rows: settings.import.max_rows,
+        records_before: resume.records,
+        skip,
+    };
+    let run = Run {
+        svc,
+        lease,
+        stop,
+        channel: settings.import.channel_batches.get(),
+    };
+    match pipeline_id {
+        Some(pipeline_id) => {
+            let mut sink = DealSink::new(svc, lease.queue_id, spec, pipeline_id, &plan).await?;
+            let writers = match spec.duplicate_strategy {
+                // Updates must see the deals earlier batches create.
+                DuplicateStrategy::Update => 1,
+                _ => settings.import.writers.get(),
+            };
+            let map = move |line, fields: &csv_async::ByteRecord| plan.map_deal(line, fields);
+            run.drive(tracker, source, map, writers, &mut sink).await?;
+            if !sink.stages.created().is_empty() {
+                lease
+                    .set_fields(doc! { "stages_created": sink.stages.created().to_vec() })
+                    .await?;
+            }
+        }
+        None => {
+            let mut sink = ContactSink {
+                db: svc.db.clone(),
+                writer: ContactWriter::new(svc.db.collection(collections::CONTACTS), spec),
+                queue_id: lease.queue_id,
+            };
+            let map = move |line, fields: &csv_async::ByteRecord| plan.map_contact(line, fields);
+            // One batch at a time: the first line of an email in the file
+            // is the one that creates its contact.
+            run.drive(tracker, source, map, 1, &mut sink).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Where the rows of a run come from.
+struct Source {
+    records: Records,
+    batch_size: usize,
+    max_rows: Option<u64>,
+    /// Data records before the first one read (a resumed run's checkpoint).
+    records_before: u64,
+    /// Records to read and drop first (a resumed transcoded file).
+    skip: u64,
+}
+
+/// What writes the batches of one kind of record.
+trait Sink<R> {
+    /// Prepares `batch` and starts writing it in its own task.
+    async fn start(&mut self, batch: Batch<R>) -> Result<AbortOnDropHandle<Written>, Abort>;
+    /// Runs on each written batch, in file order, before it is committed.
+    async fn settle(&mut self, _done: &mut Done) -> Result<(), Abort> {
+        Ok(())
+    }
+    /// Takes back what the import wrote (over the row limit).
+    async fn roll_back(&self) -> Result<(), Abort>;
+}
+
+/// The shared context of one run's write loop.
+struct Run<'a> {
+    svc: &'a Services,
+    lease: &'a Lease,
+    stop: &'a Stop,
+    channel: usize,
+}
+
+impl Run<'_> {
+    /// Streams `source` through `map` into batches (a producer task), and
+    /// writes them through `sink` with up to `writers` in flight,
+    /// committing them in file order. Returns at the end of the file, or
+    /// with the reason the run stopped.
+    async fn drive<R, M, S>(
+        &self,
+        tracker: &mut Tracker,
+        source: Source,
+        map: M,
+        writers: usize,
+        sink: &mut S,
+    ) -> Result<(), Abort>
+    where
+        R: Send + 'static,
+        M: Fn(LineNo, &csv_async::ByteRecord) -> Result<R, Box<FailedRow>> + Send + 'static,
+        S: Sink<R>,
+    {
+        let (svc, lease, stop) = (self.svc, self.lease, self.stop);
+        let (tx, mut rx) = mpsc::channel::<Batch<R>>(self.channel);
+        let producer = tokio::spawn(produce(source, map, tx, stop.token.clone()).in_current_span());
+        let mut inflight = FuturesOrdered::new();
+        let mut producer_done = false;
+        let mut aborted: Option<Abort> = None;
+        loop {
+            if producer_done && inflight.is_empty() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = stop.token.cancelled(), if aborted.is_none() => {
+                    aborted = Some(stop.abort());
+                    break;
+                }
+                Some(done) = inflight.next(), if !inflight.is_empty() => {
+                    let mut done = joined(done)?;
+                    sink.settle(&mut done).await?;
+                    commit(svc, lease, tracker, stop, &done).await?;
+                }
+                batch = rx.recv(), if !producer_done && inflight.len() < writers => match batch {
+                    Some(batch) => inflight.push_back(sink.start(batch).await?),
+                    None => producer_done = true,
+                },
+            }
+        }
+        match aborted {
+            Some(Abort::LeaseLost) => {
+                // Stop writing at once: dropping the handles aborts the writes.
+                drop(inflight);
+                producer.abort();
+                return Err(Abort::LeaseLost);
+            }
+            Some(reason) => {
+                // Finish the batches already being written, then stop.
+                producer.abort();
+                while let Some(done) = inflight.next().await {
+                    let mut done = joined(done)?;
+                    sink.settle(&mut done).await?;
+                    commit(svc, lease, tracker, stop, &done).await?;
+                }
+                save(lease, tracker, stop).await?;
+                return Err(reason);
+            }
+            None => {}
+        }
+        let total_records = match producer
+            .await
+            .map_err(|e| Abort::Transient(format!("parser task failed: {e}")))?
+        {
+            Err(Abort::File(e @ FileError::TooManyRows { .. })) => {
+                // Over the row limit: the import fails as a whole, so take
+                // back what its first batches wrote (a split and re-imported
+                // file must not meet these rows again).
+                sink.roll_back().await?;
+                return Err(Abort::File(e));
+            }
+            other => other?,
+        };
+        tracker.progress.total_rows = Some(total_records);
+        info!(rows = total_records, "All rows written");
+        Ok(())
+    }
+}
+
+/// Writes a deals import: stages, duplicate strategy, contact links.
+struct DealSink {
+    db: Database,
+    queue_id: ObjectId,
+    writer: DealWriter,
+    stages: StageCache,
+    linker: Option<ContactLinker>,
+    dedupe: Dedupe,
+    /// Lines whose deal later rows of the same name matched, but whose
+    /// write failed (see `settle_own`).
+    failed_own: std::collections::HashSet<LineNo>,
+}
+
+impl DealSink {
+    async fn new(
+        svc: &Services,
+        queue_id: ObjectId,
+        spec: &ImportSpec,
+        pipeline_id: ObjectId,
+        plan: &Plan,
+    ) -> Result<Self, Abort> {
+        let stages = StageCache::load(&svc.db, spec.account_id, pipeline_id, spec.user_id).await?;
+        let names = match spec.duplicate_strategy {
             DuplicateStrategy::Create => None,
             _ => Some(
                 NameIndex::load(
@@ -504,122 +678,139 @@ async fn import(
                 )
                 .await?,
             ),
-        },
-    };
-
-    let (tx, mut rx) = mpsc::channel::<Batch>(settings.import.channel_batches.get());
-    let producer = tokio::spawn(
-        produce(
-            records,
-            plan,
-            batch_size,
-            settings.import.max_rows,
-            resume.records,
-            skip,
-            tx,
-            stop.token.clone(),
-        )
-        .in_current_span(),
-    );
-
-    // Updates must see the deals earlier batches create: one write at a time.
-    let writers = match spec.duplicate_strategy {
-        DuplicateStrategy::Update => 1,
-        _ => settings.import.writers.get(),
-    };
-    let mut inflight = FuturesOrdered::new();
-    // Lines whose deal later rows of the same name matched, but whose
-    // write failed (see `settle_own`).
-    let mut failed_own = std::collections::HashSet::new();
-    let mut producer_done = false;
-    let mut aborted: Option<Abort> = None;
-    loop {
-        if producer_done && inflight.is_empty() {
-            break;
-        }
-        tokio::select! {
-            biased;
-            _ = stop.token.cancelled(), if aborted.is_none() => {
-                aborted = Some(stop.abort());
-                break;
-            }
-            Some(done) = inflight.next(), if !inflight.is_empty() => {
-                let mut done = joined(done)?;
-                settle_own(&svc.db, lease.queue_id, &mut dedupe, &mut failed_own, &mut done).await?;
-                commit(svc, lease, tracker, stop, &done).await?;
-            }
-            batch = rx.recv(), if !producer_done && inflight.len() < writers => match batch {
-                Some(batch) => {
-                    let prepared = prepare(&writer, &mut stages, &mut dedupe, batch).await?;
-                    // Its own task: a write makes progress (reply, then the
-                    // outcome write) while this loop commits or prepares.
-                    inflight.push_back(AbortOnDropHandle::new(tokio::spawn(
-                        write_batch(
-                            svc.db.clone(),
-                            writer.clone(),
-                            linker.clone(),
-                            lease.queue_id,
-                            prepared,
-                        )
-                        .in_current_span(),
-                    )));
-                }
-                None => producer_done = true,
+        };
+        Ok(Self {
+            db: svc.db.clone(),
+            queue_id,
+            writer: DealWriter::new(svc.db.collection(collections::DEALS), spec, pipeline_id),
+            stages,
+            linker: plan.links_contacts().then(|| {
+                ContactLinker::new(&svc.db, spec, svc.settings.import.contact_cache.get())
+            }),
+            dedupe: Dedupe {
+                strategy: spec.duplicate_strategy,
+                names,
             },
-        }
+            failed_own: std::collections::HashSet::new(),
+        })
     }
-    match aborted {
-        Some(Abort::LeaseLost) => {
-            // Stop writing at once: dropping the handles aborts the writes.
-            drop(inflight);
-            producer.abort();
-            return Err(Abort::LeaseLost);
-        }
-        Some(reason) => {
-            // Finish the batches already being written, then stop.
-            producer.abort();
-            while let Some(done) = inflight.next().await {
-                let mut done = joined(done)?;
-                settle_own(
-                    &svc.db,
-                    lease.queue_id,
-                    &mut dedupe,
-                    &mut failed_own,
-                    &mut done,
-                )
-                .await?;
-                commit(svc, lease, tracker, stop, &done).await?;
-            }
-            save(lease, tracker, stop).await?;
-            return Err(reason);
-        }
-        None => {}
+}
+
+impl Sink<MappedDeal> for DealSink {
+    async fn start(
+        &mut self,
+        batch: Batch<MappedDeal>,
+    ) -> Result<AbortOnDropHandle<Written>, Abort> {
+        let prepared = prepare(&self.writer, &mut self.stages, &mut self.dedupe, batch).await?;
+        // Its own task: a write makes progress (reply, then the outcome
+        // write) while the loop commits or prepares.
+        Ok(AbortOnDropHandle::new(tokio::spawn(
+            write_batch(
+                self.db.clone(),
+                self.writer.clone(),
+                self.linker.clone(),
+                self.queue_id,
+                prepared,
+            )
+            .in_current_span(),
+        )))
     }
-    let total_records = match producer
+
+    async fn settle(&mut self, done: &mut Done) -> Result<(), Abort> {
+        settle_own(
+            &self.db,
+            self.queue_id,
+            &mut self.dedupe,
+            &mut self.failed_own,
+            done,
+        )
         .await
-        .map_err(|e| Abort::Transient(format!("parser task failed: {e}")))?
-    {
-        Err(Abort::File(e @ FileError::TooManyRows { .. })) => {
-            // Over the row limit: the import fails as a whole, so take back
-            // what its first batches wrote (a split and re-imported file
-            // must not meet these rows again).
-            roll_back(svc, lease.queue_id).await?;
-            return Err(Abort::File(e));
-        }
-        other => other?,
-    };
-    tracker.progress.total_rows = Some(total_records);
-    info!(
-        rows = total_records,
-        stages_created = stages.created().len(),
-        "All rows written"
-    );
-    if !stages.created().is_empty() {
-        lease
-            .set_fields(doc! { "stages_created": stages.created().to_vec() })
-            .await?;
     }
-    Ok(())
+
+    async fn roll_back(&self) -> Result<(), Abort> {
+        roll_back(&self.db, collections::DEALS, self.queue_id).await
+    }
+}
+
+/// Writes a contacts import.
+struct ContactSink {
+    db: Database,
+    writer: ContactWriter,
+    queue_id: ObjectId,
+}
+
+impl Sink<MappedContact> for ContactSink {
+    async fn start(
+        &mut self,
+        batch: Batch<MappedContact>,
+    ) -> Result<AbortOnDropHandle<Written>, Abort> {
+        Ok(AbortOnDropHandle::new(tokio::spawn(
+            write_contacts(self.db.clone(), self.writer.clone(), self.queue_id, batch)
+                .in_current_span(),
+        )))
+    }
+
+    async fn roll_back(&self) -> Result<(), Abort> {
+        roll_back(&self.db, collections::CONTACTS, self.queue_id).await
+    }
+}
+
+/// Writes a batch of contacts, then stores its outcomes; retried as a whole
+/// on transient errors (both steps are idempotent).
+async fn write_contacts(
+    db: Database,
+    writer: ContactWriter,
+    queue_id: ObjectId,
+    batch: Batch<MappedContact>,
+) -> Written {
+    let started = Instant::now();
+    let mut rows = Vec::with_capacity(batch.rows.len());
+    let mut outcome = BatchOutcome {
+        first_line: batch.first_line,
+        last_line: batch.last_line,
+        imported: Vec::with_capacity(batch.rows.len()),
+        updated: Vec::new(),
+        skipped: Vec::new(),
+        failed: Vec::new(),
+        contacts_created: 0,
+    };
+    for row in batch.rows {
+        match row {
+            Ok(c) => rows.push(c),
+            Err(f) => outcome.failed.push(*f),
+        }
+    }
+    let results = (|| writer.write(&rows))
+        .retry(write_retry())
+        .when(|e| e.is_transient())
+        .notify(|e, d| warn!(error = %error_chain(e), delay_ms = d.as_millis() as u64, "Contact batch write failed; retrying"))
+        .await
+        .map_err(|e| Abort::Transient(error_chain(&e)))?;
+    for (c, result) in rows.iter().zip(results) {
+        match result {
+            ContactWrite::Created | ContactWrite::AlreadyImported => outcome.imported.push(c.line),
+            ContactWrite::Updated(id) => outcome.updated.push((c.line, id)),
+            ContactWrite::Skipped(id) => outcome.skipped.push((c.line, id)),
+            ContactWrite::Rejected(message) => {
+                outcome.failed.push(rejected_row(c.line, message, &c.raw));
+            }
+        }
+    }
+    outcome.contacts_created = outcome.imported.len() as u64;
+    outcome.failed.sort_by_key(|f| f.error.line);
+    (|| outcomes::record_batch(&db, queue_id, &outcome))
+        .retry(write_retry())
+        .when(crate::db::is_transient)
+        .notify(|e, _| warn!(error = %error_chain(e), "Outcome write failed; retrying"))
+        .await?;
+    metrics::histogram!(m::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+    Ok(Done {
+        outcome,
+        end: batch.end,
+        records_end: batch.records_end,
+        skipped_raws: Vec::new(),
+        failed_creates: Vec::new(),
+    })
 }
 
 /// A written batch.
@@ -644,37 +835,46 @@ fn joined(done: Result<Written, tokio::task::JoinError>) -> Written {
     done.map_err(|e| Abort::Transient(format!("batch writer task failed: {e}")))?
 }
 
-/// Deletes the deals this import created and its per-line outcomes
-/// (idempotent: a retry or a later attempt deletes what is left).
-async fn roll_back(svc: &Services, queue_id: ObjectId) -> Result<(), Abort> {
-    let deals = (|| write::delete_created(&svc.db, queue_id))
+/// Deletes the records (deals or contacts, `collection`) this import
+/// created and its per-line outcomes (idempotent: a retry or a later
+/// attempt deletes what is left).
+async fn roll_back(db: &Database, collection: &str, queue_id: ObjectId) -> Result<(), Abort> {
+    let deleted = (|| write::delete_created(db, collection, queue_id))
         .retry(write_retry())
         .when(|e| e.is_transient())
         .await
         .map_err(|e| Abort::Transient(error_chain(&e)))?;
-    (|| outcomes::delete_batches(&svc.db, queue_id))
+    (|| outcomes::delete_batches(db, queue_id))
         .retry(write_retry())
         .when(crate::db::is_transient)
         .await
         .map_err(|e| Abort::Transient(error_chain(&e)))?;
-    warn!(deals, "Import over the row limit: its deals were removed");
+    warn!(
+        deleted,
+        collection, "Import over the row limit: its records were removed"
+    );
     Ok(())
 }
 
 /// Reads, maps and batches rows until the end of the file.
-#[allow(clippy::too_many_arguments)]
-async fn produce(
-    mut records: Records,
-    plan: Plan,
-    batch_size: usize,
-    max_rows: Option<u64>,
-    records_before: u64,
-    mut skip: u64,
-    tx: mpsc::Sender<Batch>,
+async fn produce<R, M>(
+    source: Source,
+    map: M,
+    tx: mpsc::Sender<Batch<R>>,
     stop: CancellationToken,
-) -> Result<u64, Abort> {
+) -> Result<u64, Abort>
+where
+    M: Fn(LineNo, &csv_async::ByteRecord) -> Result<R, Box<FailedRow>>,
+{
+    let Source {
+        mut records,
+        batch_size,
+        max_rows,
+        records_before,
+        mut skip,
+    } = source;
     let mut count = records_before;
-    let mut batch: Option<Batch> = None;
+    let mut batch: Option<Batch<R>> = None;
     loop {
         let Some(record) = records.next().await? else {
             break;
@@ -700,7 +900,7 @@ async fn produce(
             return Err(Abort::File(FileError::TooManyRows { limit }));
         }
         let line = record.line;
-        let row = plan.map_deal(line, record.fields);
+        let row = map(line, record.fields);
         let end = Start {
             line: record.next_line,
             byte: record.end_byte,
@@ -768,7 +968,7 @@ async fn prepare(
     writer: &DealWriter,
     stages: &mut StageCache,
     dedupe: &mut Dedupe,
-    batch: Batch,
+    batch: Batch<MappedDeal>,
 ) -> Result<Prepared, Abort> {
     let now = DateTime::now();
     let mut docs = Vec::with_capacity(batch.rows.len());

@@ -269,13 +269,14 @@ impl Claimer {
         Ok(stamped)
     }
 
-    /// Claims the oldest pending import of one of `sources`, if any.
-    pub async fn claim_next(&self, sources: &[&str]) -> Result<Option<ClaimedJob>> {
+    /// Claims the oldest pending import, if any. Whatever its `source`: one
+    /// this daemon cannot import ends `failed` (`unsupported_source`) and
+    /// its user is told, rather than waiting forever.
+    pub async fn claim_next(&self) -> Result<Option<ClaimedJob>> {
         let now = DateTime::now();
         let expires = now_plus(self.lease);
         let filter = doc! {
             "status": JobState::Pending.as_str(),
-            "source": { "$in": sources },
             // A pending document normally has no lease at all; one whose
             // lease is still live (written by hand, or by a dashboard retry
             // racing a rescue) is not ours to take.

@@ -29,9 +29,8 @@ fn opt_oid(doc: &Document, key: &str) -> Option<ObjectId> {
 pub fn spec_from_doc(doc: &Document) -> Result<ImportSpec, FileError> {
     let queue_id = oid(doc, "_id")?;
     let kind = match doc.get_str("source") {
-        Ok("deals") => RecordKind::Deals,
-        Ok("contacts") => RecordKind::Contacts,
-        Ok(other) => return Err(FileError::UnsupportedSource(other.to_owned())),
+        Ok(source) => RecordKind::from_source(source)
+            .ok_or_else(|| FileError::UnsupportedSource(source.to_owned()))?,
         Err(_) => {
             return Err(FileError::InvalidQueueDocument(
                 "`source` is missing".to_owned(),
@@ -89,6 +88,13 @@ pub fn spec_from_doc(doc: &Document) -> Result<ImportSpec, FileError> {
         })
         .unwrap_or_default();
     let duplicate_strategy = match additional.and_then(|a| a.get_str("duplicate_strategy").ok()) {
+        // An email is one contact: contacts are never created twice.
+        None if kind == RecordKind::Contacts => DuplicateStrategy::Skip,
+        Some("create") if kind == RecordKind::Contacts => {
+            return Err(FileError::InvalidQueueDocument(
+                "`additional_data.duplicate_strategy` \"create\" is not available for contacts (an email address is one contact); choose skip or update".to_owned(),
+            ));
+        }
         None | Some("create") => DuplicateStrategy::Create,
         Some("skip") => DuplicateStrategy::Skip,
         Some("update") => DuplicateStrategy::Update,
@@ -138,6 +144,26 @@ mod tests {
         assert_eq!(spec.mappings[0], ("Deal Name".into(), "name".into()));
         assert_eq!(spec.tags, vec!["q4".to_owned()]);
         assert_eq!(spec.duplicate_strategy, DuplicateStrategy::Create);
+    }
+
+    #[test]
+    fn contacts_skip_by_default_and_refuse_create() {
+        let mut d = base();
+        d.insert("source", "contacts");
+        d.insert("additional_data", doc! {});
+        let spec = spec_from_doc(&d).unwrap();
+        assert_eq!(spec.kind, RecordKind::Contacts);
+        assert_eq!(spec.pipeline_id, None);
+        assert_eq!(spec.duplicate_strategy, DuplicateStrategy::Skip);
+        d.insert("additional_data", doc! { "duplicate_strategy": "update" });
+        assert_eq!(
+            spec_from_doc(&d).unwrap().duplicate_strategy,
+            DuplicateStrategy::Update
+        );
+        d.insert("additional_data", doc! { "duplicate_strategy": "create" });
+        let e = spec_from_doc(&d).unwrap_err();
+        assert_eq!(e.code(), "invalid_queue_document");
+        assert!(e.to_string().contains("not available for contacts"));
     }
 
     #[test]

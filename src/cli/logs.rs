@@ -10,7 +10,7 @@ use bson::{Bson, Document, doc};
 use futures::TryStreamExt;
 use mongodb::Database;
 
-use crate::domain::{LineNo, collections};
+use crate::domain::{LineNo, RecordKind, collections};
 use crate::outcomes::{LineOutcome, RowErrorDoc};
 
 /// Errors of `importd logs`.
@@ -45,15 +45,30 @@ pub fn format_failure(f: &RowErrorDoc) -> String {
 }
 
 /// One line's outcome (`importd logs ID --line N`).
-pub fn format_outcome(line: LineNo, o: &LineOutcome) -> String {
+pub fn format_outcome(line: LineNo, o: &LineOutcome, kind: RecordKind) -> String {
+    let noun = kind.noun();
     match o {
-        LineOutcome::Imported { deal_id } => format!("line {line}\timported\tdeal {deal_id}"),
-        LineOutcome::Updated { deal_id } => format!("line {line}\tupdated\tdeal {deal_id}"),
-        LineOutcome::Skipped { deal_id } => {
-            format!("line {line}\tskipped\tduplicate of deal {deal_id}")
+        LineOutcome::Imported { id } => format!("line {line}\timported\t{noun} {id}"),
+        LineOutcome::Updated { id } => format!("line {line}\tupdated\t{noun} {id}"),
+        LineOutcome::Skipped { id } => {
+            format!("line {line}\tskipped\tduplicate of {noun} {id}")
         }
         LineOutcome::Failed(f) => format_failure(f),
     }
+}
+
+/// What import `queue_id` writes (`source` of its queue document; deals
+/// when it is unknown).
+pub async fn record_kind(db: &Database, queue_id: ObjectId) -> Result<RecordKind, Error> {
+    let q = db
+        .collection::<Document>(collections::QUEUES)
+        .find_one(doc! { "_id": queue_id })
+        .projection(doc! { "source": 1 })
+        .await?;
+    Ok(q.as_ref()
+        .and_then(|q| q.get_str("source").ok())
+        .and_then(RecordKind::from_source)
+        .unwrap_or(RecordKind::Deals))
 }
 
 fn count(d: &Document, key: &str) -> i64 {
@@ -137,14 +152,21 @@ mod tests {
     fn outcomes_name_the_deal() {
         let id = ObjectId::parse_str("64b7f0c2a1b2c3d4e5f60718").unwrap();
         assert_eq!(
-            format_outcome(3, &LineOutcome::Imported { deal_id: id }),
+            format_outcome(3, &LineOutcome::Imported { id }, RecordKind::Deals),
             "line 3\timported\tdeal 64b7f0c2a1b2c3d4e5f60718"
         );
         assert_eq!(
-            format_outcome(4, &LineOutcome::Skipped { deal_id: id }),
+            format_outcome(4, &LineOutcome::Skipped { id }, RecordKind::Deals),
             "line 4\tskipped\tduplicate of deal 64b7f0c2a1b2c3d4e5f60718"
         );
-        assert!(format_outcome(12, &LineOutcome::Failed(failure())).starts_with("line 12\tfailed"));
+        assert_eq!(
+            format_outcome(5, &LineOutcome::Updated { id }, RecordKind::Contacts),
+            "line 5\tupdated\tcontact 64b7f0c2a1b2c3d4e5f60718"
+        );
+        assert!(
+            format_outcome(12, &LineOutcome::Failed(failure()), RecordKind::Deals)
+                .starts_with("line 12\tfailed")
+        );
     }
 
     #[test]

@@ -20,7 +20,9 @@
 //!   the round trip for emails seen recently in the same import.
 //!
 //! Pure part: [`plan`] (which emails a batch must resolve, by which line)
-//! and [`ContactBuilder`] (the document of a new contact), unit-tested here.
+//! and [`ContactBuilder`] (the document of a new contact, linked from a deal
+//! or imported by a contacts import, and a contacts import's upsert),
+//! unit-tested here. A contacts import's writes are `write::ContactWriter`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,6 +35,7 @@ use mongodb::{Collection, Database};
 use quick_cache::sync::Cache;
 
 use crate::domain::{ImportSpec, LineNo, collections, contact_fallback_id, contact_id};
+use crate::map::MappedContact;
 use crate::write::raw_with_capacity;
 
 /// Errors of the contacts layer (a contact refused for one line is not an
@@ -99,11 +102,7 @@ pub fn plan<'a>(refs: &[ContactRef<'a>], known: impl Fn(&str) -> bool) -> Vec<Wa
 /// `(first_name, last_name)` of a full name: the first word, then the rest.
 /// Pure.
 pub fn split_name(full: &str) -> (&str, &str) {
-    let full = full.trim();
-    match full.split_once(char::is_whitespace) {
-        Some((first, rest)) => (first, rest.trim_start()),
-        None => (full, ""),
-    }
+    crate::map::split_full_name(full)
 }
 
 /// Starting size of a contact's BSON buffer.
@@ -138,26 +137,112 @@ impl ContactBuilder {
         // One buffer sized for a typical contact: no growth, no per-field
         // allocation (this runs once per new contact).
         let mut d = raw_with_capacity(CONTACT_CAPACITY);
-        d.append_ref("_id", id);
-        d.append_ref("account_id", self.account_id);
-        d.append_ref("email", w.email);
+        self.identity(id, w.line, Some(w.email), &mut d, now);
         d.append_ref("first_name", first);
         d.append_ref("last_name", last);
-        d.append_ref("owner", self.user_id);
-        d.append_ref("created_by", self.user_id);
-        d.append_ref("source", "csv");
-        d.append_ref("tags", &self.tags);
         d.append_ref(
             "additional_info",
             RawDocument::from_bytes(EMPTY_DOC).expect("valid"),
         );
-        let mut import = raw_with_capacity(48);
-        import.append_ref("queue_id", self.queue_id);
-        import.append_ref("line", w.line as i64);
-        d.append_ref("import", &import);
-        d.append_ref("created_at", now);
         d.append_ref("updated_at", now);
         d
+    }
+}
+
+impl ContactBuilder {
+    /// The fields a contacts-import row sets, new contact or `$set`;
+    /// `prefix` is empty for a whole document, `additional_info.` for a
+    /// `$set`. Values from the CSV only land in values (custom ids were
+    /// checked 24-hex by `map::Plan`).
+    fn row_fields(c: &MappedContact, into: &mut RawDocumentBuf, prefix: &str) {
+        let strings = [
+            ("first_name", &c.first_name),
+            ("last_name", &c.last_name),
+            ("phone", &c.phone),
+            ("company", &c.company),
+        ];
+        for (k, v) in strings {
+            if let Some(v) = v {
+                into.append_ref(k, v.as_str());
+            }
+        }
+        if prefix.is_empty() {
+            let mut info = raw_with_capacity(64 + 48 * c.custom.len());
+            for (k, v) in &c.custom {
+                info.append_ref(k.as_str(), v.as_str());
+            }
+            into.append_ref("additional_info", &info);
+        } else {
+            for (k, v) in &c.custom {
+                into.append_ref(format!("{prefix}{k}"), v.as_str());
+            }
+        }
+    }
+
+    /// What only a new contact gets: id, owner, provenance (`with_key`:
+    /// account and email too, which an upsert takes from its query).
+    fn identity(
+        &self,
+        id: ObjectId,
+        line: LineNo,
+        email: Option<&str>,
+        into: &mut RawDocumentBuf,
+        now: DateTime,
+    ) {
+        into.append_ref("_id", id);
+        if let Some(email) = email {
+            into.append_ref("account_id", self.account_id);
+            into.append_ref("email", email);
+        }
+        into.append_ref("owner", self.user_id);
+        into.append_ref("created_by", self.user_id);
+        into.append_ref("source", "csv");
+        into.append_ref("tags", &self.tags);
+        let mut import = raw_with_capacity(48);
+        import.append_ref("queue_id", self.queue_id);
+        import.append_ref("line", line as i64);
+        into.append_ref("import", &import);
+        into.append_ref("created_at", now);
+    }
+
+    /// The new contact of a contacts-import row, with the id `id`.
+    pub fn build_row(&self, id: ObjectId, c: &MappedContact, now: DateTime) -> RawDocumentBuf {
+        let mut d = raw_with_capacity(CONTACT_CAPACITY);
+        self.identity(id, c.line, Some(&c.email), &mut d, now);
+        Self::row_fields(c, &mut d, "");
+        d.append_ref("updated_at", now);
+        d
+    }
+
+    /// The `update` statement of a contacts-import row under `update`: an
+    /// upsert on `(account_id, email)` that sets the mapped fields, and the
+    /// identity (id `id`, owner, import) only when it inserts.
+    pub fn upsert_statement(
+        &self,
+        id: ObjectId,
+        c: &MappedContact,
+        now: DateTime,
+    ) -> RawDocumentBuf {
+        let mut q = raw_with_capacity(96);
+        q.append_ref("account_id", self.account_id);
+        q.append_ref("email", c.email.as_str());
+        let mut set = raw_with_capacity(CONTACT_CAPACITY);
+        Self::row_fields(c, &mut set, "additional_info.");
+        set.append_ref("updated_at", now);
+        let mut last_import = raw_with_capacity(48);
+        last_import.append_ref("queue_id", self.queue_id);
+        last_import.append_ref("line", c.line as i64);
+        set.append_ref("last_import", &last_import);
+        let mut on_insert = raw_with_capacity(CONTACT_CAPACITY);
+        self.identity(id, c.line, None, &mut on_insert, now);
+        let mut u = raw_with_capacity(set.as_bytes().len() + on_insert.as_bytes().len() + 32);
+        u.append_ref("$set", &set);
+        u.append_ref("$setOnInsert", &on_insert);
+        let mut statement = raw_with_capacity(q.as_bytes().len() + u.as_bytes().len() + 48);
+        statement.append_ref("q", &q);
+        statement.append_ref("u", &u);
+        statement.append_ref("upsert", true);
+        statement
     }
 }
 

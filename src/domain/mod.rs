@@ -80,6 +80,23 @@ pub enum RecordKind {
 }
 
 impl RecordKind {
+    /// One record of this kind, for messages ("deal", "contact").
+    pub fn noun(self) -> &'static str {
+        match self {
+            Self::Deals => "deal",
+            Self::Contacts => "contact",
+        }
+    }
+
+    /// The kind a queue document's `source` names.
+    pub fn from_source(source: &str) -> Option<Self> {
+        match source {
+            "deals" => Some(Self::Deals),
+            "contacts" => Some(Self::Contacts),
+            _ => None,
+        }
+    }
+
     /// The queue document's `source` value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -89,15 +106,17 @@ impl RecordKind {
     }
 }
 
-/// `additional_data.duplicate_strategy`.
+/// `additional_data.duplicate_strategy`. Deals match by normalised name;
+/// contacts by email, and a contact is never created twice (`create` is
+/// refused for contacts, `skip` is their default).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DuplicateStrategy {
-    /// Always insert (default).
+    /// Always insert (default of deals).
     #[default]
     Create,
-    /// Leave an existing record of the same normalised name alone.
+    /// Leave an existing record alone.
     Skip,
-    /// Update an existing record of the same normalised name.
+    /// Update an existing record.
     Update,
 }
 
@@ -159,11 +178,60 @@ impl DealField {
     }
 }
 
+/// A standard contact field a mapping may target (SPEC.md, `contacts`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ContactField {
+    /// Required; validated and lower-cased: the contact's key.
+    Email,
+    /// Free text.
+    FirstName,
+    /// Free text.
+    LastName,
+    /// A full name, split at its first space into first and last name
+    /// (a mapped `first_name` / `last_name` wins).
+    Name,
+    /// Free text.
+    Phone,
+    /// Free text.
+    Company,
+}
+
+impl ContactField {
+    /// Every standard field.
+    pub const ALL: [ContactField; 6] = [
+        Self::Email,
+        Self::FirstName,
+        Self::LastName,
+        Self::Name,
+        Self::Phone,
+        Self::Company,
+    ];
+
+    /// The field name in a mapping (and, but for `name`, on the contact).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Email => "email",
+            Self::FirstName => "first_name",
+            Self::LastName => "last_name",
+            Self::Name => "name",
+            Self::Phone => "phone",
+            Self::Company => "company",
+        }
+    }
+
+    /// Parses a mapping target.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.as_str() == s)
+    }
+}
+
 /// Where a mapped column's value goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FieldTarget {
-    /// A standard field.
+    /// A standard deal field.
     Standard(DealField),
+    /// A standard contact field.
+    Contact(ContactField),
     /// A custom field: `additional_info.<24-hex id>`.
     Custom(String),
 }
@@ -173,7 +241,16 @@ impl FieldTarget {
     pub fn name(&self) -> &str {
         match self {
             Self::Standard(f) => f.as_str(),
+            Self::Contact(f) => f.as_str(),
             Self::Custom(id) => id,
+        }
+    }
+
+    /// A standard field of `kind` named `s`.
+    pub fn standard(kind: RecordKind, s: &str) -> Option<Self> {
+        match kind {
+            RecordKind::Deals => DealField::parse(s).map(Self::Standard),
+            RecordKind::Contacts => ContactField::parse(s).map(Self::Contact),
         }
     }
 }
@@ -363,6 +440,19 @@ mod tests {
             assert_eq!(DealField::parse(f.as_str()), Some(f));
         }
         assert_eq!(DealField::parse("_id"), None);
+    }
+
+    #[test]
+    fn contact_fields_round_trip() {
+        for f in ContactField::ALL {
+            assert_eq!(ContactField::parse(f.as_str()), Some(f));
+            assert_eq!(
+                FieldTarget::standard(RecordKind::Contacts, f.as_str()),
+                Some(FieldTarget::Contact(f))
+            );
+        }
+        assert_eq!(FieldTarget::standard(RecordKind::Contacts, "value"), None);
+        assert_eq!(FieldTarget::standard(RecordKind::Deals, "email"), None);
     }
 
     #[test]

@@ -2,15 +2,19 @@
 //! value parsing. PURE: no I/O, no async, no driver.
 //!
 //! [`Plan::new`] checks the mapping against the header row once, before any
-//! write (`mapping_invalid`, naming the header). [`Plan::map_deal`] then turns
-//! each record into a [`MappedDeal`] or a [`RowError`]; a bad row is data,
+//! write (`mapping_invalid`, naming the header). [`Plan::map_deal`] (or
+//! [`Plan::map_contact`]) then turns each record into a [`MappedDeal`] (a
+//! [`MappedContact`]) or a [`RowError`]; a bad row is data,
 //! never an `Err` that ends the import.
 
 use std::collections::HashMap;
 
 use crate::config::{DateOrder, NumberLocale};
 use crate::domain::text::{collapse_whitespace, decode_cell, header_key, stage_key, token};
-use crate::domain::{DealField, FieldTarget, FileError, LineNo, RowCode, RowError, truncate_value};
+use crate::domain::{
+    ContactField, DealField, FieldTarget, FileError, LineNo, RecordKind, RowCode, RowError,
+    truncate_value,
+};
 
 mod values;
 
@@ -115,6 +119,27 @@ pub struct MappedDeal {
     pub raw: RawCells,
 }
 
+/// A valid contact row, ready for writing.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MappedContact {
+    /// Physical line.
+    pub line: LineNo,
+    /// Required, lower-cased: the contact's key within the account.
+    pub email: String,
+    /// Free text (from `first_name`, or the first word of `name`).
+    pub first_name: Option<String>,
+    /// Free text (from `last_name`, or the rest of `name`).
+    pub last_name: Option<String>,
+    /// Free text.
+    pub phone: Option<String>,
+    /// Free text.
+    pub company: Option<String>,
+    /// Custom field values, `(field id, value)`.
+    pub custom: Vec<(String, String)>,
+    /// The record as read (see [`MappedDeal::raw`]).
+    pub raw: RawCells,
+}
+
 /// A record's cells in one allocation (`u32` length, then bytes, per cell),
 /// each cut near [`MAX_REPORT_CELL_CHARS`] characters as the report cuts
 /// them anyway.
@@ -187,14 +212,44 @@ fn is_custom_id(s: &str) -> bool {
     s.len() == 24 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// A failed row with its cells, from a record's raw fields.
+fn failed_row<F: Fields + ?Sized>(
+    line: LineNo,
+    fields: &F,
+    code: RowCode,
+    field: Option<&str>,
+    value: Option<&str>,
+    message: String,
+) -> Box<FailedRow> {
+    Box::new(FailedRow {
+        error: RowError {
+            line,
+            code,
+            field: field.map(str::to_owned),
+            value: value.map(truncate_value),
+            message,
+        },
+        cells: (0..fields.count())
+            .map(|i| report_cell(fields.field(i).unwrap_or_default()))
+            .collect(),
+    })
+}
+
+/// Why a cell is refused: code and message (the field and value are the
+/// cell's).
+type CellError = (RowCode, String);
+
 impl Plan {
-    /// Checks `mappings` (CSV header → target) against `headers`.
+    /// Checks `mappings` (CSV header → target) of an import of `kind`
+    /// against `headers`.
     ///
     /// Headers match exactly first, then case/space-insensitively with the
-    /// BOM stripped. Every target must be a standard deal field or a 24-hex
-    /// custom field id; operator-like (`$…`), dotted or daemon-owned targets
-    /// are refused. `name` must be mapped. Unmapped columns are ignored.
+    /// BOM stripped. Every target must be a standard field of `kind` or a
+    /// 24-hex custom field id; operator-like (`$…`), dotted or daemon-owned
+    /// targets are refused. The key field (a deal's `name`, a contact's
+    /// `email`) must be mapped. Unmapped columns are ignored.
     pub fn new(
+        kind: RecordKind,
         headers: &[String],
         mappings: &[(String, String)],
         rules: Rules,
@@ -220,8 +275,8 @@ impl Plan {
                     "column \"{header}\" maps to \"{target_trim}\", which is not a field name"
                 ));
             }
-            let target = if let Some(f) = DealField::parse(target_trim) {
-                FieldTarget::Standard(f)
+            let target = if let Some(t) = FieldTarget::standard(kind, target_trim) {
+                t
             } else if is_custom_id(target_trim) {
                 FieldTarget::Custom(target_trim.to_ascii_lowercase())
             } else if DAEMON_OWNED.contains(&target_trim) {
@@ -230,7 +285,8 @@ impl Plan {
                 ));
             } else {
                 return invalid(format!(
-                    "column \"{header}\" maps to \"{target_trim}\", which is neither a deal field nor a custom field id"
+                    "column \"{header}\" maps to \"{target_trim}\", which is neither a {} field nor a custom field id",
+                    kind.noun()
                 ));
             };
             if let Some(other) = seen_targets.insert(target.name().to_owned(), header) {
@@ -252,26 +308,47 @@ impl Plan {
                 target,
             });
         }
-        if !columns
-            .iter()
-            .any(|c| c.target == FieldTarget::Standard(DealField::Name))
-        {
-            return invalid(
-                "no column is mapped to the deal name (\"name\"), which is required".into(),
-            );
-        }
-        Ok(Self {
+        let plan = Self {
             columns,
             header_count: headers.len(),
             rules,
-        })
+        };
+        let key = plan.key_target(kind);
+        if plan.header_of(&key).is_none() {
+            return invalid(match kind {
+                RecordKind::Deals => {
+                    "no column is mapped to the deal name (\"name\"), which is required".into()
+                }
+                RecordKind::Contacts => {
+                    "no column is mapped to the contact's email (\"email\"), which is required"
+                        .into()
+                }
+            });
+        }
+        Ok(plan)
+    }
+
+    /// The field every record of `kind` needs.
+    fn key_target(&self, kind: RecordKind) -> FieldTarget {
+        match kind {
+            RecordKind::Deals => FieldTarget::Standard(DealField::Name),
+            RecordKind::Contacts => FieldTarget::Contact(ContactField::Email),
+        }
+    }
+
+    /// The header of the column mapped to `target`.
+    fn header_of(&self, target: &FieldTarget) -> Option<&str> {
+        self.columns
+            .iter()
+            .find(|c| &c.target == target)
+            .map(|c| c.header.as_str())
     }
 
     /// Custom field ids the plan writes.
     pub fn custom_ids(&self) -> impl Iterator<Item = &str> {
         self.columns.iter().filter_map(|c| match &c.target {
             FieldTarget::Custom(id) => Some(id.as_str()),
-            FieldTarget::Standard(_) => None,
+            _ => None,
         })
     }
 
@@ -282,28 +359,20 @@ impl Plan {
             .any(|c| c.target == FieldTarget::Standard(DealField::ContactEmail))
     }
 
-    /// Maps one record to a deal, or says why it cannot be imported.
-    pub fn map_deal<F: Fields + ?Sized>(
+    /// Walks the mapped, non-empty cells of a record: checks the field
+    /// count and the length limit, then hands each trimmed value to
+    /// `apply`, which fills `rec` or refuses the cell.
+    fn map_row<F: Fields + ?Sized, T>(
         &self,
         line: LineNo,
         fields: &F,
-    ) -> Result<MappedDeal, Box<FailedRow>> {
-        let fail = |code: RowCode, field: Option<&str>, value: Option<&str>, message: String| {
-            Box::new(FailedRow {
-                error: RowError {
-                    line,
-                    code,
-                    field: field.map(str::to_owned),
-                    value: value.map(truncate_value),
-                    message,
-                },
-                cells: (0..fields.count())
-                    .map(|i| report_cell(fields.field(i).unwrap_or_default()))
-                    .collect(),
-            })
-        };
+        mut rec: T,
+        mut apply: impl FnMut(&mut T, &Column, &str) -> Result<(), CellError>,
+    ) -> Result<T, Box<FailedRow>> {
         if fields.count() != self.header_count {
-            return Err(fail(
+            return Err(failed_row(
+                line,
+                fields,
                 RowCode::FieldCount,
                 None,
                 None,
@@ -314,100 +383,196 @@ impl Plan {
                 ),
             ));
         }
-        let mut deal = MappedDeal {
-            line,
-            ..MappedDeal::default()
-        };
         for col in &self.columns {
             let raw = decode_cell(fields.field(col.index).unwrap_or_default());
             let value = raw.trim();
-            let field_name = col.target.name();
             if value.is_empty() {
                 continue;
             }
-            if value.chars().count() > self.rules.max_field_chars {
-                return Err(fail(
+            let refused = if value.chars().count() > self.rules.max_field_chars {
+                Err((
                     RowCode::TooLong,
-                    Some(field_name),
-                    Some(value),
                     format!(
                         "\"{}\" is longer than {} characters.",
                         col.header, self.rules.max_field_chars
                     ),
+                ))
+            } else {
+                apply(&mut rec, col, value)
+            };
+            if let Err((code, message)) = refused {
+                let field = col.target.name();
+                return Err(failed_row(
+                    line,
+                    fields,
+                    code,
+                    Some(field),
+                    Some(value),
+                    message,
                 ));
             }
-            match &col.target {
-                FieldTarget::Custom(id) => deal.custom.push((id.clone(), value.to_owned())),
-                FieldTarget::Standard(f) => match f {
-                    DealField::Name => deal.name = collapse_whitespace(value),
-                    DealField::Value => match parse_number(value, self.rules.number_locale) {
-                        Some(n) => deal.value = Some(n),
-                        None => {
-                            return Err(fail(
+        }
+        Ok(rec)
+    }
+
+    /// The row error of an empty key field.
+    fn required<F: Fields + ?Sized>(
+        &self,
+        kind: RecordKind,
+        line: LineNo,
+        fields: &F,
+    ) -> Box<FailedRow> {
+        let target = self.key_target(kind);
+        let header = self.header_of(&target).unwrap_or(target.name());
+        let message = match kind {
+            RecordKind::Deals => {
+                format!("\"{header}\" (the deal name) is empty; every deal needs a name.")
+            }
+            RecordKind::Contacts => format!(
+                "\"{header}\" (the contact's email) is empty; every contact needs an email address."
+            ),
+        };
+        failed_row(
+            line,
+            fields,
+            RowCode::Required,
+            Some(target.name()),
+            None,
+            message,
+        )
+    }
+
+    /// Maps one record to a deal, or says why it cannot be imported.
+    pub fn map_deal<F: Fields + ?Sized>(
+        &self,
+        line: LineNo,
+        fields: &F,
+    ) -> Result<MappedDeal, Box<FailedRow>> {
+        let rules = self.rules;
+        let init = MappedDeal {
+            line,
+            ..MappedDeal::default()
+        };
+        let mut deal = self.map_row(line, fields, init, |deal, col, value| {
+            let f = match &col.target {
+                FieldTarget::Custom(id) => {
+                    deal.custom.push((id.clone(), value.to_owned()));
+                    return Ok(());
+                }
+                FieldTarget::Standard(f) => *f,
+                FieldTarget::Contact(_) => return Ok(()),
+            };
+            match f {
+                DealField::Name => deal.name = collapse_whitespace(value),
+                DealField::Value => {
+                    deal.value =
+                        Some(parse_number(value, rules.number_locale).ok_or_else(|| {
+                            (
                                 RowCode::InvalidNumber,
-                                Some(field_name),
-                                Some(value),
                                 format!(
                                     "\"{}\" is not a number like 5000, 5,000.50 or $5,000.",
                                     col.header
                                 ),
-                            ));
-                        }
-                    },
-                    DealField::StageId => {
-                        deal.stage = Some(StageName {
-                            key: stage_key(value),
-                            label: collapse_whitespace(value),
-                        });
-                    }
-                    DealField::Status => deal.status = Some(token(value)).filter(|t| !t.is_empty()),
-                    DealField::ContractType => {
-                        deal.contract_type = Some(token(value)).filter(|t| !t.is_empty());
-                    }
-                    DealField::ExpectedCloseDate => {
-                        match parse_date(value, self.rules.date_order) {
-                            Some(ms) => deal.expected_close_date = Some(ms),
-                            None => {
-                                return Err(fail(
-                                    RowCode::InvalidDate,
-                                    Some(field_name),
-                                    Some(value),
-                                    format!("\"{}\" is not a date like 2025-12-31.", col.header),
-                                ));
-                            }
-                        }
-                    }
-                    DealField::Description => deal.description = Some(value.to_owned()),
-                    DealField::ContactEmail => {
-                        if !valid_email(value) {
-                            return Err(fail(
-                                RowCode::InvalidEmail,
-                                Some(field_name),
-                                Some(value),
-                                format!("\"{}\" is not an email address.", col.header),
-                            ));
-                        }
-                        deal.contact_email = Some(value.to_lowercase());
-                    }
-                    DealField::ContactName => deal.contact_name = Some(collapse_whitespace(value)),
-                },
+                            )
+                        })?);
+                }
+                DealField::StageId => {
+                    deal.stage = Some(StageName {
+                        key: stage_key(value),
+                        label: collapse_whitespace(value),
+                    });
+                }
+                DealField::Status => deal.status = Some(token(value)).filter(|t| !t.is_empty()),
+                DealField::ContractType => {
+                    deal.contract_type = Some(token(value)).filter(|t| !t.is_empty());
+                }
+                DealField::ExpectedCloseDate => {
+                    deal.expected_close_date =
+                        Some(parse_date(value, rules.date_order).ok_or_else(|| {
+                            (
+                                RowCode::InvalidDate,
+                                format!("\"{}\" is not a date like 2025-12-31.", col.header),
+                            )
+                        })?);
+                }
+                DealField::Description => deal.description = Some(value.to_owned()),
+                DealField::ContactEmail => deal.contact_email = Some(checked_email(col, value)?),
+                DealField::ContactName => deal.contact_name = Some(collapse_whitespace(value)),
             }
-        }
+            Ok(())
+        })?;
         if deal.name.is_empty() {
-            let header = self
-                .columns
-                .iter()
-                .find(|c| c.target == FieldTarget::Standard(DealField::Name))
-                .map_or("name", |c| c.header.as_str());
-            return Err(fail(
-                RowCode::Required,
-                Some("name"),
-                None,
-                format!("\"{header}\" (the deal name) is empty; every deal needs a name."),
-            ));
+            return Err(self.required(RecordKind::Deals, line, fields));
         }
         deal.raw = RawCells::copy(fields);
         Ok(deal)
+    }
+
+    /// Maps one record to a contact, or says why it cannot be imported.
+    pub fn map_contact<F: Fields + ?Sized>(
+        &self,
+        line: LineNo,
+        fields: &F,
+    ) -> Result<MappedContact, Box<FailedRow>> {
+        let init = MappedContact {
+            line,
+            ..MappedContact::default()
+        };
+        let mut full_name = None;
+        let mut contact = self.map_row(line, fields, init, |c, col, value| {
+            let f = match &col.target {
+                FieldTarget::Custom(id) => {
+                    c.custom.push((id.clone(), value.to_owned()));
+                    return Ok(());
+                }
+                FieldTarget::Contact(f) => *f,
+                FieldTarget::Standard(_) => return Ok(()),
+            };
+            match f {
+                ContactField::Email => c.email = checked_email(col, value)?,
+                ContactField::FirstName => c.first_name = Some(collapse_whitespace(value)),
+                ContactField::LastName => c.last_name = Some(collapse_whitespace(value)),
+                ContactField::Name => full_name = Some(collapse_whitespace(value)),
+                ContactField::Phone => c.phone = Some(collapse_whitespace(value)),
+                ContactField::Company => c.company = Some(collapse_whitespace(value)),
+            }
+            Ok(())
+        })?;
+        if contact.email.is_empty() {
+            return Err(self.required(RecordKind::Contacts, line, fields));
+        }
+        if let Some(full) = full_name {
+            let (first, last) = split_full_name(&full);
+            if contact.first_name.is_none() && !first.is_empty() {
+                contact.first_name = Some(first.to_owned());
+            }
+            if contact.last_name.is_none() && !last.is_empty() {
+                contact.last_name = Some(last.to_owned());
+            }
+        }
+        contact.raw = RawCells::copy(fields);
+        Ok(contact)
+    }
+}
+
+/// An email cell, validated and lower-cased.
+fn checked_email(col: &Column, value: &str) -> Result<String, CellError> {
+    if valid_email(value) {
+        Ok(value.to_lowercase())
+    } else {
+        Err((
+            RowCode::InvalidEmail,
+            format!("\"{}\" is not an email address.", col.header),
+        ))
+    }
+}
+
+/// A full name split at its first whitespace: first name, then the rest.
+pub fn split_full_name(full: &str) -> (&str, &str) {
+    let full = full.trim();
+    match full.split_once(char::is_whitespace) {
+        Some((first, rest)) => (first, rest.trim_start()),
+        None => (full, ""),
     }
 }
 
@@ -437,6 +602,7 @@ mod tests {
 
     fn plan() -> Plan {
         Plan::new(
+            RecordKind::Deals,
             &headers(&[
                 "\u{feff}Deal Name",
                 "Value",
@@ -548,7 +714,13 @@ mod tests {
             "import",
             "nonsense",
         ] {
-            let e = Plan::new(&h, &mapping(&[("A", "name"), ("B", target)]), rules()).unwrap_err();
+            let e = Plan::new(
+                RecordKind::Deals,
+                &h,
+                &mapping(&[("A", "name"), ("B", target)]),
+                rules(),
+            )
+            .unwrap_err();
             assert_eq!(e.code(), "mapping_invalid", "{target}");
             assert!(e.to_string().contains("\"B\""), "{e}");
         }
@@ -558,15 +730,17 @@ mod tests {
     fn missing_header_and_missing_name_are_refused() {
         let h = headers(&["A"]);
         let e = Plan::new(
+            RecordKind::Deals,
             &h,
             &mapping(&[("A", "name"), ("Missing", "value")]),
             rules(),
         )
         .unwrap_err();
         assert!(e.to_string().contains("\"Missing\""));
-        let e = Plan::new(&h, &mapping(&[("A", "value")]), rules()).unwrap_err();
+        let e = Plan::new(RecordKind::Deals, &h, &mapping(&[("A", "value")]), rules()).unwrap_err();
         assert_eq!(e.code(), "mapping_invalid");
         let e = Plan::new(
+            RecordKind::Deals,
             &headers(&["A", "B"]),
             &mapping(&[("A", "name"), ("B", "name")]),
             rules(),
@@ -578,8 +752,90 @@ mod tests {
     #[test]
     fn exact_header_match_wins_over_loose_match() {
         let h = headers(&["name", "Name"]);
-        let p = Plan::new(&h, &mapping(&[("Name", "name")]), rules()).unwrap();
+        let p = Plan::new(
+            RecordKind::Deals,
+            &h,
+            &mapping(&[("Name", "name")]),
+            rules(),
+        )
+        .unwrap();
         let d = p.map_deal(2, &["lower", "Upper"][..]).unwrap();
         assert_eq!(d.name, "Upper");
+    }
+
+    fn contact_plan(mapping_pairs: &[(&str, &str)]) -> Result<Plan, FileError> {
+        Plan::new(
+            RecordKind::Contacts,
+            &headers(&["Email", "Full Name", "First", "Phone", "Company", CUSTOM]),
+            &mapping(mapping_pairs),
+            rules(),
+        )
+    }
+
+    #[test]
+    fn contacts_need_an_email_column_and_refuse_deal_fields() {
+        let e = contact_plan(&[("Full Name", "name")]).unwrap_err();
+        assert!(e.to_string().contains("\"email\""), "{e}");
+        let e = contact_plan(&[("Email", "email"), ("Phone", "value")]).unwrap_err();
+        assert!(e.to_string().contains("contact field"), "{e}");
+        let e = contact_plan(&[("Email", "email"), ("Phone", "owner")]).unwrap_err();
+        assert!(e.to_string().contains("set by the import"), "{e}");
+    }
+
+    #[test]
+    fn contacts_map_split_names_and_custom_fields() {
+        let p = contact_plan(&[
+            ("Email", "email"),
+            ("Full Name", "name"),
+            ("First", "first_name"),
+            ("Phone", "phone"),
+            ("Company", "company"),
+            (CUSTOM, CUSTOM),
+        ])
+        .unwrap();
+        let c = p
+            .map_contact(
+                7,
+                &[
+                    " Ana@Example.COM ",
+                    "Ana  Maria Lopez",
+                    "",
+                    "+1 555",
+                    "ACME",
+                    "gold",
+                ][..],
+            )
+            .unwrap();
+        assert_eq!(c.line, 7);
+        assert_eq!(c.email, "ana@example.com");
+        assert_eq!(c.first_name.as_deref(), Some("Ana"));
+        assert_eq!(c.last_name.as_deref(), Some("Maria Lopez"));
+        assert_eq!(c.phone.as_deref(), Some("+1 555"));
+        assert_eq!(c.company.as_deref(), Some("ACME"));
+        assert_eq!(c.custom, vec![(CUSTOM.to_owned(), "gold".to_owned())]);
+        // A mapped first name wins over the split one.
+        let c = p
+            .map_contact(8, &["b@x.io", "Bob Smith", "Robert", "", "", ""][..])
+            .unwrap();
+        assert_eq!(c.first_name.as_deref(), Some("Robert"));
+        assert_eq!(c.last_name.as_deref(), Some("Smith"));
+    }
+
+    #[test]
+    fn contact_rows_fail_on_missing_or_invalid_email() {
+        let p = contact_plan(&[("Email", "email"), ("Full Name", "name")]).unwrap();
+        let f = p
+            .map_contact(3, &["", "No Mail", "", "", "", ""][..])
+            .unwrap_err();
+        assert_eq!(f.error.code, RowCode::Required);
+        assert_eq!(f.error.field.as_deref(), Some("email"));
+        assert_eq!(f.cells[1], "No Mail");
+        let f = p
+            .map_contact(4, &["not-an-email", "X", "", "", "", ""][..])
+            .unwrap_err();
+        assert_eq!(f.error.code, RowCode::InvalidEmail);
+        assert_eq!(f.error.value.as_deref(), Some("not-an-email"));
+        let f = p.map_contact(5, &["a@b.co"][..]).unwrap_err();
+        assert_eq!(f.error.code, RowCode::FieldCount);
     }
 }

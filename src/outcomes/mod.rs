@@ -84,7 +84,7 @@ fn failure_doc(f: &FailedRow, keep_row: bool) -> Document {
 fn pairs(lines: &[(LineNo, ObjectId)]) -> Vec<Document> {
     lines
         .iter()
-        .map(|(l, id)| doc! { "line": *l as i64, "deal_id": id })
+        .map(|(l, id)| doc! { "line": *l as i64, "record_id": id })
         .collect()
 }
 
@@ -274,17 +274,17 @@ pub enum LineOutcome {
     /// The record exists, with this id.
     Imported {
         /// The record's `_id`.
-        deal_id: ObjectId,
+        id: ObjectId,
     },
     /// The line updated this existing record.
     Updated {
         /// The record's `_id`.
-        deal_id: ObjectId,
+        id: ObjectId,
     },
     /// The line duplicated this existing record and was left out.
     Skipped {
         /// The record's `_id`.
-        deal_id: ObjectId,
+        id: ObjectId,
     },
     /// The line failed.
     Failed(RowErrorDoc),
@@ -324,14 +324,18 @@ pub async fn line_outcome(
             a.iter()
                 .filter_map(Bson::as_document)
                 .find(|p| p.get_i64("line").ok() == Some(l))
-                .and_then(|p| p.get_object_id("deal_id").ok())
+                .and_then(|p| {
+                    p.get_object_id("record_id")
+                        .or_else(|_| p.get_object_id("deal_id"))
+                        .ok()
+                })
         })
     };
-    if let Some(deal_id) = find_pair("updated") {
-        return Ok(Some(LineOutcome::Updated { deal_id }));
+    if let Some(id) = find_pair("updated") {
+        return Ok(Some(LineOutcome::Updated { id }));
     }
-    if let Some(deal_id) = find_pair("skipped") {
-        return Ok(Some(LineOutcome::Skipped { deal_id }));
+    if let Some(id) = find_pair("skipped") {
+        return Ok(Some(LineOutcome::Skipped { id }));
     }
     let imported = d
         .get_array("imported")
@@ -339,7 +343,7 @@ pub async fn line_outcome(
     Ok(imported
         .then(|| deal_id(&queue_id, line))
         .flatten()
-        .map(|deal_id| LineOutcome::Imported { deal_id }))
+        .map(|id| LineOutcome::Imported { id }))
 }
 
 /// Creates the import's summary document if it does not exist yet.

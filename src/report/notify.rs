@@ -34,7 +34,7 @@ use super::summary::{Ending, ImportSummary};
 use super::webhook::{self, Principal};
 use crate::claim::{Channel, Claimer};
 use crate::config::{SmtpSettings, SmtpTls};
-use crate::domain::collections;
+use crate::domain::{RecordKind, collections};
 use crate::outcomes;
 use crate::pipeline::Services;
 use crate::telemetry::error_chain;
@@ -436,6 +436,11 @@ impl Notifier {
             .map(|d| d.timestamp_millis())
             .ok();
         let summary = ImportSummary {
+            kind: q
+                .get_str("source")
+                .ok()
+                .and_then(RecordKind::from_source)
+                .unwrap_or(RecordKind::Deals),
             first_name,
             file_name: file_name(q),
             ending,

@@ -4,6 +4,7 @@
 
 use askama::Template;
 
+use crate::domain::RecordKind;
 use crate::outcomes::{RowErrorDoc, Totals};
 
 /// How the import ended, for the wording.
@@ -25,6 +26,8 @@ pub enum Ending {
 /// Everything the summary email says.
 #[derive(Clone, Debug)]
 pub struct ImportSummary {
+    /// What the import wrote.
+    pub kind: RecordKind,
     /// Recipient's first name, if known.
     pub first_name: Option<String>,
     /// Original file name.
@@ -104,6 +107,10 @@ impl ImportSummary {
     /// failed (deals-q4.csv)`.
     pub fn subject(&self) -> String {
         let t = &self.totals;
+        let what = match self.kind {
+            RecordKind::Deals => "Deal import",
+            RecordKind::Contacts => "Contact import",
+        };
         match &self.ending {
             Ending::Completed => {
                 let mut parts = vec![format!("{} imported", thousands(t.imported))];
@@ -114,18 +121,14 @@ impl ImportSummary {
                     parts.push(format!("{} skipped", thousands(t.skipped)));
                 }
                 parts.push(format!("{} failed", thousands(t.failed)));
-                format!(
-                    "Deal import finished: {} ({})",
-                    parts.join(", "),
-                    self.file_name
-                )
+                format!("{what} finished: {} ({})", parts.join(", "), self.file_name)
             }
             Ending::Cancelled => format!(
-                "Deal import cancelled: {} imported before it stopped ({})",
+                "{what} cancelled: {} imported before it stopped ({})",
                 thousands(t.imported),
                 self.file_name
             ),
-            Ending::Failed { .. } => format!("Deal import failed: {}", self.file_name),
+            Ending::Failed { .. } => format!("{what} failed: {}", self.file_name),
         }
     }
 
@@ -154,7 +157,8 @@ impl ImportSummary {
             ("Skipped", thousands(t.skipped)),
             ("Failed", thousands(t.failed)),
         ];
-        if t.contacts_created > 0 {
+        // A contacts import's "Imported" are the contacts it created.
+        if t.contacts_created > 0 && self.kind == RecordKind::Deals {
             counts.push(("Contacts created", thousands(t.contacts_created)));
         }
         counts
@@ -201,6 +205,7 @@ mod tests {
 
     fn summary() -> ImportSummary {
         ImportSummary {
+            kind: RecordKind::Deals,
             first_name: Some("Olive".into()),
             file_name: "deals-q4.csv".into(),
             ending: Ending::Completed,
@@ -239,6 +244,14 @@ mod tests {
             message: "No header.".into(),
         };
         assert_eq!(s.subject(), "Deal import failed: deals-q4.csv");
+        let mut s = summary();
+        s.kind = RecordKind::Contacts;
+        s.totals.skipped = 12;
+        assert_eq!(
+            s.subject(),
+            "Contact import finished: 98,765 imported, 12 skipped, 1,235 failed (deals-q4.csv)"
+        );
+        assert!(!s.text().unwrap().contains("Contacts created"));
     }
 
     #[test]

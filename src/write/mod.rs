@@ -22,8 +22,10 @@ use mongodb::error::{ErrorKind, InsertManyError};
 use crate::domain::{ImportSpec, LineNo, deal_id};
 use crate::map::MappedDeal;
 
+mod contacts;
 mod dedupe;
 
+pub use contacts::{ContactWrite, ContactWriter};
 pub use dedupe::{Match, NameIndex};
 
 /// Largest `update` command sent (`duplicate_strategy: update`), well
@@ -77,15 +79,53 @@ pub enum LineWrite {
     Rejected(String),
 }
 
-/// Deletes the deals import `queue_id` created: its `_id` range (one index
-/// range scan), double-checked on `import.queue_id`. Returns how many.
-pub async fn delete_created(db: &mongodb::Database, queue_id: ObjectId) -> Result<u64> {
+/// Deletes the records (in `collection`: deals, or a contacts import's
+/// contacts) import `queue_id` created: its `_id` range (one index range
+/// scan), double-checked on `import.queue_id`. Returns how many.
+pub async fn delete_created(
+    db: &mongodb::Database,
+    collection: &str,
+    queue_id: ObjectId,
+) -> Result<u64> {
     let (lo, hi) = crate::domain::deal_id_range(&queue_id);
     let r = db
-        .collection::<Document>(crate::domain::collections::DEALS)
+        .collection::<Document>(collection)
         .delete_many(doc! { "_id": { "$gte": lo, "$lte": hi }, "import.queue_id": queue_id })
         .await?;
     Ok(r.deleted_count)
+}
+
+/// Sends one `update` command of `statements` to `coll`'s collection, with
+/// the collection's write concern, and returns the reply. A write-concern
+/// error is an error of the whole command (retried), carrying only its code.
+pub(crate) async fn update_command(
+    coll: &Collection<RawDocumentBuf>,
+    statements: RawArrayBuf,
+    ordered: bool,
+) -> Result<Document> {
+    let ns = coll.namespace();
+    let mut command = RawDocumentBuf::new();
+    command.append("update", ns.coll.as_str());
+    command.append("updates", statements);
+    command.append("ordered", ordered);
+    if let Some(wc) = coll.write_concern() {
+        command.append(
+            "writeConcern",
+            RawDocumentBuf::from_document(&bson::to_document(wc)?)?,
+        );
+    }
+    let reply = coll
+        .client()
+        .database(&ns.db)
+        .run_raw_command(command)
+        .await?;
+    if let Ok(wce) = reply.get_document("writeConcernError") {
+        return Err(Error::WriteConcern(format!(
+            "code {}",
+            wce.get_i32("code").unwrap_or_default()
+        )));
+    }
+    Ok(reply)
 }
 
 /// Starting size of a deal's BSON buffer: a typical deal fits, so building
@@ -280,26 +320,7 @@ impl DealWriter {
         chunk: &[(ObjectId, &RawDocumentBuf)],
         statements: RawArrayBuf,
     ) -> Result<Vec<LineWrite>> {
-        let ns = self.coll.namespace();
-        let mut command = RawDocumentBuf::new();
-        command.append("update", ns.coll.as_str());
-        command.append("updates", statements);
-        command.append("ordered", false);
-        if let Some(wc) = self.coll.write_concern() {
-            command.append(
-                "writeConcern",
-                RawDocumentBuf::from_document(&bson::to_document(wc)?)?,
-            );
-        }
-        let reply = self
-            .coll
-            .client()
-            .database(&ns.db)
-            .run_raw_command(command)
-            .await?;
-        if let Ok(wce) = reply.get_document("writeConcernError") {
-            return Err(Error::WriteConcern(wce.to_string()));
-        }
+        let reply = update_command(&self.coll, statements, false).await?;
         let mut results = vec![LineWrite::Updated; chunk.len()];
         let mut refused = 0;
         if let Ok(errors) = reply.get_array("writeErrors") {

@@ -319,7 +319,7 @@ async fn hundred_thousand_rows_with_planted_failures_account_for_every_line() {
     // Row 0 spans lines 2-3 (a quoted note on two lines), row 1 (line 4)
     // is planted, row 2 starts on line 5.
     match outcomes::line_outcome(&app.db, id, 5).await.unwrap() {
-        Some(LineOutcome::Imported { deal_id: d }) => {
+        Some(LineOutcome::Imported { id: d }) => {
             assert_eq!(d, deal_id(&id, 5).unwrap());
             let deal = app
                 .coll(collections::DEALS)
@@ -609,7 +609,7 @@ async fn duplicate_strategies_skip_or_update_deals_of_the_same_name() {
             assert_eq!(new.get_f64("value").unwrap(), 2.0);
             assert_eq!(
                 outcomes::line_outcome(&app.db, id, 2).await.unwrap(),
-                Some(LineOutcome::Skipped { deal_id: existing })
+                Some(LineOutcome::Skipped { id: existing })
             );
         } else {
             assert_eq!(get_i64(&q, "progress.updated_rows"), 2);
@@ -618,7 +618,7 @@ async fn duplicate_strategies_skip_or_update_deals_of_the_same_name() {
             assert_eq!(new.get_f64("value").unwrap(), 3.0);
             assert_eq!(
                 outcomes::line_outcome(&app.db, id, 4).await.unwrap(),
-                Some(LineOutcome::Updated { deal_id: created })
+                Some(LineOutcome::Updated { id: created })
             );
         }
         let summary = app.summary(id).await;

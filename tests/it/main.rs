@@ -4,6 +4,7 @@
 mod claim;
 mod config_cli;
 mod contacts;
+mod contacts_import;
 mod deals;
 mod helpers;
 mod http;

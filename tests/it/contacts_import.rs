@@ -1,0 +1,351 @@
+//! Contacts imports (`source: "contacts"`): one contact per email of an
+//! account, duplicates skipped (default) or updated in file order, every
+//! line accounted for, replays harmless, racing imports still one contact.
+
+use std::fmt::Write as _;
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use bson::oid::ObjectId;
+use bson::{Document, doc};
+use importd::domain::{collections, contact_id};
+use importd::outcomes::{self, LineOutcome};
+
+use crate::helpers::{SmtpCatcher, TestApp, get_i64, settings_with_smtp, test_settings};
+
+const LONG: Duration = Duration::from_secs(120);
+const TIER: &str = "64b7f0c2a1b2c3d4e5f60718";
+
+/// Queue fields of a contacts import with `strategy` (none: the default).
+fn contacts(strategy: Option<&str>) -> Document {
+    let mut additional = doc! { "tags": ["fair-2026"] };
+    if let Some(s) = strategy {
+        additional.insert("duplicate_strategy", s);
+    }
+    doc! { "source": "contacts", "additional_data": additional }
+}
+
+async fn contact(app: &TestApp, email: &str) -> Document {
+    app.coll(collections::CONTACTS)
+        .find_one(doc! { "account_id": app.account_id, "email": email })
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("contact {email}"))
+}
+
+fn counts(q: &Document) -> [i64; 4] {
+    ["imported", "updated", "skipped", "failed"].map(|k| get_i64(q, &format!("progress.{k}_rows")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contacts_import_creates_skips_duplicates_and_fails_bad_lines() {
+    let mut app = TestApp::new().await;
+    let existing = ObjectId::new();
+    app.coll(collections::CONTACTS)
+        .insert_one(doc! {
+            "_id": existing, "account_id": app.account_id, "email": "old@x.co",
+            "first_name": "Old", "phone": "1",
+        })
+        .await
+        .unwrap();
+    // Another account's contact is not a duplicate of this account's.
+    app.coll(collections::CONTACTS)
+        .insert_one(doc! { "account_id": ObjectId::new(), "email": "ann@x.co" })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let csv = "Email,Name,Phone,Tier\n\
+         ann@x.co,Ann  Lee,+1 555,gold\n\
+         OLD@x.co,Changed Name,2,\n\
+         bad-email,X,,\n\
+         ,No Mail,,\n\
+         \" Ann@X.co \",Ann Again,9,\n\
+         cy@x.co,\"Cy\nMulti\",,\n\
+         dee@x.co,Dee,,silver\n";
+    let mapping = [
+        ("Email", "email"),
+        ("Name", "name"),
+        ("Phone", "phone"),
+        ("Tier", TIER),
+    ];
+    let id = app
+        .enqueue_with("people.csv", csv.as_bytes(), &mapping, contacts(None))
+        .await;
+    let q = app.wait_completed(id, LONG).await;
+    assert_eq!(counts(&q), [3, 0, 2, 2], "{q}");
+    assert_eq!(get_i64(&q, "contacts_created"), 3);
+    let summary = app.summary(id).await;
+    assert_eq!(get_i64(&summary, "total_records_added"), 3);
+    assert_eq!(get_i64(&summary, "total_skipped"), 2);
+    assert_eq!(get_i64(&summary, "total_errors"), 2);
+    assert_eq!(summary.get_str("source").unwrap(), "contacts");
+
+    let ann = contact(&app, "ann@x.co").await;
+    assert_eq!(
+        ann.get_object_id("_id").unwrap(),
+        contact_id(&id, 2).unwrap()
+    );
+    assert_eq!(ann.get_str("first_name").unwrap(), "Ann");
+    assert_eq!(ann.get_str("last_name").unwrap(), "Lee");
+    assert_eq!(ann.get_str("phone").unwrap(), "+1 555");
+    assert_eq!(
+        ann.get_document("additional_info")
+            .unwrap()
+            .get_str(TIER)
+            .unwrap(),
+        "gold"
+    );
+    assert_eq!(ann.get_array("tags").unwrap().len(), 1);
+    assert_eq!(ann.get_str("source").unwrap(), "csv");
+    assert_eq!(ann.get_object_id("owner").unwrap(), app.user_id);
+    assert_eq!(get_i64(&ann, "import.line"), 2);
+    // The existing contact is left alone under `skip`.
+    let old = contact(&app, "old@x.co").await;
+    assert_eq!(old.get_str("first_name").unwrap(), "Old");
+    assert_eq!(old.get_str("phone").unwrap(), "1");
+    // A quoted name over two lines: the record starts on line 7.
+    let cy = contact(&app, "cy@x.co").await;
+    assert_eq!(get_i64(&cy, "import.line"), 7);
+    assert_eq!(cy.get_str("last_name").unwrap(), "Multi");
+    assert_eq!(get_i64(&contact(&app, "dee@x.co").await, "import.line"), 9);
+
+    let line = |n| outcomes::line_outcome(&app.db, id, n);
+    assert_eq!(
+        line(3).await.unwrap(),
+        Some(LineOutcome::Skipped { id: existing })
+    );
+    assert_eq!(
+        line(6).await.unwrap(),
+        Some(LineOutcome::Skipped {
+            id: contact_id(&id, 2).unwrap()
+        })
+    );
+    match line(4).await.unwrap() {
+        Some(LineOutcome::Failed(f)) => assert_eq!(f.code, "invalid_email"),
+        other => panic!("line 4: {other:?}"),
+    }
+    match line(5).await.unwrap() {
+        Some(LineOutcome::Failed(f)) => {
+            assert_eq!(
+                (f.code.as_str(), f.field.as_deref()),
+                ("required", Some("email"))
+            );
+        }
+        other => panic!("line 5: {other:?}"),
+    }
+    let before = app.count(collections::CONTACTS, doc! {}).await;
+
+    // The whole file again, as after a crash before any checkpoint: the
+    // same outcomes, not one contact more.
+    app.replay_from_start(id).await;
+    let q = app.wait_completed(id, LONG).await;
+    assert_eq!(counts(&q), [3, 0, 2, 2], "{q}");
+    assert_eq!(get_i64(&q, "contacts_created"), 3);
+    assert_eq!(app.count(collections::CONTACTS, doc! {}).await, before);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_applies_rows_in_file_order_and_mails_a_contact_summary() {
+    let smtp = SmtpCatcher::start().await;
+    let mut settings = settings_with_smtp(smtp.port);
+    // Rows naming one email fall in different batches too.
+    settings.import.batch_size = NonZeroUsize::new(2).unwrap();
+    let mut app = TestApp::with_settings(settings).await;
+    let existing = ObjectId::new();
+    app.coll(collections::CONTACTS)
+        .insert_one(doc! {
+            "_id": existing, "account_id": app.account_id, "email": "old@x.co",
+            "first_name": "Old", "phone": "1", "company": "Keep",
+            "additional_info": { "other": "kept" },
+        })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let csv = "Email,First,Phone,Tier\n\
+               old@x.co,New,2,gold\n\
+               new@x.co,A,3,\n\
+               NEW@x.co,B,,\n\
+               nope,C,4,\n\
+               new@x.co,Last,,bronze\n";
+    let mapping = [
+        ("Email", "email"),
+        ("First", "first_name"),
+        ("Phone", "phone"),
+        ("Tier", TIER),
+    ];
+    let id = app
+        .enqueue_with(
+            "crm.csv",
+            csv.as_bytes(),
+            &mapping,
+            contacts(Some("update")),
+        )
+        .await;
+    let q = app.wait_completed(id, LONG).await;
+    assert_eq!(counts(&q), [1, 3, 0, 1], "{q}");
+    let old = contact(&app, "old@x.co").await;
+    assert_eq!(old.get_object_id("_id").unwrap(), existing);
+    assert_eq!(old.get_str("first_name").unwrap(), "New");
+    assert_eq!(old.get_str("phone").unwrap(), "2");
+    // Unmapped fields and other custom fields stay.
+    assert_eq!(old.get_str("company").unwrap(), "Keep");
+    let info = old.get_document("additional_info").unwrap();
+    assert_eq!(info.get_str("other").unwrap(), "kept");
+    assert_eq!(info.get_str(TIER).unwrap(), "gold");
+    assert!(old.get("owner").is_none(), "identity is set on insert only");
+    // Created by line 3, then updated by lines 4 and 6, in that order;
+    // an empty cell leaves its field as it was.
+    let new = contact(&app, "new@x.co").await;
+    assert_eq!(
+        new.get_object_id("_id").unwrap(),
+        contact_id(&id, 3).unwrap()
+    );
+    assert_eq!(get_i64(&new, "import.line"), 3);
+    assert_eq!(new.get_str("first_name").unwrap(), "Last");
+    assert_eq!(new.get_str("phone").unwrap(), "3");
+    assert_eq!(
+        new.get_document("additional_info")
+            .unwrap()
+            .get_str(TIER)
+            .unwrap(),
+        "bronze"
+    );
+    assert_eq!(
+        outcomes::line_outcome(&app.db, id, 4).await.unwrap(),
+        Some(LineOutcome::Updated {
+            id: contact_id(&id, 3).unwrap()
+        })
+    );
+    assert_eq!(
+        outcomes::line_outcome(&app.db, id, 3).await.unwrap(),
+        Some(LineOutcome::Imported {
+            id: contact_id(&id, 3).unwrap()
+        })
+    );
+    let mails = smtp.wait_for(1, Duration::from_secs(30)).await;
+    assert_eq!(
+        mails[0].subject,
+        "Contact import finished: 1 imported, 3 updated, 1 failed (crm.csv)"
+    );
+    assert!(!mails[0].text.contains("Pipeline:"), "{}", mails[0].text);
+
+    // A replay from the start: the line that created a contact is still
+    // its creator, not an update of itself.
+    app.replay_from_start(id).await;
+    let q = app.wait_completed(id, LONG).await;
+    assert_eq!(counts(&q), [1, 3, 0, 1], "{q}");
+    assert_eq!(
+        app.count(collections::CONTACTS, doc! { "account_id": app.account_id })
+            .await,
+        2
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_contacts_imports_make_one_contact_per_email() {
+    let mut settings = test_settings();
+    settings.import.batch_size = NonZeroUsize::new(100).unwrap();
+    let mut app = TestApp::with_settings(settings).await;
+    let mut csv = String::from("Email,First\n");
+    for i in 0..2_000 {
+        writeln!(csv, "p{i}@x.co,N{i}").unwrap();
+    }
+    let mapping = [("Email", "email"), ("First", "first_name")];
+    let mut ids = Vec::new();
+    for (i, strategy) in ["update", "skip", "update"].into_iter().enumerate() {
+        ids.push(
+            app.enqueue_with(
+                &format!("c{i}.csv"),
+                csv.as_bytes(),
+                &mapping,
+                contacts(Some(strategy)),
+            )
+            .await,
+        );
+    }
+    // Two daemons, each running imports side by side.
+    app.spawn_daemon();
+    app.spawn_daemon();
+    let mut created = 0;
+    for id in &ids {
+        let q = app.wait_completed(*id, LONG).await;
+        let [imported, updated, skipped, failed] = counts(&q);
+        assert_eq!(imported + updated + skipped, 2_000, "{q}");
+        assert_eq!(failed, 0, "{q}");
+        created += get_i64(&q, "contacts_created");
+    }
+    assert_eq!(created, 2_000);
+    assert_eq!(
+        app.count(collections::CONTACTS, doc! { "account_id": app.account_id })
+            .await,
+        2_000
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contacts_imports_refuse_create_a_missing_email_column_too_many_rows_and_unknown_sources() {
+    let mut settings = test_settings();
+    settings.import.max_rows = Some(5);
+    settings.import.batch_size = NonZeroUsize::new(2).unwrap();
+    let mut app = TestApp::with_settings(settings).await;
+    app.spawn_daemon();
+    let create = app
+        .enqueue_with(
+            "a.csv",
+            b"Email\na@x.co\n",
+            &[("Email", "email")],
+            contacts(Some("create")),
+        )
+        .await;
+    let no_email = app
+        .enqueue_with(
+            "b.csv",
+            b"Email,Name\na@x.co,A\n",
+            &[("Name", "name")],
+            contacts(None),
+        )
+        .await;
+    let mut csv = String::from("Email\n");
+    for i in 0..8 {
+        writeln!(csv, "r{i}@x.co").unwrap();
+    }
+    let too_many = app
+        .enqueue_with(
+            "c.csv",
+            csv.as_bytes(),
+            &[("Email", "email")],
+            contacts(None),
+        )
+        .await;
+    let leads = app
+        .enqueue_with(
+            "d.csv",
+            b"Email\na@x.co\n",
+            &[("Email", "email")],
+            doc! { "source": "leads" },
+        )
+        .await;
+    for (id, code, words) in [
+        (leads, "unsupported_source", "\"leads\""),
+        (
+            create,
+            "invalid_queue_document",
+            "not available for contacts",
+        ),
+        (no_email, "mapping_invalid", "\"email\""),
+        (too_many, "too_many_rows", "nothing was imported"),
+    ] {
+        let q = app.wait_final(id, LONG).await;
+        assert_eq!(q.get_str("status").unwrap(), "failed", "{q}");
+        let e = q.get_document("error").unwrap();
+        assert_eq!(e.get_str("code").unwrap(), code, "{q}");
+        assert!(e.get_str("message").unwrap().contains(words), "{q}");
+    }
+    // The batches written before the limit was met were taken back.
+    assert_eq!(app.count(collections::CONTACTS, doc! {}).await, 0);
+    assert_eq!(app.count(collections::IMPORT_LINES, doc! {}).await, 0);
+    app.cleanup().await;
+}
