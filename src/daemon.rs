@@ -50,7 +50,9 @@ impl Daemon {
     pub fn new(services: Services, owner: String) -> Result<Self, notify::Error> {
         let settings = services.settings.clone();
         let claimer = Claimer::new(&services.db, owner, settings.scheduler.lease);
-        let notifier = Notifier::new(services.clone(), claimer.clone())?;
+        let shutdown = CancellationToken::new();
+        let notifier =
+            Notifier::new(services.clone(), claimer.clone())?.stopping_on(shutdown.clone());
         Ok(Self {
             inner: Arc::new(Inner {
                 notifier,
@@ -60,7 +62,7 @@ impl Daemon {
                 services,
                 claimer,
                 tasks: TaskTracker::new(),
-                shutdown: CancellationToken::new(),
+                shutdown,
                 tick_lock: Mutex::new(()),
             }),
         })
@@ -146,7 +148,12 @@ impl Daemon {
         // Notifications of imports finished elsewhere, before a restart, or
         // whose earlier round failed.
         if !self.inner.shutdown.is_cancelled() {
-            self.inner.notifier.deliver_due().await;
+            // Tracked: a shutdown waits for a round under way (and claims
+            // no new one).
+            self.inner
+                .tasks
+                .track_future(self.inner.notifier.deliver_due())
+                .await;
         }
     }
 
@@ -187,11 +194,16 @@ impl Daemon {
     /// Waits for running imports to checkpoint and release, up to `grace`.
     pub async fn drain(&self, grace: Duration) {
         self.inner.shutdown.cancel();
-        self.inner.tasks.close();
-        if tokio::time::timeout(grace, self.inner.tasks.wait())
-            .await
-            .is_err()
-        {
+        let inner = &self.inner;
+        let drained = tokio::time::timeout(grace, async {
+            // A tick under way finishes spawning what it claimed (those
+            // imports see the shutdown and release at once) before the wait.
+            drop(inner.tick_lock.lock().await);
+            inner.tasks.close();
+            inner.tasks.wait().await;
+        })
+        .await;
+        if drained.is_err() {
             error!(
                 grace_seconds = grace.as_secs(),
                 "Imports did not stop within the grace period; their leases will expire"

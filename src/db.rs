@@ -253,7 +253,7 @@ pub fn is_transient(e: &mongodb::error::Error) -> bool {
             // NotWritablePrimary, InterruptedAtShutdown,
             // InterruptedDueToReplStateChange, NotPrimaryNoSecondaryOk,
             // NotPrimaryOrSecondary, NetworkInterfaceExceededTimeLimit
-            6 | 7 | 89 | 91 | 189 | 262 | 9001 | 10107 | 11600 | 11602 | 13435 | 13436
+            6 | 7 | 89 | 91 | 189 | 262 | 9001 | 10107 | 11600 | 11602 | 13435 | 13436 | 202
         ),
         ErrorKind::Write(mongodb::error::WriteFailure::WriteConcernError(_)) => true,
         _ => false,

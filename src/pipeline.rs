@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, info, warn};
 
-use crate::claim::{self, Checkpoint, ClaimedJob, Final, Lease, Progress};
+use crate::claim::{self, Checkpoint, ClaimedJob, Final, Lease, Progress, Release};
 use crate::config::Settings;
 use crate::contacts::{ContactLinker, ContactRef, Linked};
 use crate::domain::{
@@ -134,7 +134,11 @@ const STOP_SHUTDOWN: u8 = 3;
 /// Shared stop signal with its first reason.
 #[derive(Clone)]
 struct Stop {
+    /// Any reason to stop.
     token: CancellationToken,
+    /// The lease is lost (also after another reason): stop writing at once,
+    /// even the batches a cancellation or shutdown lets finish.
+    lost: CancellationToken,
     reason: Arc<AtomicU8>,
 }
 
@@ -142,6 +146,7 @@ impl Stop {
     fn new() -> Self {
         Self {
             token: CancellationToken::new(),
+            lost: CancellationToken::new(),
             reason: Arc::new(AtomicU8::new(STOP_NONE)),
         }
     }
@@ -149,6 +154,9 @@ impl Stop {
         let _ = self
             .reason
             .compare_exchange(STOP_NONE, reason, Ordering::SeqCst, Ordering::SeqCst);
+        if reason == STOP_LEASE_LOST {
+            self.lost.cancel();
+        }
         self.token.cancel();
     }
     fn abort(&self) -> Abort {
@@ -219,8 +227,9 @@ pub async fn run(svc: &Services, job: ClaimedJob, shutdown: CancellationToken) -
         Ok(spec) => import(svc, &lease, spec, &mut tracker, &stop).await,
         Err(e) => Err(Abort::File(e.clone())),
     };
-    heartbeat.abort();
+    // The lease is renewed until the final state or release is written.
     let end = conclude(svc, &lease, spec.as_ref().ok(), &mut tracker, result).await;
+    heartbeat.abort();
     info!(outcome = ?end, "Import run ended");
     end
 }
@@ -259,9 +268,12 @@ async fn conclude(
             if let Abort::Transient(e) = &reason {
                 warn!(error = %e, "Import paused on a transient error; releasing the lease");
             }
-            let on_shutdown = matches!(reason, Abort::Shutdown);
+            let why = match reason {
+                Abort::Shutdown => Release::Shutdown,
+                _ => Release::Trouble,
+            };
             return match lease
-                .release(tracker.progress, tracker.checkpoint, on_shutdown)
+                .release(tracker.progress, tracker.checkpoint, why)
                 .await
             {
                 Ok(()) => RunEnd::Released,
@@ -281,7 +293,7 @@ async fn conclude(
             // next attempt completes it (its lines are all idempotent).
             warn!(error = %error_chain(&e), "Could not store the final state; releasing");
             let _ = lease
-                .release(tracker.progress, tracker.checkpoint, false)
+                .release(tracker.progress, tracker.checkpoint, Release::Trouble)
                 .await;
             RunEnd::Released
         }
@@ -346,30 +358,42 @@ fn progress_from_doc(doc: &Document) -> Progress {
     }
 }
 
-/// Renews the lease every third of it; watches cancellation and shutdown.
+/// Renews the lease every third of it until aborted (after the run's final
+/// write), through cancellation and shutdown too, so the batches those let
+/// finish are still written under a live lease. Watches cancellation and
+/// shutdown; a lost lease, or one unrenewed for two thirds of it, stops
+/// every write.
 async fn heartbeat(lease: Lease, stop: Stop, shutdown: CancellationToken) {
     // Renew at a third of the lease so one missed heartbeat does not lose it.
     let period = lease.duration() / 3;
     let mut ticker = tokio::time::interval(period);
     ticker.tick().await;
+    // When the last successful renewal was sent: the lease runs from then
+    // at the latest.
     let mut renewed = Instant::now();
+    let mut shutting_down = false;
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => { stop.trigger(STOP_SHUTDOWN); return; }
-            _ = stop.token.cancelled() => return,
+            _ = shutdown.cancelled(), if !shutting_down => {
+                shutting_down = true;
+                stop.trigger(STOP_SHUTDOWN);
+                continue;
+            }
             _ = ticker.tick() => {}
         }
+        let sent = Instant::now();
         // Bounded, so a hanging call cannot outlive the lease unnoticed.
         let beat = tokio::time::timeout(period, lease.heartbeat())
             .await
             .unwrap_or_else(|_| Err(claim::Error::Timeout));
         match beat {
-            Ok(hb) if hb.cancel_requested => {
-                info!("Cancellation requested");
-                stop.trigger(STOP_CANCELLED);
-                return;
+            Ok(hb) => {
+                renewed = sent;
+                if hb.cancel_requested && !stop.token.is_cancelled() {
+                    info!("Cancellation requested");
+                    stop.trigger(STOP_CANCELLED);
+                }
             }
-            Ok(_) => renewed = Instant::now(),
             Err(claim::Error::LeaseLost { .. }) => {
                 stop.trigger(STOP_LEASE_LOST);
                 return;
@@ -614,9 +638,18 @@ impl Run<'_> {
                 return Err(Abort::LeaseLost);
             }
             Some(reason) => {
-                // Finish the batches already being written, then stop.
+                // Finish the batches already being written, then stop;
+                // unless the lease is lost meanwhile.
                 producer.abort();
-                while let Some(done) = inflight.next().await {
+                loop {
+                    let done = tokio::select! {
+                        biased;
+                        _ = stop.lost.cancelled() => return Err(Abort::LeaseLost),
+                        done = inflight.next() => match done {
+                            Some(done) => done,
+                            None => break,
+                        },
+                    };
                     let mut done = joined(done)?;
                     sink.settle(&mut done).await?;
                     commit(svc, lease, tracker, stop, &done).await?;

@@ -281,6 +281,8 @@ impl Claimer {
             // lease is still live (written by hand, or by a dashboard retry
             // racing a rescue) is not ours to take.
             "lease.expires_at": { "$not": { "$gt": now } },
+            // Released after trouble: not before its backoff has passed.
+            "retry_at": { "$not": { "$gt": now } },
         };
         let update = doc! {
             "$set": {
@@ -445,31 +447,43 @@ impl Lease {
         Ok(())
     }
 
-    /// Gives the import back (shutdown, persistent transient errors): it is
-    /// `pending` again at once, and its checkpoint says where to resume.
-    /// A release on shutdown is counted in `shutdown_releases`, and such
-    /// attempts do not count towards `scheduler.max_attempts` (a deploy or
-    /// a scale-down is not the import's fault).
+    /// Gives the import back (`pending`, no lease) with its progress and
+    /// checkpoint, so that the next claim resumes there. After
+    /// [`Release::Shutdown`] any daemon may claim it at once; after
+    /// [`Release::Trouble`] not before [`retry_delay`] has passed, so an
+    /// outage of S3 or MongoDB does not burn the import's attempts in a
+    /// few ticks.
     pub async fn release(
         &self,
         progress: Progress,
         checkpoint: Checkpoint,
-        on_shutdown: bool,
+        why: Release,
     ) -> Result<()> {
+        let now = DateTime::now();
+        let mut set = doc! {
+            "status": JobState::Pending.as_str(),
+            "in_progress": false,
+            "progress": progress.to_doc(),
+            "checkpoint": checkpoint.to_doc(),
+            "released_at": now,
+        };
+        let mut unset = doc! { "lease": "" };
+        match why {
+            Release::Trouble => {
+                set.insert("retry_at", now_plus(retry_delay(self.attempt)));
+            }
+            Release::Shutdown => {
+                unset.insert("retry_at", "");
+            }
+        }
         let r = self
             .queues
             .update_one(
                 self.guard(),
                 doc! {
-                    "$set": {
-                        "status": JobState::Pending.as_str(),
-                        "in_progress": false,
-                        "progress": progress.to_doc(),
-                        "checkpoint": checkpoint.to_doc(),
-                        "released_at": DateTime::now(),
-                    },
-                    "$inc": { "shutdown_releases": i64::from(on_shutdown) },
-                    "$unset": { "lease": "" },
+                    "$set": set,
+                    "$inc": { "shutdown_releases": i64::from(why == Release::Shutdown) },
+                    "$unset": unset,
                 },
             )
             .await?;
@@ -478,6 +492,28 @@ impl Lease {
         }
         Ok(())
     }
+}
+
+/// Why a lease is given back before the import is final.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// The daemon is stopping: not the import's fault, not counted towards
+    /// `scheduler.max_attempts`, claimable at once.
+    Shutdown,
+    /// Trouble that outlasted the retries (an outage): claimable again
+    /// after [`retry_delay`].
+    Trouble,
+}
+
+/// How long an import released after trouble waits before its next claim:
+/// 10 s after the first attempt, doubling, at most 5 minutes. With the
+/// default 5 attempts, and the minutes of retrying each attempt does
+/// itself, an outage of about ten minutes costs a delay, not the import.
+pub fn retry_delay(attempt: i64) -> Duration {
+    let doublings = u32::try_from(attempt.saturating_sub(1).clamp(0, 16)).unwrap_or(0);
+    Duration::from_secs(10)
+        .saturating_mul(1 << doublings)
+        .min(Duration::from_secs(300))
 }
 
 /// A way the outcome of a final import is delivered, each with its own
@@ -492,6 +528,18 @@ pub enum Channel {
 }
 
 impl Channel {
+    /// The number of the round a claimed document is in.
+    pub fn round_of(self, doc: &Document) -> i64 {
+        doc.get_document(self.field())
+            .ok()
+            .and_then(|d| match d.get("rounds") {
+                Some(Bson::Int64(n)) => Some(*n),
+                Some(Bson::Int32(n)) => Some(i64::from(*n)),
+                _ => None,
+            })
+            .unwrap_or(1)
+    }
+
     /// The queue document's field holding the channel's state.
     pub fn field(self) -> &'static str {
         match self {
@@ -517,7 +565,8 @@ impl Channel {
 /// write, a second delivery is possible; a lost one is not.
 impl Claimer {
     /// Takes the delivery on `channel` of `queue_id` (or of any final import
-    /// whose delivery is due) for sending.
+    /// whose delivery is due) for sending; the document returned carries the
+    /// round's number ([`Channel::round_of`]).
     pub async fn claim_notification(
         &self,
         channel: Channel,
@@ -549,8 +598,16 @@ impl Claimer {
             .await?)
     }
 
-    fn round_guard(&self, channel: Channel, queue_id: ObjectId) -> Document {
-        doc! { "_id": queue_id, channel.key("state"): "sending", channel.key("owner"): &self.owner }
+    /// Matches round `round` of `queue_id` while this daemon holds it: the
+    /// round number fences off a stale round of the same daemon (one that
+    /// ran past its lease while this daemon claimed the next round).
+    fn round_guard(&self, channel: Channel, queue_id: ObjectId, round: i64) -> Document {
+        doc! {
+            "_id": queue_id,
+            channel.key("state"): "sending",
+            channel.key("owner"): &self.owner,
+            channel.key("rounds"): round,
+        }
     }
 
     /// Extends this daemon's sending round of `queue_id` by `lease`.
@@ -559,12 +616,13 @@ impl Claimer {
         &self,
         channel: Channel,
         queue_id: ObjectId,
+        round: i64,
         lease: Duration,
     ) -> Result<bool> {
         let r = self
             .queues
             .update_one(
-                self.round_guard(channel, queue_id),
+                self.round_guard(channel, queue_id, round),
                 doc! { "$set": { channel.key("expires_at"): now_plus(lease) } },
             )
             .await?;
@@ -578,6 +636,7 @@ impl Claimer {
         &self,
         channel: Channel,
         queue_id: ObjectId,
+        round: i64,
         state: &str,
         fields: Document,
     ) -> Result<bool> {
@@ -587,10 +646,22 @@ impl Claimer {
         let r = self
             .queues
             .update_one(
-                self.round_guard(channel, queue_id),
+                self.round_guard(channel, queue_id, round),
                 doc! { "$set": set, "$unset": { channel.key("owner"): "", channel.key("expires_at"): "" } },
             )
             .await?;
         Ok(r.matched_count == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_double_up_to_five_minutes() {
+        let secs: Vec<u64> = (0..=9).map(|a| retry_delay(a).as_secs()).collect();
+        assert_eq!(secs, [10, 10, 20, 40, 80, 160, 300, 300, 300, 300]);
+        assert_eq!(retry_delay(i64::MAX).as_secs(), 300);
     }
 }

@@ -15,7 +15,7 @@ use std::io;
 use std::pin::Pin;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use s3::creds::Credentials;
@@ -35,7 +35,7 @@ pub enum Error {
     #[error("object not found")]
     NotFound,
     /// The storage failed (see [`Error::is_transient`]).
-    #[error("object storage: {0}")]
+    #[error("object storage: {}", brief(.0))]
     S3(#[from] S3Error),
     /// Reading a local file to upload failed.
     #[error("reading {path}: {source}")]
@@ -54,6 +54,15 @@ impl Error {
             Self::NotFound | Self::Local { .. } => false,
             Self::S3(e) => s3_transient(e),
         }
+    }
+}
+
+/// An S3 error for a log line: an HTTP failure by its status only (its
+/// body may quote the object key).
+fn brief(e: &S3Error) -> String {
+    match e {
+        S3Error::HttpFailWithBody(status, _) => format!("HTTP {status}"),
+        e => e.to_string(),
     }
 }
 
@@ -136,8 +145,18 @@ impl Storage {
         self
     }
 
-    /// Size of the object at `key`.
+    /// Size of the object at `key`. Transient failures are retried with
+    /// the stream retry policy (an S3 outage of tens of seconds costs a
+    /// pause, not an attempt of the import).
     pub async fn head(&self, key: &str) -> Result<ObjectInfo> {
+        (|| self.head_once(key))
+            .retry(self.retry)
+            .when(Error::is_transient)
+            .notify(|e, d| tracing::warn!(error = %e, delay_ms = d.as_millis() as u64, "S3 HEAD failed; retrying"))
+            .await
+    }
+
+    async fn head_once(&self, key: &str) -> Result<ObjectInfo> {
         let (head, status) = self.bucket.head_object(key).await.map_err(classify)?;
         if status == 404 {
             return Err(Error::NotFound);
@@ -165,7 +184,11 @@ impl Storage {
                 Box::pin(futures::stream::empty());
             return Ok(StreamReader::new(empty));
         }
-        let first = self.open_range(key, start).await?;
+        let first = (|| self.open_range(key, start))
+            .retry(self.retry)
+            .when(Error::is_transient)
+            .notify(|e, d| tracing::warn!(error = %e, delay_ms = d.as_millis() as u64, "S3 GET failed; retrying"))
+            .await?;
         let state = Resumable {
             storage: self.clone(),
             key: key.to_owned(),

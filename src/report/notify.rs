@@ -124,6 +124,8 @@ pub struct Notifier {
     claimer: Claimer,
     mailer: Mailer,
     http: reqwest::Client,
+    /// Once cancelled (the daemon stops), no new round is claimed.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 /// A notification round's lease, renewed every third of it while the round
@@ -143,7 +145,15 @@ impl Notifier {
             claimer,
             mailer,
             http,
+            stopping: tokio_util::sync::CancellationToken::new(),
         })
+    }
+
+    /// Claims no new round once `token` is cancelled (rounds under way end
+    /// normally).
+    pub fn stopping_on(mut self, token: tokio_util::sync::CancellationToken) -> Self {
+        self.stopping = token;
+        self
     }
 
     fn retry(&self) -> ExponentialBuilder {
@@ -180,7 +190,7 @@ impl Notifier {
         if channel == Channel::Webhook && self.services.settings.crm.webhook_url.is_none() {
             return webhooks_due;
         }
-        loop {
+        while !self.stopping.is_cancelled() {
             match self
                 .claimer
                 .claim_notification(channel, queue_id, ROUND_LEASE)
@@ -197,32 +207,35 @@ impl Notifier {
                 }
             }
         }
+        webhooks_due
     }
 
     /// Renews the round's lease every third of it; returns when the round
-    /// is lost, or when no renewal succeeded for two thirds of the lease
-    /// (the round could soon expire and be taken).
-    async fn hold_round(&self, channel: Channel, queue_id: ObjectId) {
-        let mut last_ok = tokio::time::Instant::now();
+    /// is lost, or at two thirds of the lease after the last renewal that
+    /// succeeded was sent (the round could soon expire and be taken): a
+    /// hanging renewal cannot keep the round's work running past that.
+    async fn hold_round(&self, channel: Channel, queue_id: ObjectId, round: i64) {
+        use tokio::time::{Instant, sleep_until, timeout_at};
+        let mut valid_from = Instant::now();
         loop {
-            tokio::time::sleep(ROUND_LEASE / 3).await;
-            // Bounded: a renewal hanging past the lease must not let the
-            // round run on while another daemon takes it.
-            let renewed = tokio::time::timeout(
-                ROUND_LEASE / 4,
+            let deadline = valid_from + ROUND_LEASE * 2 / 3;
+            sleep_until((Instant::now() + ROUND_LEASE / 3).min(deadline)).await;
+            if Instant::now() >= deadline {
+                return;
+            }
+            let sent = Instant::now();
+            let renewed = timeout_at(
+                deadline,
                 self.claimer
-                    .renew_notification(channel, queue_id, ROUND_LEASE),
+                    .renew_notification(channel, queue_id, round, ROUND_LEASE),
             )
             .await
             .unwrap_or_else(|_| Err(crate::claim::Error::Timeout));
             match renewed {
-                Ok(true) => last_ok = tokio::time::Instant::now(),
+                Ok(true) => valid_from = sent,
                 Ok(false) => return,
                 Err(e) => {
                     warn!(error = %error_chain(&e), "Could not renew the notification round");
-                    if last_ok.elapsed() >= ROUND_LEASE * 2 / 3 {
-                        return;
-                    }
                 }
             }
         }
@@ -235,12 +248,13 @@ impl Notifier {
         &self,
         channel: Channel,
         queue_id: ObjectId,
+        round: i64,
         state: &str,
         fields: Document,
     ) -> bool {
         let record = (|| {
             self.claimer
-                .finish_notification(channel, queue_id, state, fields.clone())
+                .finish_notification(channel, queue_id, round, state, fields.clone())
         })
         .retry(
             ExponentialBuilder::default()
@@ -266,7 +280,7 @@ impl Notifier {
                     false
                 }
             },
-            () = self.hold_round(channel, queue_id) => {
+            () = self.hold_round(channel, queue_id, round) => {
                 warn!(channel = channel.field(), "Round lease lost while recording");
                 false
             }
@@ -278,11 +292,12 @@ impl Notifier {
         let Ok(queue_id) = doc.get_object_id("_id") else {
             return None;
         };
+        let round = Channel::Email.round_of(&doc);
         let span = info_span!("notify", queue_id = %queue_id);
         async {
             let sent = tokio::select! {
                 sent = self.send_summary(queue_id, &doc) => sent,
-                () = self.hold_round(Channel::Email, queue_id) => {
+                () = self.hold_round(Channel::Email, queue_id, round) => {
                     // Another daemon may take the round from here on: stop
                     // before it could send a second email.
                     warn!("Notification round lease lost; stopped");
@@ -292,7 +307,7 @@ impl Notifier {
             let (state, mut fields) = match sent {
                 Ok(outcome) => outcome,
                 Err(e) => {
-                    let rounds = doc.get_document("notify").ok().and_then(|n| n.get_i64("rounds").ok()).unwrap_or(1);
+                    let rounds = round;
                     let last = rounds >= i64::from(self.services.settings.notify.max_rounds);
                     warn!(error = %error_chain(&e), rounds, final_failure = last, "Summary email not delivered");
                     let next = DateTime::from_millis(
@@ -314,7 +329,9 @@ impl Notifier {
                 // the same update: a crash right after loses no webhook.
                 fields.insert("webhook.state", "pending");
             }
-            let ours = self.finish_round(Channel::Email, queue_id, state, fields).await;
+            let ours = self
+                .finish_round(Channel::Email, queue_id, round, state, fields)
+                .await;
             (ours && webhook_due).then_some(queue_id)
         }
         .instrument(span)
@@ -482,11 +499,12 @@ impl Notifier {
         let Ok(queue_id) = doc.get_object_id("_id") else {
             return;
         };
+        let round = Channel::Webhook.round_of(&doc);
         let span = info_span!("webhook", queue_id = %queue_id);
         async {
             let posted = tokio::select! {
                 posted = self.post_webhook(queue_id, &doc) => posted,
-                () = self.hold_round(Channel::Webhook, queue_id) => {
+                () = self.hold_round(Channel::Webhook, queue_id, round) => {
                     warn!("Webhook round lease lost; stopped");
                     return;
                 }
@@ -502,11 +520,7 @@ impl Notifier {
                     doc! { "webhook.status": i32::from(*status), "webhook.at": now },
                 ),
                 Err(e) => {
-                    let rounds = doc
-                        .get_document("webhook")
-                        .ok()
-                        .and_then(|w| w.get_i64("rounds").ok())
-                        .unwrap_or(1);
+                    let rounds = round;
                     let last = !e.is_transient()
                         || rounds >= i64::from(self.services.settings.notify.max_rounds);
                     warn!(error = %e, rounds, final_failure = last, "Webhook not delivered");
@@ -519,7 +533,7 @@ impl Notifier {
                     (if last { "failed" } else { "pending" }, fields)
                 }
             };
-            self.finish_round(Channel::Webhook, queue_id, state, fields)
+            self.finish_round(Channel::Webhook, queue_id, round, state, fields)
                 .await;
         }
         .instrument(span)

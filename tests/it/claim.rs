@@ -137,7 +137,11 @@ async fn a_stale_owner_is_fenced_off() {
             .await,
         first
             .lease
-            .release(Default::default(), Default::default(), false)
+            .release(
+                Default::default(),
+                Default::default(),
+                claim::Release::Trouble,
+            )
             .await,
     ] {
         assert!(
@@ -173,7 +177,7 @@ async fn release_makes_the_import_claimable_at_once_with_its_checkpoint() {
         batch_size: 1000,
     };
     job.lease
-        .release(Default::default(), cp, true)
+        .release(Default::default(), cp, claim::Release::Shutdown)
         .await
         .unwrap();
     let again = a
@@ -188,6 +192,32 @@ async fn release_makes_the_import_claimable_at_once_with_its_checkpoint() {
         1,
         "a release on shutdown is counted apart from other attempts"
     );
+
+    // Released after trouble (an outage): not claimable until its backoff
+    // has passed, so a few ticks of outage do not use up its attempts.
+    again
+        .lease
+        .release(Default::default(), cp, claim::Release::Trouble)
+        .await
+        .unwrap();
+    let q = app.queue(id).await;
+    let wait = q.get_datetime("retry_at").unwrap().timestamp_millis()
+        - q.get_datetime("released_at").unwrap().timestamp_millis();
+    assert_eq!(wait, claim::retry_delay(2).as_millis() as i64, "{q}");
+    assert!(a.claim_next().await.unwrap().is_none(), "{q}");
+    app.queues()
+        .update_one(
+            doc! { "_id": id },
+            doc! { "$set": { "retry_at": DateTime::from_millis(0) } },
+        )
+        .await
+        .unwrap();
+    let third = a
+        .claim_next()
+        .await
+        .unwrap()
+        .expect("claimable after its backoff");
+    assert_eq!(third.lease.attempt, 3);
     app.cleanup().await;
 }
 
