@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Quick start, command 1: bring the local stack up, build importd, start the
-# daemon, import samples/deals.csv end to end and say where to look.
+# daemon, import samples/deals.csv (then samples/contacts.csv) end to end
+# and say where to look.
 # The daemon keeps running (log: .stack/logs/importd.log); stop everything
 # with `scripts/stack.sh down`.
 set -euo pipefail
@@ -23,6 +24,9 @@ echo $! >"$PIDFILE"
 echo "[demo] daemon started (pid $(cat "$PIDFILE"), log .stack/logs/importd.log)" >&2
 
 target/debug/importd demo samples/deals.csv --timeout 120
+echo
+echo "[demo] and a contacts import (samples/contacts.csv: new, existing and repeated emails, bad lines)" >&2
+target/debug/importd demo samples/contacts.csv --source contacts --timeout 120
 echo
 sleep 2
 echo "Also: the daemon's log in .stack/logs/importd.log;"

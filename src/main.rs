@@ -92,6 +92,9 @@ enum Command {
         /// The CSV file.
         #[arg(default_value = "samples/deals.csv")]
         file: PathBuf,
+        /// What the file holds.
+        #[arg(long, value_enum, default_value = "deals")]
+        source: SourceArg,
         /// Mapping JSON (default: samples/deals.mapping.json if it exists).
         #[arg(long)]
         mapping: Option<PathBuf>,
@@ -241,6 +244,7 @@ async fn support(
         }
         Command::Demo {
             file,
+            source,
             mapping,
             email,
             timeout,
@@ -255,10 +259,14 @@ async fn support(
                 p.is_file().then_some(p)
             });
             let mappings = mapping.as_deref().map(enqueue::read_mapping).transpose()?;
+            let kind = match source {
+                SourceArg::Deals => RecordKind::Deals,
+                SourceArg::Contacts => RecordKind::Contacts,
+            };
             let req = enqueue::Request {
                 file: file.clone(),
-                kind: RecordKind::Deals,
-                pipeline_id: Some(account.pipeline_id),
+                kind,
+                pipeline_id: (kind == RecordKind::Deals).then_some(account.pipeline_id),
                 account_id: account.account_id,
                 user_id: account.user_id,
                 parent_account: None,
@@ -277,8 +285,16 @@ async fn support(
             );
             let code = print_final(db, id, Duration::from_secs(timeout)).await?;
             let dbname = &settings.mongodb.database;
+            let records = match kind {
+                RecordKind::Deals => {
+                    "deals {'import.queue_id': …}, contacts {'import.queue_id': …} (created) and deals' contact_id"
+                }
+                RecordKind::Contacts => {
+                    "contacts {'import.queue_id': …} (created) and {'last_import.queue_id': …} (updated)"
+                }
+            };
             println!(
-                "\nWhere to look:\n  importd status {id}\n  MongoDB {dbname}: queues {{_id: ObjectId('{id}')}}, csv_imports {{queue_id: …}}, deals {{'import.queue_id': …}}, import_lines {{queue_id: …}}, contacts {{'import.queue_id': …}} (created) and deals' contact_id"
+                "\nWhere to look:\n  importd status {id}\n  importd logs {id}\n  MongoDB {dbname}: queues {{_id: ObjectId('{id}')}}, csv_imports {{queue_id: …}}, import_lines {{queue_id: …}}, {records}"
             );
             Ok(code)
         }

@@ -177,7 +177,13 @@ struct Batch<R> {
     end: Start,
     /// Data records read through this batch.
     records_end: u64,
+    /// Bytes of its records' fields.
+    bytes: usize,
 }
+
+/// Most record bytes a batch holds before it is cut early: a batch of huge
+/// rows stays a few MB in memory, never `batch_size` × 32 MB.
+const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 /// Progress of a run: in-memory counters and the committed checkpoint.
 struct Tracker {
@@ -912,14 +918,14 @@ where
         let Some(record) = records.next().await? else {
             break;
         };
-        if record.fields.len() == 1
-            && record
-                .fields
-                .get(0)
-                .is_some_and(|f| f.iter().all(u8::is_ascii_whitespace))
+        if record
+            .fields
+            .iter()
+            .all(|f| f.iter().all(u8::is_ascii_whitespace))
         {
-            // A whitespace-only line is not a row (nor counted in the
-            // checkpoint's records, so not in `skip` either).
+            // A blank line, or one of empty cells only (`,,,,`: spreadsheet
+            // exports add them below the data), is not a row (nor counted
+            // in the checkpoint's records, so not in `skip` either).
             continue;
         }
         if skip > 0 {
@@ -933,6 +939,7 @@ where
             return Err(Abort::File(FileError::TooManyRows { limit }));
         }
         let line = record.line;
+        let bytes = record.fields.as_slice().len();
         let row = map(line, record.fields);
         let end = Start {
             line: record.next_line,
@@ -944,12 +951,17 @@ where
             last_line: line,
             end,
             records_end: count,
+            bytes: 0,
         });
         b.rows.push(row);
         b.last_line = line;
         b.end = end;
         b.records_end = count;
-        if b.rows.len() >= batch_size {
+        b.bytes += bytes;
+        // Cut by rows, or early by bytes (a file of huge rows): both depend
+        // only on the records from the batch's start, so a resumed run cuts
+        // the same batches.
+        if b.rows.len() >= batch_size || b.bytes >= MAX_BATCH_BYTES {
             let full = batch.take().expect("batch was just filled");
             tokio::select! {
                 _ = stop.cancelled() => return Ok(count),

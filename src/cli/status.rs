@@ -54,9 +54,11 @@ impl ImportStatus {
                     .unwrap_or_else(|| "-".into())
             };
             out.push_str(&format!(
-                "  rows:     {} processed, {} imported, {} failed ({}%)\n",
+                "  rows:     {} processed, {} imported, {} updated, {} skipped, {} failed ({}%)\n",
                 n("processed_rows"),
                 n("imported_rows"),
+                n("updated_rows"),
+                n("skipped_rows"),
                 n("failed_rows"),
                 n("percent")
             ));

@@ -212,10 +212,32 @@ fn is_custom_id(s: &str) -> bool {
     s.len() == 24 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// A failed row with its cells, from a record's raw fields.
+/// Cells a failed row keeps beyond the header's: enough to see what went
+/// wrong, never a copy of a runaway row of thousands of empty fields.
+const EXTRA_REPORT_CELLS: usize = 16;
+
+impl Plan {
+    /// A failed row with its cells (at most the header's plus
+    /// [`EXTRA_REPORT_CELLS`]), from a record's raw fields.
+    fn failed_row<F: Fields + ?Sized>(
+        &self,
+        line: LineNo,
+        fields: &F,
+        code: RowCode,
+        field: Option<&str>,
+        value: Option<&str>,
+        message: String,
+    ) -> Box<FailedRow> {
+        let cells = fields.count().min(self.header_count + EXTRA_REPORT_CELLS);
+        failed_row(line, fields, cells, code, field, value, message)
+    }
+}
+
+/// A failed row with the first `cells` cells of a record's raw fields.
 fn failed_row<F: Fields + ?Sized>(
     line: LineNo,
     fields: &F,
+    cells: usize,
     code: RowCode,
     field: Option<&str>,
     value: Option<&str>,
@@ -229,7 +251,7 @@ fn failed_row<F: Fields + ?Sized>(
             value: value.map(truncate_value),
             message,
         },
-        cells: (0..fields.count())
+        cells: (0..cells)
             .map(|i| report_cell(fields.field(i).unwrap_or_default()))
             .collect(),
     })
@@ -370,7 +392,7 @@ impl Plan {
         mut apply: impl FnMut(&mut T, &Column, &str) -> Result<(), CellError>,
     ) -> Result<T, Box<FailedRow>> {
         if fields.count() != self.header_count {
-            return Err(failed_row(
+            return Err(self.failed_row(
                 line,
                 fields,
                 RowCode::FieldCount,
@@ -402,14 +424,7 @@ impl Plan {
             };
             if let Err((code, message)) = refused {
                 let field = col.target.name();
-                return Err(failed_row(
-                    line,
-                    fields,
-                    code,
-                    Some(field),
-                    Some(value),
-                    message,
-                ));
+                return Err(self.failed_row(line, fields, code, Some(field), Some(value), message));
             }
         }
         Ok(rec)
@@ -432,7 +447,7 @@ impl Plan {
                 "\"{header}\" (the contact's email) is empty; every contact needs an email address."
             ),
         };
-        failed_row(
+        self.failed_row(
             line,
             fields,
             RowCode::Required,
@@ -837,5 +852,15 @@ mod tests {
         assert_eq!(f.error.value.as_deref(), Some("not-an-email"));
         let f = p.map_contact(5, &["a@b.co"][..]).unwrap_err();
         assert_eq!(f.error.code, RowCode::FieldCount);
+    }
+
+    #[test]
+    fn a_runaway_row_keeps_a_bounded_number_of_cells() {
+        let p = plan();
+        let wide: Vec<String> = (0..5_000).map(|i| format!("c{i}")).collect();
+        let f = p.map_deal(2, &wide[..]).unwrap_err();
+        assert_eq!(f.error.code, RowCode::FieldCount);
+        assert_eq!(f.cells.len(), 6 + EXTRA_REPORT_CELLS);
+        assert_eq!(f.cells[0], "c0");
     }
 }

@@ -98,7 +98,8 @@ pub async fn record_batch(db: &Database, queue_id: ObjectId, batch: &BatchOutcom
         .failed
         .iter()
         .map(|f| {
-            row_bytes += f.cells.iter().map(String::len).sum::<usize>();
+            // Each cell costs its bytes plus its BSON element's overhead.
+            row_bytes += f.cells.iter().map(|c| c.len() + 16).sum::<usize>();
             failure_doc(f, row_bytes <= MAX_ROW_BYTES_PER_DOC)
         })
         .collect();

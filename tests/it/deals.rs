@@ -874,3 +874,37 @@ async fn a_row_skipped_as_a_repeat_of_a_failed_row_is_failed_not_lost() {
     }
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_empty_cells_are_not_rows_and_huge_rows_cut_batches_early() {
+    let mut app = TestApp::new().await;
+    app.spawn_daemon();
+    // Spreadsheet exports pad the data with rows of empty cells.
+    let big = "x".repeat(3 * 1024 * 1024);
+    let mut csv = String::from("Name,Notes\n");
+    for i in 0..4 {
+        writeln!(csv, "Deal {i},{big}").unwrap();
+    }
+    csv.push_str(",\n , \n\n\"\",\"\"\n");
+    let id = app
+        .enqueue_csv(
+            "padded.csv",
+            csv.as_bytes(),
+            &[("Name", "name"), ("Notes", "description")],
+        )
+        .await;
+    let q = app.wait_final(id, LONG).await;
+    assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
+    assert_eq!(get_i64(&q, "progress.total_rows"), 4, "{q}");
+    assert_eq!(
+        get_i64(&q, "progress.imported_rows") + get_i64(&q, "progress.failed_rows"),
+        4
+    );
+    // 12 MB of rows: the first batch is cut after 9 MB, not after 1,000 rows.
+    assert_eq!(
+        app.count(collections::IMPORT_LINES, doc! { "queue_id": id })
+            .await,
+        2
+    );
+    app.cleanup().await;
+}
