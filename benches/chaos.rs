@@ -1,13 +1,18 @@
 //! Chaos run against the local stack (`scripts/chaos.sh`): 3 daemons, 5
-//! imports of `CHAOS_ROWS` rows (default 200,000, ~1 % bad), `kill -9` of a
+//! imports of `CHAOS_ROWS` rows (default 200,000, ~1 % bad; four of deals
+//! naming 20,000 shared contacts, one contacts import of the same emails
+//! under `update`), `kill -9` of a
 //! random daemon at random moments (at least `CHAOS_KILLS`, default 10),
 //! each restarted at once. With `CHAOS_INFRA=1` it then also kills and
 //! restarts MongoDB and stops the S3 server for 20 s during a further import.
 //!
 //! Checks at the end, printing each: every import completed; deals per
 //! import = valid rows; no `(queue_id, line)` twice; per-line outcomes
-//! complete (imported + failed = rows, failed = the planted lines); exactly
-//! one summary email per import. Exit code 1 if any check fails.
+//! complete (imported + failed = rows, failed = the planted lines); the
+//! contacts import's lines all accounted for and its created contacts
+//! counted once; one contact per email, each counted as created by exactly
+//! one import; exactly one summary email per import. Exit code 1 if any
+//! check fails.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -62,6 +67,48 @@ fn generate(path: &Path, rows: usize, contacts: &mut HashSet<usize>) -> u64 {
     }
     w.flush().unwrap();
     bad
+}
+
+/// Writes a contacts file naming the same emails as the deals files (every
+/// 97th row an invalid email); returns the number of bad rows.
+fn generate_contacts(path: &Path, rows: usize, contacts: &mut HashSet<usize>) -> u64 {
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    writeln!(w, "Email,Full Name,Phone").unwrap();
+    let mut bad = 0;
+    for i in 0..rows {
+        if i % 97 == 13 {
+            bad += 1;
+            writeln!(w, "not-an-email-{i},Bad {i},{i}").unwrap();
+        } else {
+            contacts.insert(i % CONTACTS);
+            writeln!(w, "c{}@chaos.example,First{i} Last,{i}", i % CONTACTS).unwrap();
+        }
+    }
+    w.flush().unwrap();
+    bad
+}
+
+/// A contacts import (`update`: rows naming one email apply in file order).
+fn contacts_request(
+    file: PathBuf,
+    demo: &importd::cli::demo::DemoAccount,
+) -> importd::cli::enqueue::Request {
+    importd::cli::enqueue::Request {
+        kind: importd::domain::RecordKind::Contacts,
+        pipeline_id: None,
+        mappings: Some(
+            [
+                ("Email", "email"),
+                ("Full Name", "name"),
+                ("Phone", "phone"),
+            ]
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect(),
+        ),
+        duplicate_strategy: Some("update".into()),
+        ..request(file, demo)
+    }
 }
 
 fn request(
@@ -199,14 +246,23 @@ async fn main() {
     let mut ids = Vec::new();
     let mut planted = HashMap::new();
     let mut contacts = HashSet::new();
+    // The last import of the daemon phase is a contacts import of the same
+    // emails, racing the deals imports' contact creation.
+    let contacts_import = if infra { imports - 2 } else { imports - 1 };
     for n in 0..imports {
         let path = dir.path().join(format!("chaos-{stamp}-{n}.csv"));
-        let bad = generate(&path, rows, &mut contacts);
-        let req = request(path, &demo);
+        let req = if n == contacts_import {
+            let bad = generate_contacts(&path, rows, &mut contacts);
+            planted.insert(n, bad);
+            contacts_request(path, &demo)
+        } else {
+            let bad = generate(&path, rows, &mut contacts);
+            planted.insert(n, bad);
+            request(path, &demo)
+        };
         let id = importd::cli::enqueue::enqueue(&db, &svc.storage, &req)
             .await
             .unwrap();
-        planted.insert(id, bad);
         ids.push(id);
         if infra && n == imports - 2 {
             break; // the last one is enqueued for the infra phase
@@ -258,11 +314,11 @@ async fn main() {
         let n = imports - 1;
         let path = dir.path().join(format!("chaos-{stamp}-{n}.csv"));
         let bad = generate(&path, rows * 2, &mut contacts);
+        planted.insert(n, bad);
         let req = request(path, &demo);
         let id = importd::cli::enqueue::enqueue(&db, &svc.storage, &req)
             .await
             .unwrap();
-        planted.insert(id, bad);
         ids.push(id);
         tokio::time::sleep(Duration::from_secs(4)).await;
         let mongo = pid_of("mongodb").expect("MongoDB started by this checkout's stack");
@@ -349,7 +405,7 @@ async fn main() {
         } else {
             rows
         } as u64;
-        let bad = planted[id];
+        let bad = planted[&n];
         check(
             format!(
                 "import {n}: completed (attempts {})",
@@ -357,6 +413,36 @@ async fn main() {
             ),
             q.get_str("status") == Ok("completed"),
         );
+        let file = format!("chaos-{stamp}-{n}.csv");
+        let count = mails
+            .iter()
+            .filter(|m| m.contains(&format!("({file})")))
+            .count();
+        check(
+            format!("import {n}: summary emails to {email}: {count}"),
+            count == 1,
+        );
+        if n == contacts_import {
+            let t = importd::outcomes::totals(&db, *id).await.unwrap();
+            contacts_created += t.contacts_created;
+            let created = db
+                .collection::<Document>(collections::CONTACTS)
+                .count_documents(doc! { "import.queue_id": id })
+                .await
+                .unwrap();
+            check(
+                format!(
+                    "import {n} (contacts): imported {} + updated {} + skipped {} + failed {} = rows {rows_here}, failed = planted {bad}, contacts created {created} = imported",
+                    t.imported, t.updated, t.skipped, t.failed
+                ),
+                t.imported + t.updated + t.skipped + t.failed == rows_here
+                    && t.failed == bad
+                    && t.skipped == 0
+                    && created == t.imported
+                    && t.contacts_created == t.imported,
+            );
+            continue;
+        }
         let (lo, hi) = deal_id_range(id);
         let deals = db
             .collection::<Document>(collections::DEALS)
@@ -406,15 +492,6 @@ async fn main() {
                 t.imported, t.failed
             ),
             t.imported + t.failed == rows_here && t.failed == bad && t.imported == deals,
-        );
-        let file = format!("chaos-{stamp}-{n}.csv");
-        let count = mails
-            .iter()
-            .filter(|m| m.contains(&format!("({file})")))
-            .count();
-        check(
-            format!("import {n}: summary emails to {email}: {count}"),
-            count == 1,
         );
     }
     let stored = db
