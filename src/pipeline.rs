@@ -939,7 +939,9 @@ where
             return Err(Abort::File(FileError::TooManyRows { limit }));
         }
         let line = record.line;
-        let bytes = record.fields.as_slice().len();
+        // Field bytes plus a per-field cost (a row of 100,000 empty fields
+        // still weighs): what the batch holds of it, about.
+        let bytes = record.fields.as_slice().len() + 8 * record.fields.len();
         let row = map(line, record.fields);
         let end = Start {
             line: record.next_line,

@@ -137,7 +137,7 @@ impl ContactBuilder {
         // One buffer sized for a typical contact: no growth, no per-field
         // allocation (this runs once per new contact).
         let mut d = raw_with_capacity(CONTACT_CAPACITY);
-        self.identity(id, w.line, Some(w.email), &mut d, now);
+        self.identity(id, w.line, w.email, &mut d, now);
         d.append_ref("first_name", first);
         d.append_ref("last_name", last);
         d.append_ref(
@@ -179,21 +179,18 @@ impl ContactBuilder {
         }
     }
 
-    /// What only a new contact gets: id, owner, provenance (`with_key`:
-    /// account and email too, which an upsert takes from its query).
+    /// What only a new contact gets: id, account, email, owner, provenance.
     fn identity(
         &self,
         id: ObjectId,
         line: LineNo,
-        email: Option<&str>,
+        email: &str,
         into: &mut RawDocumentBuf,
         now: DateTime,
     ) {
         into.append_ref("_id", id);
-        if let Some(email) = email {
-            into.append_ref("account_id", self.account_id);
-            into.append_ref("email", email);
-        }
+        into.append_ref("account_id", self.account_id);
+        into.append_ref("email", email);
         into.append_ref("owner", self.user_id);
         into.append_ref("created_by", self.user_id);
         into.append_ref("source", "csv");
@@ -208,40 +205,39 @@ impl ContactBuilder {
     /// The new contact of a contacts-import row, with the id `id`.
     pub fn build_row(&self, id: ObjectId, c: &MappedContact, now: DateTime) -> RawDocumentBuf {
         let mut d = raw_with_capacity(CONTACT_CAPACITY);
-        self.identity(id, c.line, Some(&c.email), &mut d, now);
+        self.identity(id, c.line, &c.email, &mut d, now);
         Self::row_fields(c, &mut d, "");
         d.append_ref("updated_at", now);
         d
     }
 
-    /// The `update` statement of a contacts-import row under `update`: an
-    /// upsert on `(account_id, email)` that sets the mapped fields, and the
-    /// identity (id `id`, owner, import) only when it inserts.
-    pub fn upsert_statement(
+    /// The `update` statement of an existing contact `id` under
+    /// `duplicate_strategy: update`: `$set` of the mapped fields of `c`
+    /// (rows of one email merged in file order), `updated_at` and
+    /// `last_import {queue_id, line}` of the last row; its identity, owner,
+    /// provenance and unmapped fields stay.
+    pub fn update_statement(
         &self,
         id: ObjectId,
         c: &MappedContact,
+        last_line: LineNo,
         now: DateTime,
     ) -> RawDocumentBuf {
-        let mut q = raw_with_capacity(96);
+        let mut q = raw_with_capacity(64);
+        q.append_ref("_id", id);
         q.append_ref("account_id", self.account_id);
-        q.append_ref("email", c.email.as_str());
         let mut set = raw_with_capacity(CONTACT_CAPACITY);
         Self::row_fields(c, &mut set, "additional_info.");
         set.append_ref("updated_at", now);
         let mut last_import = raw_with_capacity(48);
         last_import.append_ref("queue_id", self.queue_id);
-        last_import.append_ref("line", c.line as i64);
+        last_import.append_ref("line", last_line as i64);
         set.append_ref("last_import", &last_import);
-        let mut on_insert = raw_with_capacity(CONTACT_CAPACITY);
-        self.identity(id, c.line, None, &mut on_insert, now);
-        let mut u = raw_with_capacity(set.as_bytes().len() + on_insert.as_bytes().len() + 32);
+        let mut u = raw_with_capacity(set.as_bytes().len() + 16);
         u.append_ref("$set", &set);
-        u.append_ref("$setOnInsert", &on_insert);
-        let mut statement = raw_with_capacity(q.as_bytes().len() + u.as_bytes().len() + 48);
+        let mut statement = raw_with_capacity(q.as_bytes().len() + u.as_bytes().len() + 32);
         statement.append_ref("q", &q);
         statement.append_ref("u", &u);
-        statement.append_ref("upsert", true);
         statement
     }
 }

@@ -6,12 +6,14 @@
 //! `(queue_id, line)`, as a deal), and every later line naming it, in this
 //! file or another, is a duplicate:
 //! - `skip` (the default): the existing contact is left alone, the line is
-//!   `skipped` with its id; new contacts go out as one unordered
-//!   `insert_many`, and only the lines the unique index refused are read
-//!   back;
-//! - `update`: one ordered `update` command of upserts, so rows naming the
-//!   same email apply in file order: `$set` of the mapped fields, the
-//!   identity (`_id`, owner, import, ...) only on insert.
+//!   `skipped` with its id;
+//! - `update`: the existing contact gets the line's non-empty mapped fields,
+//!   lines applying in file order; identity, owner and provenance stay.
+//!
+//! Cost per batch: one unordered `insert_many` of the new contacts (rows of
+//! one email merged first); only when the unique index refuses some, one
+//! read of those emails and, under `update`, one `update` command by `_id`.
+//! A file of new contacts costs what inserting them by hand costs.
 //!
 //! Idempotent: a replayed line finds the contact it created (its `_id` is
 //! the line's) and counts as imported again, never as a duplicate of
@@ -32,10 +34,6 @@ use super::{Error, Result, UPDATE_COMMAND_BYTES, update_command};
 use crate::contacts::ContactBuilder;
 use crate::domain::{DuplicateStrategy, ImportSpec, LineNo, contact_id};
 use crate::map::MappedContact;
-
-/// Times an upsert that lost a race on the unique email index is sent
-/// again (it then matches the contact that won).
-const UPSERT_RACE_RETRIES: usize = 3;
 
 /// What happened to one line's contact.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,101 +80,203 @@ impl ContactWriter {
 
     /// Writes `rows` (in file order) by the import's strategy; one result
     /// per row, in order.
+    ///
+    /// Rows naming one email are one group: its first row creates the
+    /// contact when the account has none (one unordered `insert_many` for
+    /// the batch; under `update` the group's rows merged in file order).
+    /// Only lines the unique index refused are read back: the contact this
+    /// line created in an earlier run (a replay: imported), or an existing
+    /// one (skipped, or, under `update`, one `update` command of the
+    /// batch's merged rows by `_id`).
     pub async fn write(&self, rows: &[MappedContact]) -> Result<Vec<ContactWrite>> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        match self.strategy {
-            DuplicateStrategy::Update => self.upsert(rows).await,
-            _ => self.insert_new(rows).await,
-        }
-    }
-
-    /// `skip`: inserts the first row of each email; classifies the rest.
-    async fn insert_new(&self, rows: &[MappedContact]) -> Result<Vec<ContactWrite>> {
         let now = DateTime::now();
-        // Within the batch, the first row of an email is the one written;
-        // the later ones share its result.
-        // `first_of`: email → its first row's place in `firsts`.
-        let mut first_of: HashMap<&str, usize> = HashMap::with_capacity(rows.len());
-        let mut firsts = Vec::with_capacity(rows.len());
-        let mut docs = Vec::with_capacity(rows.len());
-        for (i, c) in rows.iter().enumerate() {
-            if let Entry::Vacant(e) = first_of.entry(c.email.as_str()) {
-                e.insert(firsts.len());
-                firsts.push(i);
-                let id = self.id_of(c.line)?;
-                docs.push(self.builder.build_row(id, c, now));
-            }
+        let update = self.strategy == DuplicateStrategy::Update;
+        let groups = group_by_email(rows, update);
+        let mut docs = Vec::with_capacity(groups.len());
+        for g in &groups {
+            docs.push(
+                self.builder
+                    .build_row(self.id_of(g.contact.line)?, &g.contact, now),
+            );
         }
-        let mut first_results = vec![ContactWrite::Created; docs.len()];
-        let mut conflicts = Vec::new();
-        if let Err(err) = self.coll.insert_many(&docs).ordered(false).await {
-            let write_errors = match err.kind.as_ref() {
-                ErrorKind::InsertMany(InsertManyError {
-                    write_errors: Some(w),
-                    write_concern_error: None,
-                    ..
-                }) => w.clone(),
-                ErrorKind::InsertMany(InsertManyError {
-                    write_concern_error: Some(wce),
-                    ..
-                }) => return Err(Error::WriteConcern(format!("code {}", wce.code))),
-                _ => return Err(err.into()),
-            };
-            for w in write_errors {
-                let Some(slot) = first_results.get_mut(w.index) else {
-                    continue;
-                };
-                if w.code == 11000 {
-                    conflicts.push(w.index);
-                } else {
-                    *slot = ContactWrite::Rejected(format!(
-                        "The database refused the contact (code {}).",
-                        w.code
-                    ));
-                }
-            }
-        }
+        let mut first = vec![ContactWrite::Created; groups.len()];
+        let conflicts = self.insert(&docs, &mut first).await?;
+        drop(docs);
+        let mut updates = Vec::new();
         if !conflicts.is_empty() {
             let emails: Vec<&str> = conflicts
                 .iter()
-                .map(|&k| rows[firsts[k]].email.as_str())
+                .map(|&k| groups[k].contact.email.as_str())
                 .collect();
             let stored = self.ids_by_email(&emails).await?;
             for &k in &conflicts {
-                let c = &rows[firsts[k]];
-                first_results[k] = match stored.get(c.email.as_str()) {
-                    Some(&id) if id == self.id_of(c.line)? => ContactWrite::AlreadyImported,
+                let c = &groups[k].contact;
+                first[k] = match stored.get(c.email.as_str()) {
+                    Some(&id) if id == self.id_of(c.line)? => {
+                        // Re-applying the rows is harmless (same values).
+                        if update {
+                            updates.push((k, id));
+                        }
+                        ContactWrite::AlreadyImported
+                    }
+                    Some(&id) if update => {
+                        updates.push((k, id));
+                        ContactWrite::Updated(id)
+                    }
                     Some(&id) => ContactWrite::Skipped(id),
                     // No contact has the email: the line's own id is taken.
                     None => self.own_id_taken(c).await?,
                 };
             }
         }
-        let mut results = Vec::with_capacity(rows.len());
-        for (i, c) in rows.iter().enumerate() {
-            let first = first_of[c.email.as_str()];
-            let k = firsts[first];
-            let r = &first_results[first];
-            results.push(if k == i {
-                r.clone()
-            } else {
-                match r {
+        if !updates.is_empty() {
+            self.update(&groups, &updates, &mut first, now).await?;
+        }
+        let mut results = vec![ContactWrite::Created; rows.len()];
+        for (g, r) in groups.iter().zip(first) {
+            let head = g.rows[0];
+            for &i in &g.rows[1..] {
+                results[i] = match &r {
                     ContactWrite::Created | ContactWrite::AlreadyImported => {
-                        ContactWrite::Skipped(self.id_of(rows[k].line)?)
+                        let id = self.id_of(rows[head].line)?;
+                        if update {
+                            ContactWrite::Updated(id)
+                        } else {
+                            ContactWrite::Skipped(id)
+                        }
                     }
-                    ContactWrite::Skipped(id) | ContactWrite::Updated(id) => {
-                        ContactWrite::Skipped(*id)
-                    }
+                    ContactWrite::Skipped(id) => ContactWrite::Skipped(*id),
+                    ContactWrite::Updated(id) => ContactWrite::Updated(*id),
                     ContactWrite::Rejected(_) => ContactWrite::Rejected(format!(
                         "Not imported: it repeats the email of line {}, which failed.",
-                        rows[k].line
+                        rows[head].line
                     )),
-                }
-            });
+                };
+            }
+            results[head] = r;
         }
         Ok(results)
+    }
+
+    /// Inserts `docs` unordered; marks refused ones in `results` and
+    /// returns the indexes the unique indexes refused.
+    async fn insert(
+        &self,
+        docs: &[RawDocumentBuf],
+        results: &mut [ContactWrite],
+    ) -> Result<Vec<usize>> {
+        let Err(err) = self.coll.insert_many(docs).ordered(false).await else {
+            return Ok(Vec::new());
+        };
+        let write_errors = match err.kind.as_ref() {
+            ErrorKind::InsertMany(InsertManyError {
+                write_errors: Some(w),
+                write_concern_error: None,
+                ..
+            }) => w.clone(),
+            ErrorKind::InsertMany(InsertManyError {
+                write_concern_error: Some(wce),
+                ..
+            }) => return Err(Error::WriteConcern(format!("code {}", wce.code))),
+            _ => return Err(err.into()),
+        };
+        let mut conflicts = Vec::new();
+        for w in write_errors {
+            let Some(slot) = results.get_mut(w.index) else {
+                continue;
+            };
+            if w.code == 11000 {
+                conflicts.push(w.index);
+            } else {
+                *slot = ContactWrite::Rejected(format!(
+                    "The database refused the contact (code {}).",
+                    w.code
+                ));
+            }
+        }
+        Ok(conflicts)
+    }
+
+    /// Applies the merged rows of `updates` (`(group, contact id)`) in
+    /// `update` commands by `_id` (unordered: one statement per contact),
+    /// cut at [`UPDATE_COMMAND_BYTES`]; refused or vanished contacts fail
+    /// their group.
+    async fn update(
+        &self,
+        groups: &[Group<'_>],
+        updates: &[(usize, ObjectId)],
+        results: &mut [ContactWrite],
+        now: DateTime,
+    ) -> Result<()> {
+        let mut start = 0;
+        while start < updates.len() {
+            let mut chunk = RawArrayBuf::new();
+            let mut bytes = 0;
+            let mut end = start;
+            while end < updates.len() && (end == start || bytes < UPDATE_COMMAND_BYTES) {
+                let (k, id) = updates[end];
+                let g = &groups[k];
+                let statement = self
+                    .builder
+                    .update_statement(id, &g.contact, g.last_line, now);
+                bytes += statement.as_bytes().len();
+                chunk.push(statement);
+                end += 1;
+            }
+            let reply = update_command(&self.coll, chunk, false).await?;
+            let mut refused = 0;
+            if let Ok(errors) = reply.get_array("writeErrors") {
+                for e in errors.iter().filter_map(Bson::as_document) {
+                    if let Some(&(k, _)) = index_of(e).and_then(|i| updates[start..end].get(i)) {
+                        results[k] = ContactWrite::Rejected(format!(
+                            "The database refused the update (code {}).",
+                            e.get_i32("code").unwrap_or_default()
+                        ));
+                        refused += 1;
+                    }
+                }
+            }
+            let matched = reply
+                .get("n")
+                .and_then(|n| n.as_i64().or_else(|| n.as_i32().map(i64::from)))
+                .unwrap_or_default();
+            if matched + refused < (end - start) as i64 {
+                self.mark_gone(&updates[start..end], results).await?;
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Fails the groups whose contact was deleted between read and update.
+    async fn mark_gone(
+        &self,
+        updates: &[(usize, ObjectId)],
+        results: &mut [ContactWrite],
+    ) -> Result<()> {
+        let ids: Vec<ObjectId> = updates.iter().map(|(_, id)| *id).collect();
+        let mut cursor = self
+            .coll
+            .clone_with_type::<Document>()
+            .find(doc! { "_id": { "$in": &ids }, "account_id": self.account_id })
+            .projection(doc! { "_id": 1 })
+            .await?;
+        let mut present = std::collections::HashSet::new();
+        while let Some(d) = cursor.try_next().await? {
+            if let Ok(id) = d.get_object_id("_id") {
+                present.insert(id);
+            }
+        }
+        for (k, id) in updates {
+            if !present.contains(id) && !matches!(results[*k], ContactWrite::Rejected(_)) {
+                results[*k] =
+                    ContactWrite::Rejected("The contact to update was deleted meanwhile.".into());
+            }
+        }
+        Ok(())
     }
 
     /// A line's insert hit its own `_id` but no contact has its email: the
@@ -222,94 +322,113 @@ impl ContactWriter {
         }
         Ok(found)
     }
+}
 
-    /// `update`: upserts in file order, cut into commands at
-    /// [`UPDATE_COMMAND_BYTES`].
-    async fn upsert(&self, rows: &[MappedContact]) -> Result<Vec<ContactWrite>> {
-        let now = DateTime::now();
-        let mut statements = Vec::with_capacity(rows.len());
-        for c in rows {
-            let id = self.id_of(c.line)?;
-            statements.push(self.builder.upsert_statement(id, c, now));
-        }
-        // `None`: matched an existing contact (classified below).
-        let mut upserted: Vec<Option<ContactWrite>> = vec![None; rows.len()];
-        let mut start = 0;
-        let mut races = 0;
-        while start < rows.len() {
-            let mut end = start;
-            let mut bytes = 0;
-            let mut chunk = RawArrayBuf::new();
-            while end < rows.len() && (end == start || bytes < UPDATE_COMMAND_BYTES) {
-                bytes += statements[end].as_bytes().len();
-                chunk.push(statements[end].clone());
-                end += 1;
+/// The rows of one batch naming one email.
+#[derive(Debug)]
+struct Group<'a> {
+    /// Indexes of the rows, in file order.
+    rows: Vec<usize>,
+    /// What the group writes: its first row, or (`update`) all its rows
+    /// applied in file order, each non-empty field overriding.
+    contact: std::borrow::Cow<'a, MappedContact>,
+    /// Line of its last row.
+    last_line: LineNo,
+}
+
+/// Groups rows by email, in the order of each email's first row. Pure.
+fn group_by_email(rows: &[MappedContact], merge: bool) -> Vec<Group<'_>> {
+    let mut index: HashMap<&str, usize> = HashMap::with_capacity(rows.len());
+    let mut groups: Vec<Group<'_>> = Vec::with_capacity(rows.len());
+    for (i, c) in rows.iter().enumerate() {
+        match index.entry(c.email.as_str()) {
+            Entry::Vacant(e) => {
+                e.insert(groups.len());
+                groups.push(Group {
+                    rows: vec![i],
+                    contact: std::borrow::Cow::Borrowed(c),
+                    last_line: c.line,
+                });
             }
-            let reply = update_command(&self.coll, chunk, true).await?;
-            if let Ok(ups) = reply.get_array("upserted") {
-                for u in ups.iter().filter_map(Bson::as_document) {
-                    if let Some(i) = index_of(u).map(|i| start + i)
-                        && i < end
-                    {
-                        upserted[i] = Some(ContactWrite::Created);
-                    }
-                }
-            }
-            // Ordered: the command stopped at its first error, if any.
-            let error = reply
-                .get_array("writeErrors")
-                .ok()
-                .and_then(|e| e.iter().filter_map(Bson::as_document).next())
-                .and_then(|e| Some((start + index_of(e)?, e.get_i32("code").unwrap_or_default())));
-            match error {
-                None => start = end,
-                // Another import created this email between our match and
-                // insert: send it again, it now matches.
-                Some((i, 11000)) if races < UPSERT_RACE_RETRIES => {
-                    races += 1;
-                    start = i;
-                }
-                Some((i, code)) => {
-                    upserted[i] = Some(ContactWrite::Rejected(format!(
-                        "The database refused the contact (code {code})."
-                    )));
-                    start = i + 1;
+            Entry::Occupied(e) => {
+                let g = &mut groups[*e.get()];
+                g.rows.push(i);
+                g.last_line = c.line;
+                if merge {
+                    overlay(g.contact.to_mut(), c);
                 }
             }
         }
-        let matched: Vec<&str> = rows
-            .iter()
-            .zip(&upserted)
-            .filter(|(_, u)| u.is_none())
-            .map(|(c, _)| c.email.as_str())
-            .collect();
-        let stored = if matched.is_empty() {
-            HashMap::new()
-        } else {
-            self.ids_by_email(&matched).await?
-        };
-        let mut results = Vec::with_capacity(rows.len());
-        for (c, u) in rows.iter().zip(upserted) {
-            results.push(match u {
-                Some(r) => r,
-                None => match stored.get(c.email.as_str()) {
-                    Some(&id) if id == self.id_of(c.line)? => ContactWrite::AlreadyImported,
-                    Some(&id) => ContactWrite::Updated(id),
-                    None => ContactWrite::Rejected(
-                        "The contact to update was deleted meanwhile.".into(),
-                    ),
-                },
-            });
+    }
+    groups
+}
+
+/// Applies a later row's non-empty fields over `into`.
+fn overlay(into: &mut MappedContact, later: &MappedContact) {
+    for (slot, v) in [
+        (&mut into.first_name, &later.first_name),
+        (&mut into.last_name, &later.last_name),
+        (&mut into.phone, &later.phone),
+        (&mut into.company, &later.company),
+    ] {
+        if v.is_some() {
+            slot.clone_from(v);
         }
-        Ok(results)
+    }
+    for (k, v) in &later.custom {
+        match into.custom.iter_mut().find(|(id, _)| id == k) {
+            Some(slot) => slot.1.clone_from(v),
+            None => into.custom.push((k.clone(), v.clone())),
+        }
     }
 }
 
-/// The `index` of an `upserted` or `writeErrors` entry.
+/// The `index` of a `writeErrors` entry.
 fn index_of(d: &Document) -> Option<usize> {
     match d.get("index")? {
         Bson::Int32(i) => usize::try_from(*i).ok(),
         Bson::Int64(i) => usize::try_from(*i).ok(),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(line: LineNo, email: &str, first: Option<&str>, phone: Option<&str>) -> MappedContact {
+        MappedContact {
+            line,
+            email: email.into(),
+            first_name: first.map(Into::into),
+            phone: phone.map(Into::into),
+            ..MappedContact::default()
+        }
+    }
+
+    #[test]
+    fn rows_of_one_email_group_in_file_order_and_merge_later_fields() {
+        let mut rows = vec![
+            row(2, "a@x.co", Some("A"), Some("1")),
+            row(3, "b@x.co", Some("B"), None),
+            row(4, "a@x.co", Some("A2"), None),
+            row(5, "a@x.co", None, Some("3")),
+        ];
+        rows[3].custom = vec![("64b7f0c2a1b2c3d4e5f60718".into(), "gold".into())];
+        let merged = group_by_email(&rows, true);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[0].rows, vec![0, 2, 3]);
+        assert_eq!(merged[0].last_line, 5);
+        let a = &merged[0].contact;
+        assert_eq!(
+            (a.line, a.first_name.as_deref(), a.phone.as_deref()),
+            (2, Some("A2"), Some("3"))
+        );
+        assert_eq!(a.custom.len(), 1);
+        assert_eq!(merged[1].rows, vec![1]);
+        // `skip` writes the first row as it is.
+        let first = group_by_email(&rows, false);
+        assert_eq!(first[0].contact.first_name.as_deref(), Some("A"));
+        assert_eq!(first[0].contact.phone.as_deref(), Some("1"));
     }
 }

@@ -149,8 +149,9 @@ async fn a_contacts_import_creates_skips_duplicates_and_fails_bad_lines() {
 async fn update_applies_rows_in_file_order_and_mails_a_contact_summary() {
     let smtp = SmtpCatcher::start().await;
     let mut settings = settings_with_smtp(smtp.port);
-    // Rows naming one email fall in different batches too.
-    settings.import.batch_size = NonZeroUsize::new(2).unwrap();
+    // Batches of lines 2-4 and 5-6: rows naming one email within a batch
+    // (3, 4) and across batches (6).
+    settings.import.batch_size = NonZeroUsize::new(3).unwrap();
     let mut app = TestApp::with_settings(settings).await;
     let existing = ObjectId::new();
     app.coll(collections::CONTACTS)
