@@ -6,28 +6,42 @@ use crate::config::{DateOrder, NumberLocale};
 
 const CURRENCY: [char; 6] = ['$', '€', '£', '¥', '₹', '₽'];
 
-/// Parses an amount: `5000`, `5,000.50`, `$5,000`, `-1,234.5`, `(300)`, and
-/// with the comma locale `5.000,50` or `€ 5.000`. Grouping separators must
-/// group by three; anything else (`1,2,3`, `12abc`, `1e5`) is `None`.
+/// Parses an amount: `5000`, `5,000.50`, `$5,000`, `-1,234.5`, `(300)`,
+/// `300-`, and with the comma locale `5.000,50` or `€ 5.000`. Grouping
+/// separators must group by three; at most one sign (a leading or trailing
+/// minus, or accounting brackets); anything else (`1,2,3`, `12abc`, `1e5`,
+/// `--5`, `(-300)`) is `None`.
 pub fn parse_number(s: &str, locale: NumberLocale) -> Option<f64> {
     let mut s = s.trim();
-    let mut negative = false;
-    if s.starts_with('(') && s.ends_with(')') {
-        negative = true;
-        s = s[1..s.len() - 1].trim();
+    let mut signs = 0u32;
+    if let Some(inner) = s.strip_prefix('(').and_then(|r| r.strip_suffix(')')) {
+        signs += 1;
+        s = inner.trim();
     }
     if let Some(rest) = s.strip_prefix('-') {
-        negative = !negative;
+        signs += 1;
         s = rest.trim_start();
+    }
+    if let Some(rest) = s.strip_suffix('-') {
+        signs += 1;
+        s = rest.trim_end();
     }
     s = s
         .trim_start_matches(CURRENCY)
         .trim_end_matches(CURRENCY)
         .trim();
     if let Some(rest) = s.strip_prefix('-') {
-        negative = !negative;
+        signs += 1;
         s = rest.trim_start();
     }
+    if let Some(rest) = s.strip_suffix('-') {
+        signs += 1;
+        s = rest.trim_end();
+    }
+    if signs > 1 {
+        return None;
+    }
+    let negative = signs == 1;
     let (group, decimal) = match locale {
         NumberLocale::Dot => (',', '.'),
         NumberLocale::Comma => ('.', ','),
@@ -179,6 +193,27 @@ mod tests {
         ] {
             assert_eq!(p(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn at_most_one_sign() {
+        let p = |s| parse_number(s, NumberLocale::Dot);
+        assert_eq!(p("300-"), Some(-300.0));
+        assert_eq!(p("$5-"), Some(-5.0));
+        assert_eq!(p("$-5"), Some(-5.0));
+        assert_eq!(p("- 5"), Some(-5.0));
+        assert_eq!(p("($1,234.50)"), Some(-1234.5));
+        for bad in [
+            "--5", "- -5", "-$-5", "(-300)", "-(300)", "(300-)", "-5-", "$-5-", "(-$5)", "-", "()",
+            "(5", "5)",
+        ] {
+            assert_eq!(p(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            parse_number("-5.000,50", NumberLocale::Comma),
+            Some(-5000.5)
+        );
+        assert_eq!(parse_number("--5.000,50", NumberLocale::Comma), None);
     }
 
     #[test]
