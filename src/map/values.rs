@@ -1,6 +1,6 @@
 //! Parsing of typed cell values: numbers, dates, email addresses. Pure.
 
-use chrono::{NaiveDate, NaiveDateTime};
+use chrono::NaiveDate;
 
 use crate::config::{DateOrder, NumberLocale};
 
@@ -81,78 +81,251 @@ pub fn parse_number(s: &str, locale: NumberLocale) -> Option<f64> {
     n.is_finite().then_some(if negative { -n } else { n })
 }
 
-/// Parses a date to milliseconds since the epoch (midnight UTC): ISO
-/// (`2025-12-31`, with an optional time), numeric day/month forms in the
-/// configured order (`12/31/2025` or `31/12/2025`, also with `.` or `-`; the
-/// other order is used when the configured one is impossible), and month
-/// names (`Dec 31, 2025`, `31 December 2025`).
+/// Parses a date to milliseconds since the epoch, at midnight UTC of the
+/// date as written: ISO (`2025-12-31`, `2025/12/31`, `2025.12.31`), numeric
+/// day/month forms in the configured order (`12/31/2025` or `31/12/2025`,
+/// also with `.` or `-`; the other order is used when the configured one is
+/// impossible), and English month names (`Dec 31, 2025`, `Dec 31 2025`,
+/// `December 31, 2025`, `31 December 2025`, `31-Dec-2025`). Any of them may
+/// be followed by a time (`2025-12-31T10:00:00+01:00`, `12/31/2025 10:00`,
+/// `2025-12-31 10:00:00`, `12/31/2025 10:00 PM`): the time is checked, then
+/// dropped; an offset never moves the date to another day. Two-digit years
+/// are refused.
 pub fn parse_date(s: &str, order: DateOrder) -> Option<i64> {
     let s = s.trim();
-    let to_ms = |d: NaiveDate| {
-        d.and_hms_opt(0, 0, 0)
-            .map(|t| t.and_utc().timestamp_millis())
+    let date = match split_time(s) {
+        Some((date, time)) if valid_time(time) => date,
+        Some(_) => return None,
+        None => s,
     };
-    // Fast path for the common `YYYY-MM-DD`: the format-string parsers
-    // below showed in the import profile.
-    if let [y1, y2, y3, y4, b'-', m1, m2, b'-', d1, d2] = *s.as_bytes() {
-        let num = |ds: &[u8]| {
-            ds.iter().try_fold(0u32, |n, &c| {
-                c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
-            })
-        };
-        if let (Some(y), Some(m), Some(d)) =
-            (num(&[y1, y2, y3, y4]), num(&[m1, m2]), num(&[d1, d2]))
-        {
-            return NaiveDate::from_ymd_opt(y as i32, m, d).and_then(to_ms);
+    parse_day(date, order)?
+        .and_hms_opt(0, 0, 0)
+        .map(|t| t.and_utc().timestamp_millis())
+}
+
+/// Splits `<date> <time>` (or ISO `<date>T<time>`, or `<date>, <time>`) at
+/// the hour digits before the first `:`. `None` when there is no such
+/// time.
+fn split_time(s: &str) -> Option<(&str, &str)> {
+    let colon = s.find(':')?;
+    let bytes = s.as_bytes();
+    let mut start = colon;
+    while start > 0 && colon - start < 2 && bytes[start - 1].is_ascii_digit() {
+        start -= 1;
+    }
+    if start == colon || start == 0 {
+        return None;
+    }
+    let time = &s[start..];
+    let date = match bytes[start - 1] {
+        b'T' => {
+            let date = &s[..start - 1];
+            // Only after an ISO date: `2025-12-31T10:00`.
+            let iso = date.len() == 10
+                && date.bytes().enumerate().all(|(i, b)| match i {
+                    4 | 7 => b == b'-',
+                    _ => b.is_ascii_digit(),
+                });
+            if !iso {
+                return None;
+            }
+            date
         }
-    }
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
-        return Some(t.timestamp_millis());
-    }
-    for f in [
-        "%Y-%m-%dT%H:%M:%S%.f",
-        "%Y-%m-%d %H:%M:%S",
-        "%Y-%m-%d %H:%M",
-        "%Y-%m-%dT%H:%M",
-    ] {
-        if let Ok(t) = NaiveDateTime::parse_from_str(s, f) {
-            return Some(t.and_utc().timestamp_millis());
+        b if b.is_ascii_whitespace() => {
+            let date = s[..start].trim_end();
+            date.strip_suffix(',').unwrap_or(date).trim_end()
         }
+        _ => return None,
+    };
+    Some((date, time))
+}
+
+/// A time of day: `H:MM`, `H:MM:SS`, `H:MM:SS.fff`, optionally `AM`/`PM`,
+/// optionally a zone (`Z`, `UTC`, `GMT`, `+01:00`, `+0100`, `-05`).
+fn valid_time(t: &str) -> bool {
+    let b = t.as_bytes();
+    let mut i = 0;
+    let digits = |i: &mut usize, min: usize, max: usize| -> Option<u32> {
+        let start = *i;
+        while *i < b.len() && *i - start < max && b[*i].is_ascii_digit() {
+            *i += 1;
+        }
+        (*i - start >= min).then(|| t[start..*i].parse().ok())?
+    };
+    let Some(hour) = digits(&mut i, 1, 2) else {
+        return false;
+    };
+    if b.get(i) != Some(&b':') {
+        return false;
     }
-    let four_digit_year_first = s.len() >= 4 && s.as_bytes()[..4].iter().all(u8::is_ascii_digit);
-    if four_digit_year_first {
-        for f in ["%Y-%m-%d", "%Y/%m/%d"] {
-            if let Ok(d) = NaiveDate::parse_from_str(s, f) {
-                return to_ms(d);
+    i += 1;
+    if digits(&mut i, 2, 2).is_none_or(|m| m > 59) {
+        return false;
+    }
+    if b.get(i) == Some(&b':') {
+        i += 1;
+        if digits(&mut i, 2, 2).is_none_or(|s| s > 60) {
+            return false;
+        }
+        if matches!(b.get(i), Some(b'.' | b',')) {
+            i += 1;
+            if digits(&mut i, 1, 9).is_none() {
+                return false;
             }
         }
     }
-    for f in ["%b %d, %Y", "%B %d, %Y", "%d %b %Y", "%d %B %Y"] {
-        if let Ok(d) = NaiveDate::parse_from_str(s, f) {
-            return to_ms(d);
+    let mut rest = t[i..].trim_start();
+    let lower = rest.to_ascii_lowercase();
+    let meridiem = ["am", "pm", "a.m.", "p.m."]
+        .into_iter()
+        .find(|m| lower.starts_with(m));
+    match meridiem {
+        Some(m) => {
+            if !(1..=12).contains(&hour) {
+                return false;
+            }
+            rest = rest[m.len()..].trim_start();
         }
+        None if hour > 23 => return false,
+        None => {}
     }
-    let parts: Vec<&str> = s.split(['/', '.', '-']).collect();
-    if parts.len() == 3
-        && parts[2].len() == 4
-        && parts
+    valid_zone(rest)
+}
+
+/// Empty, `Z`, `UTC`, `GMT`, or an offset `±HH`, `±HHMM`, `±HH:MM`.
+fn valid_zone(z: &str) -> bool {
+    if z.is_empty()
+        || ["z", "utc", "gmt"]
             .iter()
-            .all(|p| p.bytes().all(|b| b.is_ascii_digit()) && !p.is_empty())
+            .any(|n| z.eq_ignore_ascii_case(n))
     {
-        let (a, b, y): (u32, u32, i32) = (
-            parts[0].parse().ok()?,
-            parts[1].parse().ok()?,
-            parts[2].parse().ok()?,
-        );
-        let (first, second) = match order {
-            DateOrder::Mdy => ((a, b), (b, a)),
-            DateOrder::Dmy => ((b, a), (a, b)),
-        };
-        return NaiveDate::from_ymd_opt(y, first.0, first.1)
-            .or_else(|| NaiveDate::from_ymd_opt(y, second.0, second.1))
-            .and_then(to_ms);
+        return true;
     }
-    None
+    let Some(off) = z.strip_prefix(['+', '-']) else {
+        return false;
+    };
+    let (h, m) = match off.len() {
+        2 => (off, "00"),
+        4 => (&off[..2], &off[2..]),
+        5 if off.as_bytes()[2] == b':' => (&off[..2], &off[3..]),
+        _ => return false,
+    };
+    let num = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| s.parse::<u32>().ok())
+            .flatten()
+    };
+    num(h).is_some_and(|h| h <= 23) && num(m).is_some_and(|m| m <= 59)
+}
+
+/// A date without time: numeric (year first, or year last in `order`) or
+/// with an English month name.
+fn parse_day(s: &str, order: DateOrder) -> Option<NaiveDate> {
+    let mut parts = s.split(['/', '.', '-']);
+    if let (Some(a), Some(b), Some(c), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+        && let (Some(a), Some(b), Some(c)) = (number(a), number(b), number(c))
+    {
+        return match (a.1, b.1, c.1) {
+            (4, 1..=2, 1..=2) => NaiveDate::from_ymd_opt(a.0 as i32, b.0, c.0),
+            (1..=2, 1..=2, 4) => {
+                let (first, second) = match order {
+                    DateOrder::Mdy => ((a.0, b.0), (b.0, a.0)),
+                    DateOrder::Dmy => ((b.0, a.0), (a.0, b.0)),
+                };
+                let y = c.0 as i32;
+                NaiveDate::from_ymd_opt(y, first.0, first.1)
+                    .or_else(|| NaiveDate::from_ymd_opt(y, second.0, second.1))
+            }
+            _ => None,
+        };
+    }
+    named_month_date(s)
+}
+
+/// An ASCII number of at most 4 digits, and its digit count.
+fn number(s: &str) -> Option<(u32, usize)> {
+    (!s.is_empty() && s.len() <= 4 && s.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| s.parse().ok().map(|n| (n, s.len())))
+        .flatten()
+}
+
+/// `Dec 31, 2025`, `December 31 2025`, `31 Dec 2025`, `31-Dec-2025`,
+/// `2025-Dec-31`, optionally after a weekday (`Wed, 31 Dec 2025`).
+fn named_month_date(s: &str) -> Option<NaiveDate> {
+    let mut tokens = s
+        .split(|c: char| c.is_whitespace() || matches!(c, ',' | '-' | '/' | '.'))
+        .filter(|t| !t.is_empty());
+    let mut t: [&str; 4] = [""; 4];
+    let mut n = 0;
+    for tok in tokens.by_ref() {
+        if n == t.len() {
+            return None;
+        }
+        t[n] = tok;
+        n += 1;
+    }
+    let t = match n {
+        3 => [t[0], t[1], t[2]],
+        4 if is_weekday(t[0]) => [t[1], t[2], t[3]],
+        _ => return None,
+    };
+    let (month, day, year) = if let Some(m) = month_number(t[0]) {
+        (m, number(t[1])?, number(t[2])?)
+    } else if let Some(m) = month_number(t[1]) {
+        let (a, b) = (number(t[0])?, number(t[2])?);
+        if a.1 == 4 { (m, b, a) } else { (m, a, b) }
+    } else {
+        return None;
+    };
+    if year.1 != 4 || day.1 > 2 {
+        return None;
+    }
+    NaiveDate::from_ymd_opt(year.0 as i32, month, day.0)
+}
+
+const MONTHS: [&str; 12] = [
+    "january",
+    "february",
+    "march",
+    "april",
+    "may",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+];
+
+/// 1-12 for an English month name or its abbreviation of 3+ letters.
+fn month_number(t: &str) -> Option<u32> {
+    if t.len() < 3 || !t.is_ascii() {
+        return None;
+    }
+    let t = t.to_ascii_lowercase();
+    MONTHS
+        .iter()
+        .position(|m| m.starts_with(&t))
+        .map(|i| i as u32 + 1)
+}
+
+fn is_weekday(t: &str) -> bool {
+    const DAYS: [&str; 7] = [
+        "monday",
+        "tuesday",
+        "wednesday",
+        "thursday",
+        "friday",
+        "saturday",
+        "sunday",
+    ];
+    t.len() >= 3 && t.is_ascii() && {
+        let t = t.to_ascii_lowercase();
+        DAYS.iter().any(|d| d.starts_with(&t))
+    }
 }
 
 /// A plausible email address: one `@`, a non-empty local part, a dotted
@@ -225,24 +398,42 @@ mod tests {
         assert_eq!(p("5,000.50"), None);
     }
 
+    fn ms(y: i32, m: u32, d: u32) -> i64 {
+        NaiveDate::from_ymd_opt(y, m, d)
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap()
+            .and_utc()
+            .timestamp_millis()
+    }
+
     #[test]
     fn dates() {
-        let ms = |y, m, d| {
-            NaiveDate::from_ymd_opt(y, m, d)
-                .unwrap()
-                .and_hms_opt(0, 0, 0)
-                .unwrap()
-                .and_utc()
-                .timestamp_millis()
-        };
-        assert_eq!(
-            parse_date("2025-12-31", DateOrder::Mdy),
-            Some(ms(2025, 12, 31))
-        );
-        assert_eq!(
-            parse_date("12/31/2025", DateOrder::Mdy),
-            Some(ms(2025, 12, 31))
-        );
+        let day = Some(ms(2025, 12, 31));
+        for s in [
+            "2025-12-31",
+            "2025/12/31",
+            "2025.12.31",
+            "2025-12-31T00:00:00Z",
+            "12/31/2025",
+            "31.12.2025",
+            "Dec 31, 2025",
+            "Dec 31 2025",
+            "Dec. 31, 2025",
+            "December 31, 2025",
+            "december 31 2025",
+            "31 December 2025",
+            "31 Dec 2025",
+            "31-Dec-2025",
+            "31-DEC-2025",
+            "31/Dec/2025",
+            "2025-Dec-31",
+            "Wed, 31 Dec 2025",
+            " 2025-12-31 ",
+        ] {
+            assert_eq!(parse_date(s, DateOrder::Mdy), day, "{s:?}");
+            assert_eq!(parse_date(s, DateOrder::Dmy), day, "{s:?}");
+        }
         assert_eq!(
             parse_date("03/04/2025", DateOrder::Mdy),
             Some(ms(2025, 3, 4))
@@ -251,20 +442,83 @@ mod tests {
             parse_date("03/04/2025", DateOrder::Dmy),
             Some(ms(2025, 4, 3))
         );
+        assert_eq!(parse_date("3-4-2025", DateOrder::Dmy), Some(ms(2025, 4, 3)));
+        // Year first is always year-month-day.
         assert_eq!(
-            parse_date("31.12.2025", DateOrder::Mdy),
-            Some(ms(2025, 12, 31))
+            parse_date("2025.03.04", DateOrder::Dmy),
+            Some(ms(2025, 3, 4))
+        );
+        for bad in [
+            "",
+            "tomorrow",
+            "13/13/2025",
+            "2025-02-30",
+            "1/2/25",
+            "31-Dec-25",
+            "Dec 32 2025",
+            "Foo 31 2025",
+            "Ma 3 2025",
+            "2025.13.01",
+            "12025-01-01",
+            "2025-12-31 abc",
+            "31 Dec 2025 2026",
+            "Dec 31, 2025 Wed",
+        ] {
+            assert_eq!(parse_date(bad, DateOrder::Mdy), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn date_times_keep_the_date_as_written() {
+        let day = Some(ms(2025, 12, 31));
+        for s in [
+            "2025-12-31T00:00:00+01:00",
+            "2025-12-31T23:30:00-05:00",
+            "2025-12-31T10:00:00Z",
+            "2025-12-31T10:00:00.123Z",
+            "2025-12-31T10:00",
+            "2025-12-31T10:00:00+0100",
+            "2025-12-31 10:00:00",
+            "2025-12-31 10:00",
+            "2025-12-31 23:59:59.999999",
+            "2025-12-31 10:00:00 UTC",
+            "12/31/2025 10:00",
+            "12/31/2025 0:00",
+            "12/31/2025 10:00:00 PM",
+            "12/31/2025 10:00AM",
+            "12/31/2025, 10:00:00 a.m.",
+            "31.12.2025 23:00",
+            "Dec 31, 2025 10:00",
+            "31-Dec-2025 10:00:00",
+        ] {
+            assert_eq!(parse_date(s, DateOrder::Mdy), day, "{s:?}");
+        }
+        // The configured order still decides ambiguous dates with a time.
+        assert_eq!(
+            parse_date("03/04/2025 10:00", DateOrder::Mdy),
+            Some(ms(2025, 3, 4))
         );
         assert_eq!(
-            parse_date("Dec 31, 2025", DateOrder::Dmy),
-            Some(ms(2025, 12, 31))
+            parse_date("03/04/2025 10:00", DateOrder::Dmy),
+            Some(ms(2025, 4, 3))
         );
-        assert_eq!(
-            parse_date("31 December 2025", DateOrder::Dmy),
-            Some(ms(2025, 12, 31))
-        );
-        assert!(parse_date("2025-12-31T10:00:00Z", DateOrder::Mdy).is_some());
-        for bad in ["", "tomorrow", "13/13/2025", "2025-02-30", "1/2/25"] {
+        for bad in [
+            "2025-12-31T25:00:00",
+            "2025-12-31T10:60",
+            "2025-12-31T10",
+            "2025-12-31 10:0",
+            "2025-12-31 100:00",
+            "12/31/2025 13:00 PM",
+            "12/31/2025 0:00 AM",
+            "2025-12-31 10:00 xyz",
+            "2025-12-31 10:00:00+25:00",
+            "2025-12-31 10:00:00.",
+            "12/31/2025T10:00",
+            "Dec 31 2025T10:00",
+            "12/31/2025 10:00 10:00",
+            "10:00",
+            "10:00 12/31/2025",
+        ] {
             assert_eq!(parse_date(bad, DateOrder::Mdy), None, "{bad:?}");
         }
     }
@@ -303,6 +557,31 @@ mod tests {
             let comma = text.replace(',', " ").replace('.', ",");
             let got = parse_number(&comma, NumberLocale::Comma).unwrap();
             prop_assert!((got - expected).abs() < 1e-6 * expected.max(1.0));
+        }
+
+        #[test]
+        fn dates_in_every_format_are_midnight_of_the_written_day(
+            y in 1900i32..2100, m in 1u32..=12, d in 1u32..=28,
+            h in 0u32..24, min in 0u32..60,
+            off in -14i32..=14,
+            style in 0usize..8,
+            dmy in any::<bool>(),
+        ) {
+            let order = if dmy { DateOrder::Dmy } else { DateOrder::Mdy };
+            let name = MONTHS[m as usize - 1];
+            let (dd, mm) = if dmy { (d, m) } else { (m, d) };
+            let sign = if off < 0 { '-' } else { '+' };
+            let text = match style {
+                0 => format!("{y}-{m:02}-{d:02}T{h:02}:{min:02}:00{sign}{:02}:00", off.abs()),
+                1 => format!("{y}-{m:02}-{d:02} {h:02}:{min:02}:00"),
+                2 => format!("{dd:02}/{mm:02}/{y} {h}:{min:02}"),
+                3 => format!("{dd}.{mm}.{y}"),
+                4 => format!("{d}-{}-{y}", &name[..3]),
+                5 => format!("{name} {d}, {y}"),
+                6 => format!("{y}.{m:02}.{d:02}"),
+                _ => format!("{} {d} {y} {h}:{min:02}", &name[..3]),
+            };
+            prop_assert_eq!(parse_date(&text, order), Some(ms(y, m, d)), "{}", text);
         }
 
         #[test]
