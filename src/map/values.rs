@@ -328,21 +328,50 @@ fn is_weekday(t: &str) -> bool {
     }
 }
 
-/// A plausible email address: one `@`, a non-empty local part, a dotted
-/// domain of non-empty labels, no whitespace, at most 254 characters.
+/// A practical email address check: `local@domain`, at most 254 bytes.
+/// The local part is RFC 5322 `atext` (letters, digits and
+/// ``!#$%&'*+/=?^_`{|}~-``, also non-ASCII letters) in dot-separated,
+/// non-empty pieces of at most 64 bytes in all; the domain has at least
+/// two dot-separated labels of letters, digits and inner hyphens, and ends
+/// in a top-level domain of 2+ letters (or a punycode `xn--` one). Quoted
+/// local parts, comments, IP literals and display names are refused.
 pub fn valid_email(s: &str) -> bool {
-    if s.len() > 254 || s.chars().any(char::is_whitespace) {
+    if s.len() > 254 {
         return false;
     }
     let Some((local, domain)) = s.split_once('@') else {
         return false;
     };
-    !local.is_empty()
-        && !domain.contains('@')
-        && domain.contains('.')
-        && domain
-            .split('.')
-            .all(|l| !l.is_empty() && !l.starts_with('-') && !l.ends_with('-'))
+    valid_local_part(local) && valid_domain(domain)
+}
+
+fn valid_local_part(l: &str) -> bool {
+    const SPECIALS: &str = "!#$%&'*+/=?^_`{|}~-";
+    l.len() <= 64
+        && l.split('.').all(|piece| {
+            !piece.is_empty()
+                && piece.chars().all(|c| {
+                    c.is_ascii_alphanumeric()
+                        || SPECIALS.contains(c)
+                        || (!c.is_ascii() && c.is_alphanumeric())
+                })
+        })
+}
+
+fn valid_domain(d: &str) -> bool {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars().all(|c| c == '-' || c.is_alphanumeric())
+    };
+    let Some((_, tld)) = d.rsplit_once('.') else {
+        return false;
+    };
+    let tld_ok = (tld.chars().count() >= 2 && tld.chars().all(char::is_alphabetic))
+        || tld.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("xn--"));
+    tld_ok && d.split('.').all(label_ok)
 }
 
 #[cfg(test)]
@@ -525,8 +554,19 @@ mod tests {
 
     #[test]
     fn emails() {
-        assert!(valid_email("john@acme.com"));
-        assert!(valid_email("a.b+c@sub.example.co.uk"));
+        for ok in [
+            "john@acme.com",
+            "a.b+c@sub.example.co.uk",
+            "o'brien@acme.com",
+            "x_y-z@my-host.io",
+            "john@acme.xn--p1ai",
+            "josé@café.fr",
+            "1@2.de",
+        ] {
+            assert!(valid_email(ok), "{ok:?}");
+        }
+        let long_local = format!("{}@acme.com", "a".repeat(65));
+        let long = format!("a@{}.com", "b".repeat(250));
         for bad in [
             "",
             "john",
@@ -536,6 +576,27 @@ mod tests {
             "jo hn@acme.com",
             "a@b@c.com",
             "a@.com",
+            "<john@acme.com>",
+            "John <john@acme.com>",
+            "john@acme.com,jane",
+            "john@acme.com;jane@acme.com",
+            "jo\"hn@acme.com",
+            "\"john\"@acme.com",
+            ".john@acme.com",
+            "john.@acme.com",
+            "jo..hn@acme.com",
+            "john@acme..com",
+            "john@-acme.com",
+            "john@acme-.com",
+            "john@acme.c",
+            "john@acme.c0m",
+            "john@acme.com.",
+            "john@acme_corp.com",
+            "john@[127.0.0.1]",
+            "john(x)@acme.com",
+            "john@acme.com\n",
+            &long_local,
+            &long,
         ] {
             assert!(!valid_email(bad), "{bad:?}");
         }
