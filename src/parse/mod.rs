@@ -2,7 +2,10 @@
 //! headers, not CRM fields.
 //!
 //! Guarantees:
-//! - Streaming: one reused `ByteRecord`; memory does not grow with the file.
+//! - Streaming: one reused `ByteRecord` (replaced after an unusually big
+//!   record, so its memory is given back); memory does not grow with the
+//!   file. A record is capped at [`MAX_RECORD_BYTES`] and [`MAX_FIELDS`],
+//!   enforced while it is read; past either the file is `malformed_csv`.
 //! - Every record carries the physical line where it starts (header = line
 //!   1), counting the extra lines of quoted fields that span several lines
 //!   and the empty lines the parser skips, so it matches what an editor
@@ -103,6 +106,8 @@ type BoxRead = Pin<Box<dyn AsyncRead + Send>>;
 pub struct Records {
     rdr: AsyncReader<Tail>,
     record: ByteRecord,
+    /// The last record made `record` big: replace it before the next read.
+    oversized: bool,
     /// Line after the last record read.
     next_line: LineNo,
     line_base: u64,
@@ -123,17 +128,21 @@ pub struct Record<'a> {
     pub fields: &'a ByteRecord,
 }
 
-/// Pass-through reader remembering how many bytes went by and the last one,
-/// so the parser can tell whether the file's last record ends with `\n`;
-/// turns each `\r` into `\n` in a lone-`\r` file.
+/// Pass-through reader remembering how many bytes went by and following the
+/// records ahead of the parser ([`Width`]), so the parser can tell whether
+/// the file's last record ends with its `\n`; turns each `\r` into `\n` in a
+/// lone-`\r` file; enforces
+/// [`MAX_RECORD_BYTES`] and [`MAX_FIELDS`] before the parser buffers a
+/// record past them.
 struct Tail {
     inner: BoxRead,
     total: u64,
-    last: u8,
     eof: bool,
     cr_to_lf: bool,
     /// Stream offset where the record being parsed starts.
     record_start: u64,
+    /// Fields of the record at the read frontier.
+    width: Width,
 }
 
 /// Longest record accepted, in bytes. The parser holds a whole record in
@@ -147,6 +156,121 @@ pub const MAX_RECORD_BYTES: u64 = 32 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 #[error("a record is longer than {MAX_RECORD_BYTES} bytes")]
 struct RecordTooLong;
+
+/// Most fields accepted in one record. The parser keeps a position per
+/// field and `map` a string per cell, so a line of 30 million commas (well
+/// under [`MAX_RECORD_BYTES`]) would take about a gigabyte: past this it is a
+/// `malformed_csv` file. Far above any real file (`import` mappings name a
+/// few hundred columns).
+pub const MAX_FIELDS: usize = 100_000;
+
+/// A record has more than [`MAX_FIELDS`] fields.
+#[derive(Debug, thiserror::Error)]
+#[error("the record starting on line {line} has more than {max} fields")]
+struct RecordTooWide {
+    /// Physical line where that record starts.
+    line: LineNo,
+    /// The limit ([`MAX_FIELDS`]).
+    max: usize,
+}
+
+/// Where [`Width`] is in the CSV grammar (csv-core's, with `"` quotes,
+/// doubled `""` escapes and `\n` as the only terminator).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scan {
+    /// Before a record; a `\n` here is an empty line the parser skips.
+    RecordStart,
+    /// Before a field; a `"` here opens a quoted field.
+    FieldStart,
+    /// In a field that is not quoted (a `"` in it is text).
+    Unquoted,
+    /// In a quoted field.
+    Quoted,
+    /// A `"` in a quoted field: closing, or the first of a `""`.
+    QuoteInQuoted,
+}
+
+/// Follows the stream ahead of the parser, as the parser will split it,
+/// and counts the fields of the record being read and the physical lines,
+/// so a record over [`MAX_FIELDS`] is refused before the parser holds it,
+/// with the line where it starts (which may be past records the parser has
+/// not returned yet). Quoted delimiters are not counted.
+#[derive(Clone, Debug)]
+struct Width {
+    delimiter: u8,
+    /// [`MAX_FIELDS`] (smaller in tests).
+    max_fields: usize,
+    state: Scan,
+    /// Fields of the record being scanned.
+    fields: usize,
+    /// Physical line of the next byte.
+    line: LineNo,
+    /// Physical line where the record being scanned starts.
+    record_line: LineNo,
+    /// The last byte was a `\r`: a line break unless a `\n` follows.
+    after_cr: bool,
+}
+
+impl Width {
+    fn new(delimiter: u8, line: LineNo) -> Self {
+        Self {
+            delimiter,
+            max_fields: MAX_FIELDS,
+            state: Scan::RecordStart,
+            fields: 0,
+            line,
+            record_line: line,
+            after_cr: false,
+        }
+    }
+
+    fn scan(&mut self, bytes: &[u8]) -> Result<(), RecordTooWide> {
+        for &b in bytes {
+            if self.after_cr && b != b'\n' {
+                self.line += 1;
+            }
+            self.after_cr = b == b'\r';
+            self.state = match (self.state, b) {
+                (Scan::RecordStart, b'\n') => Scan::RecordStart,
+                (Scan::Quoted, b'"') => Scan::QuoteInQuoted,
+                (Scan::Quoted, _) => Scan::Quoted,
+                (Scan::RecordStart | Scan::FieldStart, b'"') | (Scan::QuoteInQuoted, b'"') => {
+                    self.start_record();
+                    Scan::Quoted
+                }
+                (_, b'\n') => Scan::RecordStart,
+                (_, d) if d == self.delimiter => {
+                    self.start_record();
+                    self.fields += 1;
+                    if self.fields > self.max_fields {
+                        return Err(RecordTooWide {
+                            line: self.record_line,
+                            max: self.max_fields,
+                        });
+                    }
+                    Scan::FieldStart
+                }
+                _ => {
+                    self.start_record();
+                    Scan::Unquoted
+                }
+            };
+            if b == b'\n' {
+                self.line += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// At a record's first byte: the record starts on this line, with one
+    /// field so far.
+    fn start_record(&mut self) {
+        if self.state == Scan::RecordStart {
+            self.record_line = self.line;
+            self.fields = 1;
+        }
+    }
+}
 
 impl AsyncRead for Tail {
     fn poll_read(
@@ -164,15 +288,15 @@ impl AsyncRead for Tail {
                     *b = b'\n';
                 }
             }
-            match filled.last() {
-                Some(&b) => {
-                    this.last = b;
-                    this.total += filled.len() as u64;
-                }
-                None => this.eof = true,
+            if filled.is_empty() {
+                this.eof = true;
             }
+            this.total += filled.len() as u64;
             if this.total.saturating_sub(this.record_start) > MAX_RECORD_BYTES {
                 return Poll::Ready(Err(std::io::Error::other(RecordTooLong)));
+            }
+            if let Err(e) = this.width.scan(filled) {
+                return Poll::Ready(Err(std::io::Error::other(e)));
             }
         }
         poll
@@ -301,14 +425,15 @@ impl Records {
             .create_reader(Tail {
                 inner: reader,
                 total: 0,
-                last: 0,
                 eof: false,
                 cr_to_lf: dialect.line_ending == LineEnding::Cr,
                 record_start: 0,
+                width: Width::new(dialect.delimiter, start.line.max(1)),
             });
         Self {
             rdr,
             record: ByteRecord::new(),
+            oversized: false,
             next_line: start.line.max(1),
             line_base: start.line.saturating_sub(1),
             byte_base: start.byte,
@@ -318,6 +443,9 @@ impl Records {
 
     /// The next record, or `None` at the end of the file.
     pub async fn next(&mut self) -> Result<Option<Record<'_>>> {
+        if std::mem::take(&mut self.oversized) {
+            self.record = ByteRecord::new();
+        }
         let more = self
             .rdr
             .read_byte_record(&mut self.record)
@@ -328,6 +456,19 @@ impl Records {
                     csv_async::ErrorKind::Io(io) => io,
                     other => std::io::Error::other(format!("{other:?}")),
                 };
+                if let Some(wide) = source
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<RecordTooWide>())
+                {
+                    return Error::File(FileError::Malformed {
+                        line: wide.line,
+                        detail: format!(
+                            "the row starting here has more than {} columns \
+                             (is it a damaged file, or one very long line?)",
+                            wide.max
+                        ),
+                    });
+                }
                 if source
                     .get_ref()
                     .is_some_and(|inner| inner.is::<RecordTooLong>())
@@ -345,6 +486,8 @@ impl Records {
         if !more {
             return Ok(None);
         }
+        self.oversized = self.record.len() > BIG_RECORD_FIELDS
+            || self.record.as_slice().len() > BIG_RECORD_BYTES;
         // The record's own position is taken before the parser skips empty
         // lines, so it is wrong after a blank line. Count back from the end
         // instead: the record spans the newlines inside its (quoted) fields
@@ -358,7 +501,11 @@ impl Records {
             .filter(|&&b| b == b'\n')
             .count() as u64;
         let tail = self.rdr.get_ref();
-        let unterminated = tail.eof && end.byte() == tail.total && tail.last != b'\n';
+        // At the end of the stream `width` has scanned every byte: it is
+        // back before a record only if the last one ended with its `\n`
+        // (not with a `\n` inside a quote left open).
+        let unterminated =
+            tail.eof && end.byte() == tail.total && tail.width.state != Scan::RecordStart;
         let start_line = end
             .line()
             .saturating_sub(inner_newlines + u64::from(!unterminated))
@@ -373,6 +520,11 @@ impl Records {
         }))
     }
 }
+
+/// A record with more fields than this made the reused `ByteRecord` big.
+const BIG_RECORD_FIELDS: usize = 4096;
+/// A record with more bytes than this made the reused `ByteRecord` big.
+const BIG_RECORD_BYTES: usize = 1024 * 1024;
 
 /// Reads up to `limit` bytes, stopping early once a full line (outside
 /// quotes) is in the buffer; returns them and a reader that yields them
@@ -557,6 +709,137 @@ mod tests {
         }
     }
 
+    fn malformed_line(result: Result<impl Sized>) -> (LineNo, String) {
+        match result {
+            Err(Error::File(e @ FileError::Malformed { .. })) => {
+                let FileError::Malformed { line, .. } = &e else {
+                    unreachable!()
+                };
+                (*line, e.to_string())
+            }
+            Err(other) => panic!("expected malformed_csv, got {other:?}"),
+            Ok(_) => panic!("expected malformed_csv, got Ok"),
+        }
+    }
+
+    #[test]
+    fn a_record_over_max_fields_fails_the_file_at_its_line() {
+        let wide = ",".repeat(MAX_FIELDS);
+        let csv = format!("name,value\nok,1\n\nB,\"two\nlines\"\n{wide}\nlater,2\n");
+        let (line, message) = malformed_line(rt().block_on(read_all(csv.into_bytes())));
+        assert_eq!(line, 6);
+        assert!(
+            message.contains("near line 6") && message.contains("more than 100000 columns"),
+            "{message}"
+        );
+        // The header too.
+        let csv = format!("{wide}\nx\n");
+        assert_eq!(
+            malformed_line(rt().block_on(read_all(csv.into_bytes()))).0,
+            1
+        );
+    }
+
+    #[test]
+    fn a_wide_record_is_refused_at_its_own_line_even_in_read_ahead() {
+        // Many small records then the wide one, all within one buffer of
+        // the parser: the error names the wide record's line, not the
+        // line the parser had reached.
+        let mut csv = "name,value\n".to_owned();
+        for i in 0..2000 {
+            csv.push_str(&format!("r{i},{i}\n"));
+        }
+        csv.push_str(&",".repeat(MAX_FIELDS + 5));
+        csv.push_str("\nlast,1\n");
+        let (line, _) = malformed_line(rt().block_on(read_all(csv.into_bytes())));
+        assert_eq!(line, 2002);
+    }
+
+    #[test]
+    fn thirty_million_commas_fail_without_being_buffered() {
+        use tokio::io::AsyncReadExt as _;
+        let head = std::io::Cursor::new(b"name,value\n".to_vec());
+        let rest = tokio::io::repeat(b',')
+            .take(30_000_000)
+            .chain(std::io::Cursor::new(b"\n".to_vec()));
+        let result = rt().block_on(async {
+            let (_, mut records) = open(head.chain(rest)).await?;
+            while records.next().await?.is_some() {}
+            Ok::<_, Error>(())
+        });
+        assert_eq!(malformed_line(result).0, 2);
+    }
+
+    #[test]
+    fn max_fields_is_allowed_and_quoted_delimiters_do_not_count() {
+        let full = ",".repeat(MAX_FIELDS - 1);
+        let quoted = format!("\"{}\"", ",".repeat(MAX_FIELDS * 2));
+        let csv = format!("name,notes\n{full}\nq,{quoted}\nsmall,1\n");
+        rt().block_on(async {
+            let (_, mut records) = open(std::io::Cursor::new(csv.into_bytes())).await.unwrap();
+            let r = records.next().await.unwrap().unwrap();
+            assert_eq!((r.line, r.fields.len()), (2, MAX_FIELDS));
+            // The record made the reused buffer big: it is replaced at the
+            // next read.
+            assert!(records.oversized);
+            let r = records.next().await.unwrap().unwrap();
+            assert_eq!((r.line, r.fields.len()), (3, 2));
+            assert_eq!(r.fields[1].len(), MAX_FIELDS * 2);
+            let r = records.next().await.unwrap().unwrap();
+            assert_eq!((r.line, r.fields.len()), (4, 2));
+            assert!(!records.oversized);
+            assert!(records.next().await.unwrap().is_none());
+        });
+    }
+
+    #[test]
+    fn a_wide_record_after_a_resume_names_its_physical_line() {
+        let csv = format!("A,1\nB,2\n{}\n", ",".repeat(MAX_FIELDS));
+        let dialect = Dialect {
+            delimiter: b',',
+            encoding: Encoding::Utf8,
+            line_ending: LineEnding::Lf,
+        };
+        let result = rt().block_on(async {
+            let start = Start {
+                line: 40,
+                byte: 1000,
+            };
+            let mut r = resume(std::io::Cursor::new(csv.into_bytes()), dialect, start);
+            while r.next().await?.is_some() {}
+            Ok::<_, Error>(())
+        });
+        assert_eq!(malformed_line(result).0, 42);
+    }
+
+    #[test]
+    fn width_follows_the_parser_grammar() {
+        let count = |text: &[u8]| {
+            let mut w = Width::new(b';', 1);
+            w.scan(text).unwrap();
+            (w.record_line, w.fields, w.line)
+        };
+        // Quoted delimiters and line breaks, doubled quotes, text after a
+        // closing quote, a quote inside an unquoted field.
+        assert_eq!(count(b"a;\"x;\ny\";\"\"\"\";b\"c;d"), (1, 5, 2));
+        assert_eq!(count(b"a;b\n\n\nc"), (4, 1, 4));
+        assert_eq!(count(b"a;b\r\nc;d;e"), (2, 3, 2));
+        assert_eq!(count(b"\"x\ry\";z"), (1, 2, 2));
+        assert_eq!(count(b"\"a\"b;c"), (1, 2, 1));
+    }
+
+    #[test]
+    fn a_quote_left_open_at_the_end_keeps_its_line() {
+        // The last byte is a `\n`, but inside the quote: the record has no
+        // terminator of its own.
+        let (_, rows) = rt()
+            .block_on(read_all(b"n,v\nA,1\nB,\"x\n".to_vec()))
+            .unwrap();
+        let lines: Vec<u64> = rows.iter().map(|r| r.0).collect();
+        assert_eq!(lines, vec![2, 3]);
+        assert_eq!(rows[1].1, vec!["B", "x\n"]);
+    }
+
     #[test]
     fn line_numbers_are_physical_lines() {
         let csv = b"name,notes\nA,one\n\nB,\"two\nlines\"\nC,three\r\nD,four".to_vec();
@@ -736,6 +1019,50 @@ mod tests {
                 .map(|r| r.0)
                 .collect();
             prop_assert_eq!(lines, expected);
+        }
+
+        /// The field cap, checked ahead of the parser, fails the file
+        /// exactly when the parser would return a record over it, at that
+        /// record's line.
+        #[test]
+        fn the_field_cap_agrees_with_the_parser(
+            text in "[a;\"\n\r]{0,60}",
+            max in 1usize..5,
+        ) {
+            let dialect = Dialect {
+                delimiter: b';',
+                encoding: Encoding::Utf8,
+                line_ending: LineEnding::Lf,
+            };
+            let read = |max_fields: usize| {
+                let text = text.clone();
+                rt().block_on(async move {
+                    let mut r = resume(
+                        std::io::Cursor::new(text.into_bytes()),
+                        dialect,
+                        Start { line: 1, byte: 0 },
+                    );
+                    r.rdr.get_mut().width.max_fields = max_fields;
+                    let mut out = Vec::new();
+                    while let Some(rec) = r.next().await? {
+                        out.push((rec.line, rec.fields.len()));
+                    }
+                    Ok::<_, Error>(out)
+                })
+            };
+            let all = read(usize::MAX).unwrap();
+            let first_wide = all.iter().find(|r| r.1 > max);
+            match (read(max), first_wide) {
+                (Ok(got), None) => prop_assert_eq!(got, all),
+                (Err(Error::File(FileError::Malformed { line, .. })), Some(&(want, _))) => {
+                    // The lines of a lone `\r` are counted ahead, not (yet) by
+                    // the parser.
+                    if !text.contains('\r') {
+                        prop_assert_eq!(line, want);
+                    }
+                }
+                (got, want) => prop_assert!(false, "{:?} for {:?}", got.map(|_| ()), want),
+            }
         }
 
         #[test]
