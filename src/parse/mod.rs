@@ -7,9 +7,10 @@
 //!   file. A record is capped at [`MAX_RECORD_BYTES`] and [`MAX_FIELDS`],
 //!   enforced while it is read; past either the file is `malformed_csv`.
 //! - Every record carries the physical line where it starts (header = line
-//!   1), counting the extra lines of quoted fields that span several lines
-//!   and the empty lines the parser skips, so it matches what an editor
-//!   shows.
+//!   1, or the first line that is not blank: blank lines before the header
+//!   are skipped), counting the extra lines of quoted fields that span
+//!   several lines and the empty lines the parser skips, so it matches what
+//!   an editor shows.
 //! - Every record carries the object byte offset just past it, so a resumed
 //!   run can start a ranged GET at a record boundary.
 //! - The reader is `flexible`: a ragged row is returned as is and `map`
@@ -365,10 +366,11 @@ where
         };
         reader = Box::pin(Transcode::new(reader, enc));
     }
-    // Peek again after transcoding: the delimiter is found in text.
-    let (head, reader) = peek(reader, SNIFF_BYTES).await?;
+    // Peek again after transcoding: the delimiter is found in text, in the
+    // header line, after any blank lines.
+    let (blank, head, reader) = skip_blank_lines(reader).await?;
     if head.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(if head.is_empty() {
+        return Err(if head.is_empty() && blank.bytes == 0 {
             FileError::EmptyFile
         } else {
             FileError::NoHeader
@@ -385,8 +387,8 @@ where
         reader,
         dialect,
         Start {
-            line: 1,
-            byte: bom as u64,
+            line: 1 + blank.lines,
+            byte: bom as u64 + blank.bytes,
         },
     );
     let headers = match records.next().await? {
@@ -525,6 +527,52 @@ impl Records {
 const BIG_RECORD_FIELDS: usize = 4096;
 /// A record with more bytes than this made the reused `ByteRecord` big.
 const BIG_RECORD_BYTES: usize = 1024 * 1024;
+
+/// Whitespace-only lines skipped before the header.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Blank {
+    /// How many.
+    lines: u64,
+    /// Their bytes (object bytes for UTF-8).
+    bytes: u64,
+}
+
+/// Reads past the whitespace-only lines at the start of the text (each
+/// ended by `\n`, `\r\n` or a lone `\r`), then like [`peek`]: up to
+/// [`SNIFF_BYTES`], stopping once the first line that is not blank is in
+/// the buffer. Returns what was skipped, the bytes read after it, and the
+/// reader of the rest.
+async fn skip_blank_lines(mut reader: BoxRead) -> Result<(Blank, Vec<u8>, BoxRead)> {
+    let mut blank = Blank::default();
+    let mut buf = Vec::with_capacity(8192);
+    let mut chunk = vec![0u8; 8192];
+    loop {
+        let mut cut = 0;
+        while let Some((end, _)) = first_line_end(&buf[cut..]) {
+            if !buf[cut..=cut + end].iter().all(u8::is_ascii_whitespace) {
+                break;
+            }
+            cut += end + 1;
+            blank.lines += 1;
+        }
+        if cut > 0 {
+            buf.drain(..cut);
+            blank.bytes += cut as u64;
+        }
+        if buf.len() >= SNIFF_BYTES || first_line_end(&buf).is_some() {
+            break;
+        }
+        let n = reader.read(&mut chunk).await.map_err(|source| Error::Io {
+            line: 1 + blank.lines,
+            source,
+        })?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok((blank, buf, reader))
+}
 
 /// Reads up to `limit` bytes, stopping early once a full line (outside
 /// quotes) is in the buffer; returns them and a reader that yields them
@@ -876,6 +924,85 @@ mod tests {
     }
 
     #[test]
+    fn blank_lines_before_the_header_are_skipped() {
+        for (csv, header_line) in [
+            (&b"\r\nname;value\r\nA;1\r\n"[..], 2),
+            (b"\nname;value\nA;1\n", 2),
+            (b"  \n\t\n\r\nname;value\nA;1\n", 4),
+            (b"\xEF\xBB\xBF\n\nname;value\nA;1\n", 3),
+            (b"\r\rname;value\rA;1\r", 3),
+            // ` \r\n`, `\n`, a lone `\r`, ` \n`: four blank lines.
+            (b" \r\n\n\r \nname;value\nA;1", 5),
+        ] {
+            let (h, rows) = rt().block_on(read_all(csv.to_vec())).unwrap();
+            assert_eq!(h, vec!["name", "value"], "{csv:?}");
+            assert_eq!(
+                rows,
+                vec![(header_line + 1, vec!["A".to_owned(), "1".to_owned()])],
+                "{csv:?}"
+            );
+        }
+        let text = "\n\nName\tValue\nCafé\t5\n";
+        let mut bytes = vec![0xFF, 0xFE];
+        for u in text.encode_utf16() {
+            bytes.extend_from_slice(&u.to_le_bytes());
+        }
+        let (h, rows) = rt().block_on(read_all(bytes)).unwrap();
+        assert_eq!(h, vec!["Name", "Value"]);
+        assert_eq!(rows, vec![(4, vec!["Café".to_owned(), "5".to_owned()])]);
+    }
+
+    #[test]
+    fn many_blank_lines_before_the_header() {
+        let mut csv = "\n".repeat(200_000).into_bytes();
+        csv.extend_from_slice(b"name,value\nA,1\n");
+        let (h, rows) = rt().block_on(read_all(csv)).unwrap();
+        assert_eq!(h, vec!["name", "value"]);
+        assert_eq!(rows[0].0, 200_002);
+    }
+
+    #[test]
+    fn offsets_after_leading_blank_lines_are_exact_for_resume() {
+        let csv = b"\xEF\xBB\xBF\r\n \r\nname;value\r\nA;1\r\nB;\"x\r\ny\"\r\nC;3\r\n".to_vec();
+        let rt = rt();
+        let (dialect, after_a, a_start, rest) = rt.block_on(async {
+            let (_, mut r) = open(std::io::Cursor::new(csv.clone())).await.unwrap();
+            let dialect = r.dialect;
+            let a = r.next().await.unwrap().unwrap();
+            let a_start = Start {
+                line: a.line,
+                byte: a.end_byte - b"A;1\r\n".len() as u64,
+            };
+            let after_a = Start {
+                line: a.next_line,
+                byte: a.end_byte,
+            };
+            let mut rest = Vec::new();
+            while let Some(rec) = r.next().await.unwrap() {
+                rest.push((rec.line, rec.end_byte, rec.next_line));
+            }
+            (dialect, after_a, a_start, rest)
+        });
+        assert_eq!(dialect.delimiter, b';');
+        // BOM 3 + `\r\n` 2 + ` \r\n` 3 + `name;value\r\n` 12 bytes.
+        assert_eq!(a_start, Start { line: 4, byte: 20 });
+        assert_eq!(&csv[20..23], b"A;1");
+        assert_eq!(after_a, Start { line: 5, byte: 25 });
+        assert_eq!(&csv[25..27], b"B;");
+        assert_eq!(rest, vec![(5, 35, 7), (7, 40, 8)]);
+        assert_eq!(csv.len(), 40);
+        rt.block_on(async {
+            let tail = std::io::Cursor::new(csv[after_a.byte as usize..].to_vec());
+            let mut r = resume(tail, dialect, after_a);
+            let mut again = Vec::new();
+            while let Some(rec) = r.next().await.unwrap() {
+                again.push((rec.line, rec.end_byte, rec.next_line));
+            }
+            assert_eq!(again, rest);
+        });
+    }
+
+    #[test]
     fn line_ending_is_told_from_the_first_line() {
         assert_eq!(first_line_end(b"a,b\n"), Some((3, LineEnding::Lf)));
         assert_eq!(first_line_end(b"a,b\r\nc"), Some((4, LineEnding::Lf)));
@@ -919,7 +1046,10 @@ mod tests {
             other => panic!("expected a file error, got {:?}", other.map(|_| ())),
         };
         assert_eq!(code(b""), "empty_file");
+        assert_eq!(code(b"\xEF\xBB\xBF"), "empty_file");
         assert_eq!(code(b"\n\n  \n"), "no_header");
+        assert_eq!(code(b"\r\n\r"), "no_header");
+        assert_eq!(code(b"\n\n,,\n1,2,3\n"), "no_header");
         assert_eq!(code(b"PK\x03\x04binary"), "not_csv");
         assert_eq!(code(b"a,b\x00c\n"), "not_csv");
         assert_eq!(code(b",,\n1,2,3\n"), "no_header");
