@@ -8,7 +8,7 @@ use bson::{DateTime, Document, doc};
 use mongodb::Database;
 
 use crate::domain::text::header_key;
-use crate::domain::{DealField, RecordKind, collections};
+use crate::domain::{ContactField, DealField, RecordKind, collections};
 use crate::fetch::{self, Storage};
 
 /// Errors of `enqueue`.
@@ -72,53 +72,64 @@ pub fn read_mapping(path: &Path) -> Result<Vec<(String, String)>, Error> {
         .collect()
 }
 
-/// The mapping a user would get by accepting the wizard's suggestions:
-/// headers whose name is a standard field's (ignoring case, spaces and
-/// underscores), plus the usual synonyms.
-pub fn suggest_mapping(headers: &[String]) -> Vec<(String, String)> {
+/// The mapping a user would get by accepting the wizard's suggestions for
+/// an import of `kind`: headers whose name is a standard field's (ignoring
+/// case, spaces and underscores), plus the usual synonyms.
+pub fn suggest_mapping(kind: RecordKind, headers: &[String]) -> Vec<(String, String)> {
     headers
         .iter()
         .filter_map(|h| {
             let key = header_key(h).replace(['_', '-'], " ");
-            let field = match key.as_str() {
-                "name" | "deal name" | "deal" | "title" => Some(DealField::Name),
-                "stage" | "stage id" | "deal stage" => Some(DealField::StageId),
-                "value" | "amount" | "deal value" => Some(DealField::Value),
-                "close date" | "expected close date" => Some(DealField::ExpectedCloseDate),
-                "contact email" | "email" => Some(DealField::ContactEmail),
-                "contact name" | "contact" => Some(DealField::ContactName),
-                other => DealField::ALL
-                    .into_iter()
-                    .find(|f| f.as_str().replace('_', " ") == other),
+            let field = match kind {
+                RecordKind::Deals => suggest_deal_field(&key).map(DealField::as_str),
+                RecordKind::Contacts => suggest_contact_field(&key).map(ContactField::as_str),
             };
-            field.map(|f| (h.clone(), f.as_str().to_owned()))
+            field.map(|f| (h.clone(), f.to_owned()))
         })
         .collect()
 }
 
-fn read_headers(path: &Path) -> Result<Vec<String>, Error> {
-    use std::io::BufRead;
-    let f = std::fs::File::open(path).map_err(|e| Error::Input {
+fn suggest_deal_field(key: &str) -> Option<DealField> {
+    match key {
+        "name" | "deal name" | "deal" | "title" => Some(DealField::Name),
+        "stage" | "stage id" | "deal stage" => Some(DealField::StageId),
+        "value" | "amount" | "deal value" => Some(DealField::Value),
+        "close date" | "expected close date" => Some(DealField::ExpectedCloseDate),
+        "contact email" | "email" => Some(DealField::ContactEmail),
+        "contact name" | "contact" => Some(DealField::ContactName),
+        other => DealField::ALL
+            .into_iter()
+            .find(|f| f.as_str().replace('_', " ") == other),
+    }
+}
+
+fn suggest_contact_field(key: &str) -> Option<ContactField> {
+    match key {
+        "email" | "e mail" | "email address" | "mail" => Some(ContactField::Email),
+        "first name" | "firstname" | "given name" => Some(ContactField::FirstName),
+        "last name" | "lastname" | "surname" | "family name" => Some(ContactField::LastName),
+        "name" | "full name" | "contact name" | "contact" => Some(ContactField::Name),
+        "phone" | "phone number" | "telephone" | "mobile" => Some(ContactField::Phone),
+        "company" | "organization" | "organisation" | "company name" => Some(ContactField::Company),
+        _ => None,
+    }
+}
+
+/// The header row of a local CSV, read by the importer's own parser (so
+/// encodings, delimiters, quotes and leading blank lines are handled as
+/// the daemon will handle them).
+async fn read_headers(path: &Path) -> Result<Vec<String>, Error> {
+    let input = |message: String| Error::Input {
         path: path.to_owned(),
-        message: e.to_string(),
-    })?;
-    let mut first = String::new();
-    std::io::BufReader::new(f)
-        .read_line(&mut first)
-        .map_err(|e| Error::Input {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-    let delim = crate::parse::detect_delimiter(first.as_bytes()) as char;
-    Ok(first
-        .trim_end_matches(['\r', '\n'])
-        .split(delim)
-        .map(|h| {
-            h.trim_matches('"')
-                .trim_start_matches('\u{feff}')
-                .to_owned()
-        })
-        .collect())
+        message,
+    };
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| input(e.to_string()))?;
+    let (headers, _) = crate::parse::open(file)
+        .await
+        .map_err(|e| input(e.to_string()))?;
+    Ok(headers)
 }
 
 /// Uploads the file to `imports/<account>/<uuid>/<file name>` and inserts
@@ -134,7 +145,7 @@ pub async fn enqueue(db: &Database, storage: &Storage, req: &Request) -> Result<
         })?;
     let mappings = match &req.mappings {
         Some(m) => m.clone(),
-        None => suggest_mapping(&read_headers(&req.file)?),
+        None => suggest_mapping(req.kind, &read_headers(&req.file).await?),
     };
     let key = format!(
         "imports/{}/{}/{}",
@@ -191,11 +202,40 @@ mod tests {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let m = suggest_mapping(&h);
+        let m = suggest_mapping(RecordKind::Deals, &h);
         let targets: Vec<&str> = m.iter().map(|(_, t)| t.as_str()).collect();
         assert_eq!(
             targets,
             ["name", "value", "stage_id", "status", "contact_email"]
         );
+    }
+
+    #[test]
+    fn contact_suggestions_use_contact_fields() {
+        let h: Vec<String> = [
+            "E-mail",
+            "First Name",
+            "Surname",
+            "Mobile",
+            "Organisation",
+            "Notes",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let m = suggest_mapping(RecordKind::Contacts, &h);
+        let targets: Vec<&str> = m.iter().map(|(_, t)| t.as_str()).collect();
+        assert_eq!(
+            targets,
+            ["email", "first_name", "last_name", "phone", "company"]
+        );
+    }
+
+    #[tokio::test]
+    async fn headers_are_read_as_the_daemon_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("semi.csv");
+        std::fs::write(&path, "\r\n\u{feff}\"Deal Name\";Value\r\nA;1\r\n").unwrap();
+        assert_eq!(read_headers(&path).await.unwrap(), ["Deal Name", "Value"]);
     }
 }
