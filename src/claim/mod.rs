@@ -336,6 +336,18 @@ impl Claimer {
                 },
             )
             .await?;
+        // A cancellation does not wait out a backoff: the next claim ends
+        // the import `cancelled`.
+        self.queues
+            .update_many(
+                doc! {
+                    "status": JobState::Pending.as_str(),
+                    "cancel_requested": true,
+                    "retry_at": { "$gt": now },
+                },
+                doc! { "$set": { "retry_at": now } },
+            )
+            .await?;
         // A delivery whose sender died goes back to pending.
         for channel in [Channel::Email, Channel::Webhook] {
             self.queues
