@@ -137,6 +137,7 @@ fn request(
         ),
         tags: vec!["chaos".into()],
         duplicate_strategy: None,
+        dry_run: false,
     }
 }
 

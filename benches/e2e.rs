@@ -322,6 +322,7 @@ async fn import_run(
         mappings: Some(mapping()),
         tags: vec!["bench".into()],
         duplicate_strategy: None,
+        dry_run: false,
     };
     let log = root().join(format!("bench/results/daemon-{tag}.log"));
     let (daemon, id) = match resume_at {

@@ -66,6 +66,9 @@ enum Command {
         /// create | skip | update
         #[arg(long)]
         duplicate_strategy: Option<String>,
+        /// Check every line and report, import nothing.
+        #[arg(long)]
+        dry_run: bool,
         /// Wait until the import is final and print its status.
         #[arg(long)]
         wait: bool,
@@ -171,6 +174,7 @@ async fn support(
             mapping,
             tags,
             duplicate_strategy,
+            dry_run,
             wait,
         } => {
             let kind = match source {
@@ -193,6 +197,7 @@ async fn support(
                 mappings,
                 tags,
                 duplicate_strategy,
+                dry_run,
             };
             let id = enqueue::enqueue(db, &storage, &req)
                 .await
@@ -274,6 +279,7 @@ async fn support(
                 mappings,
                 tags: vec!["demo".into()],
                 duplicate_strategy: None,
+                dry_run: false,
             };
             let id = enqueue::enqueue(db, &storage, &req)
                 .await

@@ -45,7 +45,7 @@ use crate::domain::{
     DuplicateStrategy, FileError, ImportSpec, JobState, LineNo, RecordKind, collections,
 };
 use crate::fetch::{self, Storage};
-use crate::map::{FailedRow, MappedContact, MappedDeal, Plan, RawCells, Rules};
+use crate::map::{FailedRow, Mapped, MappedContact, MappedDeal, Plan, RawCells, Rules};
 use crate::outcomes::{self, BatchOutcome, Totals};
 use crate::parse::{self, Records, Start};
 use crate::stages::StageCache;
@@ -529,6 +529,26 @@ async fn import(
         stop,
         channel: settings.import.channel_batches.get(),
     };
+    if spec.dry_run {
+        // Every line checked, its outcome recorded; no record, stage or
+        // contact written.
+        let mut sink = CheckSink {
+            db: svc.db.clone(),
+            queue_id: lease.queue_id,
+        };
+        let writers = settings.import.writers.get();
+        return match spec.kind {
+            RecordKind::Deals => {
+                let map = move |line, fields: &csv_async::ByteRecord| plan.map_deal(line, fields);
+                run.drive(tracker, source, map, writers, &mut sink).await
+            }
+            RecordKind::Contacts => {
+                let map =
+                    move |line, fields: &csv_async::ByteRecord| plan.map_contact(line, fields);
+                run.drive(tracker, source, map, writers, &mut sink).await
+            }
+        };
+    }
     match pipeline_id {
         Some(pipeline_id) => {
             let mut sink = DealSink::new(svc, lease.queue_id, spec, pipeline_id, &plan).await?;
@@ -771,6 +791,70 @@ impl Sink<MappedDeal> for DealSink {
     }
 }
 
+/// A dry run's sink: records each line's outcome (a valid row "would be
+/// imported"), writes nothing else.
+struct CheckSink {
+    db: Database,
+    queue_id: ObjectId,
+}
+
+impl<R: Mapped + Send + 'static> Sink<R> for CheckSink {
+    async fn start(&mut self, batch: Batch<R>) -> Result<AbortOnDropHandle<Written>, Abort> {
+        let (db, queue_id) = (self.db.clone(), self.queue_id);
+        Ok(AbortOnDropHandle::new(tokio::spawn(
+            async move {
+                let mut outcome = BatchOutcome {
+                    first_line: batch.first_line,
+                    last_line: batch.last_line,
+                    imported: Vec::with_capacity(batch.rows.len()),
+                    updated: Vec::new(),
+                    skipped: Vec::new(),
+                    failed: Vec::new(),
+                    contacts_created: 0,
+                };
+                for row in batch.rows {
+                    match row {
+                        Ok(r) => outcome.imported.push(r.line()),
+                        Err(f) => outcome.failed.push(*f),
+                    }
+                }
+                record_outcome(&db, queue_id, &outcome).await?;
+                Ok(Done {
+                    outcome,
+                    end: batch.end,
+                    records_end: batch.records_end,
+                    skipped_raws: Vec::new(),
+                    failed_creates: Vec::new(),
+                })
+            }
+            .in_current_span(),
+        )))
+    }
+
+    async fn roll_back(&self) -> Result<(), Abort> {
+        (|| outcomes::delete_batches(&self.db, self.queue_id))
+            .retry(write_retry())
+            .when(crate::db::is_transient)
+            .await
+            .map_err(|e| Abort::Transient(error_chain(&e)))?;
+        Ok(())
+    }
+}
+
+/// Stores a batch's outcomes, retrying transient failures.
+async fn record_outcome(
+    db: &Database,
+    queue_id: ObjectId,
+    outcome: &BatchOutcome,
+) -> Result<(), Abort> {
+    (|| outcomes::record_batch(db, queue_id, outcome))
+        .retry(write_retry())
+        .when(crate::db::is_transient)
+        .notify(|e, _| warn!(error = %error_chain(e), "Outcome write failed; retrying"))
+        .await?;
+    Ok(())
+}
+
 /// Writes a contacts import.
 struct ContactSink {
     db: Database,
@@ -837,11 +921,7 @@ async fn write_contacts(
     }
     outcome.contacts_created = outcome.imported.len() as u64;
     outcome.failed.sort_by_key(|f| f.error.line);
-    (|| outcomes::record_batch(&db, queue_id, &outcome))
-        .retry(write_retry())
-        .when(crate::db::is_transient)
-        .notify(|e, _| warn!(error = %error_chain(e), "Outcome write failed; retrying"))
-        .await?;
+    record_outcome(&db, queue_id, &outcome).await?;
     metrics::histogram!(m::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
     Ok(Done {
         outcome,
@@ -1168,11 +1248,7 @@ async fn write_batch(
         }
     }
     outcome.failed.sort_by_key(|f| f.error.line);
-    (|| outcomes::record_batch(&db, queue_id, &outcome))
-        .retry(write_retry())
-        .when(crate::db::is_transient)
-        .notify(|e, _| warn!(error = %error_chain(e), "Outcome write failed; retrying"))
-        .await?;
+    record_outcome(&db, queue_id, &outcome).await?;
     metrics::histogram!(m::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
     Ok(Done {
         outcome,
@@ -1234,10 +1310,7 @@ async fn settle_own(
     outcome.skipped = kept;
     if moved {
         outcome.failed.sort_by_key(|f| f.error.line);
-        (|| outcomes::record_batch(db, queue_id, outcome))
-            .retry(write_retry())
-            .when(crate::db::is_transient)
-            .await?;
+        record_outcome(db, queue_id, outcome).await?;
     }
     Ok(())
 }

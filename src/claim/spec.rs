@@ -117,6 +117,7 @@ pub fn spec_from_doc(doc: &Document) -> Result<ImportSpec, FileError> {
         pipeline_id,
         tags,
         duplicate_strategy,
+        dry_run: additional.and_then(|a| a.get_bool("dry_run").ok()) == Some(true),
     })
 }
 

@@ -53,6 +53,8 @@ pub struct Request {
     pub tags: Vec<String>,
     /// `create` | `skip` | `update`.
     pub duplicate_strategy: Option<String>,
+    /// Check only (`additional_data.dry_run`).
+    pub dry_run: bool,
 }
 
 /// Reads a mapping file: a JSON object `{ "CSV header": "target" }`, in order.
@@ -164,6 +166,9 @@ pub async fn enqueue(db: &Database, storage: &Storage, req: &Request) -> Result<
     }
     if let Some(s) = &req.duplicate_strategy {
         additional.insert("duplicate_strategy", s.as_str());
+    }
+    if req.dry_run {
+        additional.insert("dry_run", true);
     }
     let id = ObjectId::new();
     db.collection::<Document>(collections::QUEUES)

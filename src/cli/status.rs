@@ -47,6 +47,12 @@ impl ImportStatus {
                 c.get_str("name").unwrap_or("?")
             ));
         }
+        if q.get_document("additional_data")
+            .and_then(|a| a.get_bool("dry_run"))
+            == Ok(true)
+        {
+            out.push_str("  dry run:  every line checked, nothing written\n");
+        }
         if let Ok(p) = q.get_document("progress") {
             let n = |k: &str| {
                 p.get(k)

@@ -282,6 +282,8 @@ pub struct ImportSpec {
     pub tags: Vec<String>,
     /// `additional_data.duplicate_strategy`.
     pub duplicate_strategy: DuplicateStrategy,
+    /// `additional_data.dry_run`: check every line, write no record.
+    pub dry_run: bool,
 }
 
 /// A file-level problem: the import ends `failed` with [`FileError::code`].

@@ -119,6 +119,24 @@ pub struct MappedDeal {
     pub raw: RawCells,
 }
 
+/// A valid row of either kind.
+pub trait Mapped {
+    /// Physical line where its record starts.
+    fn line(&self) -> LineNo;
+}
+
+impl Mapped for MappedDeal {
+    fn line(&self) -> LineNo {
+        self.line
+    }
+}
+
+impl Mapped for MappedContact {
+    fn line(&self) -> LineNo {
+        self.line
+    }
+}
+
 /// A valid contact row, ready for writing.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MappedContact {

@@ -359,6 +359,7 @@ pub async fn open_summary(db: &Database, spec: &ImportSpec) -> Result<ObjectId> 
                     "account_id": spec.account_id,
                     "user_id": spec.user_id,
                     "source": spec.kind.as_str(),
+                    "dry_run": spec.dry_run,
                     "file_name": &spec.file_name,
                     "started_at": DateTime::now(),
                     "logs": [],

@@ -323,7 +323,10 @@ impl Notifier {
             };
             let result = if state == "pending" { "retry" } else { state };
             metrics::counter!(m::NOTIFICATIONS, "channel" => "email", "result" => result).increment(1);
-            let webhook_due = state != "pending" && self.services.settings.crm.webhook_url.is_some();
+            // A dry run changed nothing the CRM's automations could act on.
+            let webhook_due = state != "pending"
+                && self.services.settings.crm.webhook_url.is_some()
+                && !is_dry_run(&doc);
             if webhook_due {
                 // Due from the moment the email's result is recorded, in
                 // the same update: a crash right after loses no webhook.
@@ -458,6 +461,7 @@ impl Notifier {
                 .ok()
                 .and_then(RecordKind::from_source)
                 .unwrap_or(RecordKind::Deals),
+            dry_run: is_dry_run(q),
             first_name,
             file_name: file_name(q),
             ending,
@@ -588,6 +592,13 @@ impl Notifier {
                 .await,
         )
     }
+}
+
+/// Whether the queue document asks for a dry run.
+fn is_dry_run(q: &Document) -> bool {
+    q.get_document("additional_data")
+        .and_then(|a| a.get_bool("dry_run"))
+        .unwrap_or(false)
 }
 
 fn file_name(q: &Document) -> String {

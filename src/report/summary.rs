@@ -28,6 +28,8 @@ pub enum Ending {
 pub struct ImportSummary {
     /// What the import wrote.
     pub kind: RecordKind,
+    /// A dry run: lines checked, nothing written.
+    pub dry_run: bool,
     /// Recipient's first name, if known.
     pub first_name: Option<String>,
     /// Original file name.
@@ -107,13 +109,16 @@ impl ImportSummary {
     /// failed (deals-q4.csv)`.
     pub fn subject(&self) -> String {
         let t = &self.totals;
-        let what = match self.kind {
-            RecordKind::Deals => "Deal import",
-            RecordKind::Contacts => "Contact import",
+        let what = match (self.kind, self.dry_run) {
+            (RecordKind::Deals, false) => "Deal import",
+            (RecordKind::Contacts, false) => "Contact import",
+            (RecordKind::Deals, true) => "Deal import check",
+            (RecordKind::Contacts, true) => "Contact import check",
         };
+        let imported = if self.dry_run { "ready" } else { "imported" };
         match &self.ending {
             Ending::Completed => {
-                let mut parts = vec![format!("{} imported", thousands(t.imported))];
+                let mut parts = vec![format!("{} {imported}", thousands(t.imported))];
                 if t.updated > 0 {
                     parts.push(format!("{} updated", thousands(t.updated)));
                 }
@@ -134,6 +139,10 @@ impl ImportSummary {
 
     fn headline(&self) -> String {
         match &self.ending {
+            Ending::Completed if self.dry_run => format!(
+                "Your file {} was checked line by line; nothing was imported. Rows counted as imported below are ready to import; fix the failed ones and import the file.",
+                self.file_name
+            ),
             Ending::Completed => format!("Your import of {} has finished.", self.file_name),
             Ending::Cancelled => format!(
                 "Your import of {} was cancelled. The rows imported before it stopped are kept.",
@@ -152,7 +161,14 @@ impl ImportSummary {
         let t = &self.totals;
         let mut counts = vec![
             ("Rows", thousands(t.rows)),
-            ("Imported", thousands(t.imported)),
+            (
+                if self.dry_run {
+                    "Ready to import"
+                } else {
+                    "Imported"
+                },
+                thousands(t.imported),
+            ),
             ("Updated", thousands(t.updated)),
             ("Skipped", thousands(t.skipped)),
             ("Failed", thousands(t.failed)),
@@ -206,6 +222,7 @@ mod tests {
     fn summary() -> ImportSummary {
         ImportSummary {
             kind: RecordKind::Deals,
+            dry_run: false,
             first_name: Some("Olive".into()),
             file_name: "deals-q4.csv".into(),
             ending: Ending::Completed,
@@ -252,6 +269,12 @@ mod tests {
             "Contact import finished: 98,765 imported, 12 skipped, 1,235 failed (deals-q4.csv)"
         );
         assert!(!s.text().unwrap().contains("Contacts created"));
+        s.dry_run = true;
+        assert_eq!(
+            s.subject(),
+            "Contact import check finished: 98,765 ready, 12 skipped, 1,235 failed (deals-q4.csv)"
+        );
+        assert!(s.text().unwrap().contains("nothing was imported"));
     }
 
     #[test]

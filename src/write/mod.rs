@@ -497,6 +497,7 @@ mod tests {
             pipeline_id: None,
             tags: vec!["q4".into(), "fair".into()],
             duplicate_strategy: DuplicateStrategy::Create,
+            dry_run: false,
         }
     }
 

@@ -683,6 +683,7 @@ async fn bulk_updates_report_each_line() {
         pipeline_id: Some(app.pipeline_id),
         tags: Vec::new(),
         duplicate_strategy: importd::domain::DuplicateStrategy::Update,
+        dry_run: false,
     };
     let deals = app.coll(collections::DEALS);
     let ids: Vec<ObjectId> = (0..1_200).map(|_| ObjectId::new()).collect();

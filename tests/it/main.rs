@@ -6,6 +6,7 @@ mod config_cli;
 mod contacts;
 mod contacts_import;
 mod deals;
+mod dry_run;
 mod helpers;
 mod http;
 mod indexes;
