@@ -599,8 +599,10 @@ trait Sink<R> {
     async fn settle(&mut self, _done: &mut Done) -> Result<(), Abort> {
         Ok(())
     }
-    /// Takes back what the import wrote (over the row limit).
-    async fn roll_back(&self) -> Result<(), Abort>;
+    /// Over the row limit: takes back what the import wrote, if it can.
+    /// Returns whether it did (else what was written stays, and is
+    /// reported).
+    async fn roll_back(&self) -> Result<bool, Abort>;
 }
 
 /// The shared context of one run's write loop.
@@ -689,12 +691,15 @@ impl Run<'_> {
             .await
             .map_err(|e| Abort::Transient(format!("parser task failed: {e}")))?
         {
-            Err(Abort::File(e @ FileError::TooManyRows { .. })) => {
-                // Over the row limit: the import fails as a whole, so take
-                // back what its first batches wrote (a split and re-imported
-                // file must not meet these rows again).
-                sink.roll_back().await?;
-                return Err(Abort::File(e));
+            Err(Abort::File(FileError::TooManyRows { limit })) => {
+                // Over the row limit: the import fails. Deals are taken back
+                // (a split and re-imported file must not meet these rows
+                // again); contacts may be shared by then, so they stay.
+                return Err(Abort::File(if sink.roll_back().await? {
+                    FileError::TooManyRows { limit }
+                } else {
+                    FileError::TooManyRowsKept { limit }
+                }));
             }
             other => other?,
         };
@@ -786,8 +791,9 @@ impl Sink<MappedDeal> for DealSink {
         .await
     }
 
-    async fn roll_back(&self) -> Result<(), Abort> {
-        roll_back(&self.db, collections::DEALS, self.queue_id).await
+    async fn roll_back(&self) -> Result<bool, Abort> {
+        roll_back(&self.db, collections::DEALS, self.queue_id).await?;
+        Ok(true)
     }
 }
 
@@ -831,13 +837,13 @@ impl<R: Mapped + Send + 'static> Sink<R> for CheckSink {
         )))
     }
 
-    async fn roll_back(&self) -> Result<(), Abort> {
+    async fn roll_back(&self) -> Result<bool, Abort> {
         (|| outcomes::delete_batches(&self.db, self.queue_id))
             .retry(write_retry())
             .when(crate::db::is_transient)
             .await
             .map_err(|e| Abort::Transient(error_chain(&e)))?;
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -873,8 +879,10 @@ impl Sink<MappedContact> for ContactSink {
         )))
     }
 
-    async fn roll_back(&self) -> Result<(), Abort> {
-        roll_back(&self.db, collections::CONTACTS, self.queue_id).await
+    async fn roll_back(&self) -> Result<bool, Abort> {
+        // Other imports may already link to, skip against or update the
+        // contacts it created: they stay, with their line outcomes.
+        Ok(false)
     }
 }
 
@@ -1016,6 +1024,14 @@ where
         if let Some(limit) = max_rows
             && count > limit
         {
+            // The rows up to the limit are written (and taken back, or
+            // kept, by the sink) like any others.
+            if let Some(last) = batch.take() {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tx.send(last) => {}
+                }
+            }
             return Err(Abort::File(FileError::TooManyRows { limit }));
         }
         let line = record.line;

@@ -338,6 +338,15 @@ pub enum FileError {
         /// Configured limit.
         limit: u64,
     },
+    /// Over `import.max_rows`, in a contacts import: the contacts of the
+    /// rows up to the limit stay (other imports may use them by then).
+    #[error(
+        "The file has more than {limit} rows. Its first {limit} rows were processed (imported, updated, skipped or failed: see the summary); the rows after them were not. Please import those as a separate file of at most {limit} rows."
+    )]
+    TooManyRowsKept {
+        /// Configured limit.
+        limit: u64,
+    },
     /// The mapping is unusable.
     #[error("The column mapping is invalid: {0}")]
     MappingInvalid(String),
@@ -363,7 +372,7 @@ impl FileError {
             Self::NotCsv => "not_csv",
             Self::Malformed { .. } => "malformed_csv",
             Self::FileTooLarge { .. } => "file_too_large",
-            Self::TooManyRows { .. } => "too_many_rows",
+            Self::TooManyRows { .. } | Self::TooManyRowsKept { .. } => "too_many_rows",
             Self::MappingInvalid(_) => "mapping_invalid",
             Self::PipelineNotFound => "pipeline_not_found",
             Self::TooManyAttempts(_) => "too_many_attempts",

@@ -115,13 +115,9 @@ impl ContactWriter {
             for &k in &conflicts {
                 let c = &groups[k].contact;
                 first[k] = match stored.get(c.email.as_str()) {
-                    Some(&id) if id == self.id_of(c.line)? => {
-                        // Re-applying the rows is harmless (same values).
-                        if update {
-                            updates.push((k, id));
-                        }
-                        ContactWrite::AlreadyImported
-                    }
+                    // Created by this line in an earlier run, from the same
+                    // merged rows: nothing to apply again.
+                    Some(&id) if id == self.id_of(c.line)? => ContactWrite::AlreadyImported,
                     Some(&id) if update => {
                         updates.push((k, id));
                         ContactWrite::Updated(id)

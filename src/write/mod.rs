@@ -128,6 +128,21 @@ pub(crate) async fn update_command(
     Ok(reply)
 }
 
+/// `$nor` clause of an update by line `line` of import `queue_id`: the record
+/// matches unless a line of this import at or after `line` already updated
+/// it. A replayed batch (a resumed import re-reads from its checkpoint)
+/// therefore never writes an older line over a newer one.
+pub(crate) fn not_superseded(queue_id: ObjectId, line: LineNo) -> RawArrayBuf {
+    let mut by = raw_with_capacity(96);
+    by.append_ref("last_import.queue_id", queue_id);
+    let mut gte = raw_with_capacity(24);
+    gte.append_ref("$gte", line as i64);
+    by.append_ref("last_import.line", &gte);
+    let mut nor = RawArrayBuf::new();
+    nor.push(by);
+    nor
+}
+
 /// Starting size of a deal's BSON buffer: a typical deal fits, so building
 /// one costs a single allocation.
 const DEAL_CAPACITY: usize = 512;
@@ -286,8 +301,13 @@ impl DealWriter {
         let mut bytes = 0;
         let mut first = 0;
         for (i, (id, set)) in updates.iter().enumerate() {
+            let line = set
+                .get_document("last_import")
+                .ok()
+                .and_then(|l| l.get_i64("line").ok())
+                .unwrap_or_default();
             let mut statement = RawDocumentBuf::new();
-            statement.append("q", self.deal_filter(*id));
+            statement.append("q", self.deal_filter(*id, line as LineNo));
             let mut u = raw_with_capacity(set.as_bytes().len() + 16);
             u.append_ref("$set", &**set);
             statement.append("u", u);
@@ -304,11 +324,12 @@ impl DealWriter {
         Ok(results)
     }
 
-    fn deal_filter(&self, id: ObjectId) -> RawDocumentBuf {
+    fn deal_filter(&self, id: ObjectId, line: LineNo) -> RawDocumentBuf {
         let mut q = RawDocumentBuf::new();
         q.append("_id", id);
         q.append("account_id", self.builder.account_id);
         q.append("pipeline_id", self.builder.pipeline_id);
+        q.append("$nor", not_superseded(self.builder.queue_id, line));
         q
     }
 

@@ -9,7 +9,9 @@ use std::time::Duration;
 use bson::oid::ObjectId;
 use bson::{Document, doc};
 use importd::domain::{collections, contact_id};
+use importd::map::MappedContact;
 use importd::outcomes::{self, LineOutcome};
+use importd::write::{ContactWrite, ContactWriter};
 
 use crate::helpers::{SmtpCatcher, TestApp, get_i64, settings_with_smtp, test_settings};
 
@@ -337,7 +339,7 @@ async fn contacts_imports_refuse_create_a_missing_email_column_too_many_rows_and
             "not available for contacts",
         ),
         (no_email, "mapping_invalid", "\"email\""),
-        (too_many, "too_many_rows", "nothing was imported"),
+        (too_many, "too_many_rows", "first 5 rows were processed"),
     ] {
         let q = app.wait_final(id, LONG).await;
         assert_eq!(q.get_str("status").unwrap(), "failed", "{q}");
@@ -345,8 +347,78 @@ async fn contacts_imports_refuse_create_a_missing_email_column_too_many_rows_and
         assert_eq!(e.get_str("code").unwrap(), code, "{q}");
         assert!(e.get_str("message").unwrap().contains(words), "{q}");
     }
-    // The batches written before the limit was met were taken back.
-    assert_eq!(app.count(collections::CONTACTS, doc! {}).await, 0);
-    assert_eq!(app.count(collections::IMPORT_LINES, doc! {}).await, 0);
+    // The rows up to the limit were written and stay (other imports may
+    // use their contacts by then), each with its outcome; none after.
+    assert_eq!(app.count(collections::CONTACTS, doc! {}).await, 5);
+    assert_eq!(
+        app.count(collections::CONTACTS, doc! { "email": "r5@x.co" })
+            .await,
+        0
+    );
+    let q = app.queue(too_many).await;
+    assert_eq!(get_i64(&q, "progress.imported_rows"), 5, "{q}");
+    app.cleanup().await;
+}
+
+/// A resumed `update` import replays the batches after its checkpoint:
+/// neither the line that created a contact nor an older update may write
+/// over what a newer line of the import set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_update_batch_never_writes_an_older_line_over_a_newer_one() {
+    let app = TestApp::new().await;
+    let spec = importd::domain::ImportSpec {
+        queue_id: ObjectId::new(),
+        kind: importd::domain::RecordKind::Contacts,
+        user_id: app.user_id,
+        account_id: app.account_id,
+        parent_account: None,
+        client_id: None,
+        csv_key: "k".into(),
+        file_name: "f.csv".into(),
+        mappings: Vec::new(),
+        pipeline_id: None,
+        tags: Vec::new(),
+        duplicate_strategy: importd::domain::DuplicateStrategy::Update,
+        dry_run: false,
+    };
+    let existing = ObjectId::new();
+    app.coll(collections::CONTACTS)
+        .insert_one(doc! { "_id": existing, "account_id": app.account_id, "email": "old@x.co" })
+        .await
+        .unwrap();
+    let writer = ContactWriter::new(app.coll(collections::CONTACTS), &spec);
+    let row = |line, email: &str, phone: &str| MappedContact {
+        line,
+        email: email.into(),
+        phone: Some(phone.into()),
+        ..MappedContact::default()
+    };
+    let first = [row(2, "new@x.co", "111"), row(3, "old@x.co", "111")];
+    let second = [row(1500, "new@x.co", "222"), row(1501, "old@x.co", "222")];
+    let created = contact_id(&spec.queue_id, 2).unwrap();
+    assert_eq!(
+        writer.write(&first).await.unwrap(),
+        [ContactWrite::Created, ContactWrite::Updated(existing)]
+    );
+    writer.write(&second).await.unwrap();
+    // The first batch again, as after a crash before its checkpoint.
+    assert_eq!(
+        writer.write(&first).await.unwrap(),
+        [
+            ContactWrite::AlreadyImported,
+            ContactWrite::Updated(existing)
+        ]
+    );
+    for email in ["new@x.co", "old@x.co"] {
+        let c = contact(&app, email).await;
+        assert_eq!(c.get_str("phone").unwrap(), "222", "{c}");
+    }
+    assert_eq!(
+        contact(&app, "new@x.co")
+            .await
+            .get_object_id("_id")
+            .unwrap(),
+        created
+    );
     app.cleanup().await;
 }

@@ -733,6 +733,28 @@ async fn bulk_updates_report_each_line() {
     assert_eq!(d.get_str("name").unwrap(), "new 1199");
     // A replay changes nothing and reports the same.
     assert_eq!(writer.update(&updates).await.unwrap(), results);
+
+    // A replayed older line never writes over a newer line of the import
+    // (a resume re-reads batches the newer line's batch came after).
+    let by_line = |line: i64, name: &str| {
+        bson::RawDocumentBuf::from_document(&doc! {
+            "name": name,
+            "last_import": { "queue_id": spec.queue_id, "line": line },
+        })
+        .unwrap()
+    };
+    let (newer, older) = (by_line(1_500, "line 1500"), by_line(3, "line 3"));
+    let target = ids[0];
+    for set in [&newer, &older] {
+        let r = writer.update(&[(target, set)]).await.unwrap();
+        assert_eq!(r, [importd::write::LineWrite::Updated]);
+    }
+    let d = deals
+        .find_one(doc! { "_id": target })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.get_str("name").unwrap(), "line 1500");
     app.cleanup().await;
 }
 
