@@ -181,6 +181,49 @@ struct Batch<R> {
     bytes: usize,
 }
 
+/// Where a batch ends in the file.
+struct Mark {
+    end: Start,
+    records_end: u64,
+}
+
+impl Mark {
+    /// The batch written, with `outcome`.
+    fn done(self, outcome: BatchOutcome) -> Done {
+        Done {
+            outcome,
+            end: self.end,
+            records_end: self.records_end,
+            skipped_raws: Vec::new(),
+            failed_creates: Vec::new(),
+        }
+    }
+}
+
+impl<R> Batch<R> {
+    /// Its outcome so far (the rows mapping refused, as failed lines), its
+    /// valid rows, and where it ends.
+    fn split(self) -> (BatchOutcome, Vec<R>, Mark) {
+        let mut outcome = BatchOutcome {
+            first_line: self.first_line,
+            last_line: self.last_line,
+            ..BatchOutcome::default()
+        };
+        let mut rows = Vec::with_capacity(self.rows.len());
+        for row in self.rows {
+            match row {
+                Ok(r) => rows.push(r),
+                Err(f) => outcome.failed.push(*f),
+            }
+        }
+        let mark = Mark {
+            end: self.end,
+            records_end: self.records_end,
+        };
+        (outcome, rows, mark)
+    }
+}
+
 /// Most record bytes a batch holds before it is cut early: a batch of huge
 /// rows stays a few MB in memory, never `batch_size` × 32 MB.
 const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
@@ -809,29 +852,10 @@ impl<R: Mapped + Send + 'static> Sink<R> for CheckSink {
         let (db, queue_id) = (self.db.clone(), self.queue_id);
         Ok(AbortOnDropHandle::new(tokio::spawn(
             async move {
-                let mut outcome = BatchOutcome {
-                    first_line: batch.first_line,
-                    last_line: batch.last_line,
-                    imported: Vec::with_capacity(batch.rows.len()),
-                    updated: Vec::new(),
-                    skipped: Vec::new(),
-                    failed: Vec::new(),
-                    contacts_created: 0,
-                };
-                for row in batch.rows {
-                    match row {
-                        Ok(r) => outcome.imported.push(r.line()),
-                        Err(f) => outcome.failed.push(*f),
-                    }
-                }
+                let (mut outcome, rows, mark) = batch.split();
+                outcome.imported = rows.iter().map(Mapped::line).collect();
                 record_outcome(&db, queue_id, &outcome).await?;
-                Ok(Done {
-                    outcome,
-                    end: batch.end,
-                    records_end: batch.records_end,
-                    skipped_raws: Vec::new(),
-                    failed_creates: Vec::new(),
-                })
+                Ok(mark.done(outcome))
             }
             .in_current_span(),
         )))
@@ -895,22 +919,7 @@ async fn write_contacts(
     batch: Batch<MappedContact>,
 ) -> Written {
     let started = Instant::now();
-    let mut rows = Vec::with_capacity(batch.rows.len());
-    let mut outcome = BatchOutcome {
-        first_line: batch.first_line,
-        last_line: batch.last_line,
-        imported: Vec::with_capacity(batch.rows.len()),
-        updated: Vec::new(),
-        skipped: Vec::new(),
-        failed: Vec::new(),
-        contacts_created: 0,
-    };
-    for row in batch.rows {
-        match row {
-            Ok(c) => rows.push(c),
-            Err(f) => outcome.failed.push(*f),
-        }
-    }
+    let (mut outcome, rows, mark) = batch.split();
     let results = (|| writer.write(&rows))
         .retry(write_retry())
         .when(|e| e.is_transient())
@@ -931,13 +940,7 @@ async fn write_contacts(
     outcome.failed.sort_by_key(|f| f.error.line);
     record_outcome(&db, queue_id, &outcome).await?;
     metrics::histogram!(m::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
-    Ok(Done {
-        outcome,
-        end: batch.end,
-        records_end: batch.records_end,
-        skipped_raws: Vec::new(),
-        failed_creates: Vec::new(),
-    })
+    Ok(mark.done(outcome))
 }
 
 /// A written batch.

@@ -30,13 +30,12 @@ use std::sync::Arc;
 use bson::oid::ObjectId;
 use bson::{Bson, DateTime, Document, RawArrayBuf, RawDocument, RawDocumentBuf, doc};
 use futures::TryStreamExt;
-use mongodb::error::{ErrorKind, InsertManyError};
 use mongodb::{Collection, Database};
 use quick_cache::sync::Cache;
 
 use crate::domain::{ImportSpec, LineNo, collections, contact_fallback_id, contact_id};
 use crate::map::MappedContact;
-use crate::write::raw_with_capacity;
+use crate::write::{InsertFailure, insert_unordered, raw_with_capacity};
 
 /// Errors of the contacts layer (a contact refused for one line is not an
 /// error: it fails that line).
@@ -419,28 +418,18 @@ impl ContactLinker {
         &self,
         docs: &[RawDocumentBuf],
     ) -> Result<(Vec<usize>, Vec<usize>, Vec<(usize, String)>)> {
-        let err = match self.coll.insert_many(docs).ordered(false).await {
-            Ok(_) => return Ok(((0..docs.len()).collect(), Vec::new(), Vec::new())),
-            Err(e) => e,
-        };
-        let write_errors = match err.kind.as_ref() {
-            ErrorKind::InsertMany(InsertManyError {
-                write_errors: Some(w),
-                write_concern_error: None,
-                ..
-            }) => w,
-            // Not acknowledged as asked: retried as a whole. Only the code
-            // travels on; the server's messages quote emails.
-            ErrorKind::InsertMany(InsertManyError {
-                write_concern_error: Some(wce),
-                ..
-            }) => return Err(Error::WriteConcern(wce.code)),
-            _ => return Err(err.into()),
-        };
+        // Not acknowledged as asked: retried as a whole, with only the
+        // code (the server's messages quote emails).
+        let write_errors = insert_unordered(&self.coll, docs)
+            .await
+            .map_err(|f| match f {
+                InsertFailure::WriteConcern(code) => Error::WriteConcern(code),
+                InsertFailure::Mongo(e) => Error::Mongo(e),
+            })?;
         let mut failed = vec![None; docs.len()];
-        for w in write_errors {
-            if let Some(slot) = failed.get_mut(w.index) {
-                *slot = Some(w.code);
+        for (index, code) in write_errors {
+            if let Some(slot) = failed.get_mut(index) {
+                *slot = Some(code);
             }
         }
         let (mut inserted, mut conflicts, mut refused) = (Vec::new(), Vec::new(), Vec::new());

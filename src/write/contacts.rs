@@ -25,12 +25,11 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 
 use bson::oid::ObjectId;
-use bson::{Bson, DateTime, Document, RawArrayBuf, RawDocumentBuf, doc};
+use bson::{DateTime, Document, RawArrayBuf, RawDocumentBuf, doc};
 use futures::TryStreamExt;
 use mongodb::Collection;
-use mongodb::error::{ErrorKind, InsertManyError};
 
-use super::{Error, Result, UPDATE_COMMAND_BYTES, update_command};
+use super::{Error, Result, UPDATE_COMMAND_BYTES, insert_unordered, update_by_id};
 use crate::contacts::ContactBuilder;
 use crate::domain::{DuplicateStrategy, ImportSpec, LineNo, contact_id};
 use crate::map::MappedContact;
@@ -164,32 +163,16 @@ impl ContactWriter {
         docs: &[RawDocumentBuf],
         results: &mut [ContactWrite],
     ) -> Result<Vec<usize>> {
-        let Err(err) = self.coll.insert_many(docs).ordered(false).await else {
-            return Ok(Vec::new());
-        };
-        let write_errors = match err.kind.as_ref() {
-            ErrorKind::InsertMany(InsertManyError {
-                write_errors: Some(w),
-                write_concern_error: None,
-                ..
-            }) => w.clone(),
-            ErrorKind::InsertMany(InsertManyError {
-                write_concern_error: Some(wce),
-                ..
-            }) => return Err(Error::WriteConcern(format!("code {}", wce.code))),
-            _ => return Err(err.into()),
-        };
         let mut conflicts = Vec::new();
-        for w in write_errors {
-            let Some(slot) = results.get_mut(w.index) else {
+        for (index, code) in insert_unordered(&self.coll, docs).await? {
+            let Some(slot) = results.get_mut(index) else {
                 continue;
             };
-            if w.code == 11000 {
-                conflicts.push(w.index);
+            if code == 11000 {
+                conflicts.push(index);
             } else {
                 *slot = ContactWrite::Rejected(format!(
-                    "The database refused the contact (code {}).",
-                    w.code
+                    "The database refused the contact (code {code})."
                 ));
             }
         }
@@ -222,55 +205,15 @@ impl ContactWriter {
                 chunk.push(statement);
                 end += 1;
             }
-            let reply = update_command(&self.coll, chunk, false).await?;
-            let mut refused = 0;
-            if let Ok(errors) = reply.get_array("writeErrors") {
-                for e in errors.iter().filter_map(Bson::as_document) {
-                    if let Some(&(k, _)) = index_of(e).and_then(|i| updates[start..end].get(i)) {
-                        results[k] = ContactWrite::Rejected(format!(
-                            "The database refused the update (code {}).",
-                            e.get_i32("code").unwrap_or_default()
-                        ));
-                        refused += 1;
-                    }
+            let ids: Vec<ObjectId> = updates[start..end].iter().map(|(_, id)| *id).collect();
+            let scope = doc! { "account_id": self.account_id };
+            let failed = update_by_id(&self.coll, chunk, &ids, scope, "contact").await?;
+            for (&(k, _), f) in updates[start..end].iter().zip(failed) {
+                if let Some(message) = f {
+                    results[k] = ContactWrite::Rejected(message);
                 }
             }
-            let matched = reply
-                .get("n")
-                .and_then(|n| n.as_i64().or_else(|| n.as_i32().map(i64::from)))
-                .unwrap_or_default();
-            if matched + refused < (end - start) as i64 {
-                self.mark_gone(&updates[start..end], results).await?;
-            }
             start = end;
-        }
-        Ok(())
-    }
-
-    /// Fails the groups whose contact was deleted between read and update.
-    async fn mark_gone(
-        &self,
-        updates: &[(usize, ObjectId)],
-        results: &mut [ContactWrite],
-    ) -> Result<()> {
-        let ids: Vec<ObjectId> = updates.iter().map(|(_, id)| *id).collect();
-        let mut cursor = self
-            .coll
-            .clone_with_type::<Document>()
-            .find(doc! { "_id": { "$in": &ids }, "account_id": self.account_id })
-            .projection(doc! { "_id": 1 })
-            .await?;
-        let mut present = std::collections::HashSet::new();
-        while let Some(d) = cursor.try_next().await? {
-            if let Ok(id) = d.get_object_id("_id") {
-                present.insert(id);
-            }
-        }
-        for (k, id) in updates {
-            if !present.contains(id) && !matches!(results[*k], ContactWrite::Rejected(_)) {
-                results[*k] =
-                    ContactWrite::Rejected("The contact to update was deleted meanwhile.".into());
-            }
         }
         Ok(())
     }
@@ -376,15 +319,6 @@ fn overlay(into: &mut MappedContact, later: &MappedContact) {
             Some(slot) => slot.1.clone_from(v),
             None => into.custom.push((k.clone(), v.clone())),
         }
-    }
-}
-
-/// The `index` of a `writeErrors` entry.
-fn index_of(d: &Document) -> Option<usize> {
-    match d.get("index")? {
-        Bson::Int32(i) => usize::try_from(*i).ok(),
-        Bson::Int64(i) => usize::try_from(*i).ok(),
-        _ => None,
     }
 }
 

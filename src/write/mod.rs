@@ -128,6 +128,115 @@ pub(crate) async fn update_command(
     Ok(reply)
 }
 
+/// Sends one unordered `update` command of `statements`, statement `i`
+/// updating the record `ids[i]` (within `scope`: its account, ...). Returns
+/// per statement `None` (applied, or not needed: a newer line of the import
+/// already updated it) or why it failed: refused, or the record is gone.
+/// The reply counts matches without saying which statement matched, so
+/// only when some did not are the records read back.
+pub(crate) async fn update_by_id(
+    coll: &Collection<RawDocumentBuf>,
+    statements: RawArrayBuf,
+    ids: &[ObjectId],
+    mut scope: Document,
+    noun: &str,
+) -> Result<Vec<Option<String>>> {
+    let reply = update_command(coll, statements, false).await?;
+    let mut failed: Vec<Option<String>> = vec![None; ids.len()];
+    let mut refused = 0;
+    if let Ok(errors) = reply.get_array("writeErrors") {
+        for e in errors.iter().filter_map(Bson::as_document) {
+            if let Some(slot) = write_error_index(e).and_then(|i| failed.get_mut(i)) {
+                *slot = Some(format!(
+                    "The database refused the update (code {}).",
+                    e.get_i32("code").unwrap_or_default()
+                ));
+                refused += 1;
+            }
+        }
+    }
+    let matched = reply
+        .get("n")
+        .and_then(|n| n.as_i64().or_else(|| n.as_i32().map(i64::from)))
+        .unwrap_or_default();
+    if matched + refused < ids.len() as i64 {
+        scope.insert("_id", doc! { "$in": ids });
+        let mut cursor = coll
+            .clone_with_type::<Document>()
+            .find(scope)
+            .projection(doc! { "_id": 1 })
+            .await?;
+        let mut present = std::collections::HashSet::new();
+        while let Some(d) = cursor.try_next().await? {
+            if let Ok(id) = d.get_object_id("_id") {
+                present.insert(id);
+            }
+        }
+        for (slot, id) in failed.iter_mut().zip(ids) {
+            if slot.is_none() && !present.contains(id) {
+                *slot = Some(format!(
+                    "The existing {noun} to update was deleted meanwhile."
+                ));
+            }
+        }
+    }
+    Ok(failed)
+}
+
+/// The `index` of a `writeErrors` entry.
+pub(crate) fn write_error_index(d: &Document) -> Option<usize> {
+    match d.get("index")? {
+        Bson::Int32(i) => usize::try_from(*i).ok(),
+        Bson::Int64(i) => usize::try_from(*i).ok(),
+        _ => None,
+    }
+}
+
+/// Why an unordered insert failed as a whole.
+#[derive(Debug)]
+pub(crate) enum InsertFailure {
+    /// Written but not acknowledged as asked (retried as a whole); only
+    /// the code travels on, the server's messages may quote values.
+    WriteConcern(i32),
+    /// The call failed.
+    Mongo(mongodb::error::Error),
+}
+
+/// Inserts `docs` unordered (the server writes every document it can);
+/// returns the refused ones as `(index, code)`.
+pub(crate) async fn insert_unordered(
+    coll: &Collection<RawDocumentBuf>,
+    docs: &[RawDocumentBuf],
+) -> std::result::Result<Vec<(usize, i32)>, InsertFailure> {
+    if docs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Err(err) = coll.insert_many(docs).ordered(false).await else {
+        return Ok(Vec::new());
+    };
+    match err.kind.as_ref() {
+        ErrorKind::InsertMany(InsertManyError {
+            write_errors: Some(w),
+            write_concern_error: None,
+            ..
+        }) => Ok(w.iter().map(|w| (w.index, w.code)).collect()),
+        ErrorKind::InsertMany(InsertManyError {
+            write_concern_error: Some(wce),
+            ..
+        }) => Err(InsertFailure::WriteConcern(wce.code)),
+        _ => Err(InsertFailure::Mongo(err)),
+    }
+}
+
+impl From<InsertFailure> for Error {
+    fn from(f: InsertFailure) -> Self {
+        match f {
+            InsertFailure::WriteConcern(code) => Self::WriteConcern(format!("code {code}")),
+            InsertFailure::Mongo(e) => Self::Mongo(e),
+        }
+    }
+}
+
 /// `$nor` clause of an update by line `line` of import `queue_id`: the record
 /// matches unless a line of this import at or after `line` already updated
 /// it. A replayed batch (a resumed import re-reads from its checkpoint)
@@ -333,73 +442,22 @@ impl DealWriter {
         q
     }
 
-    /// One `update` command. Its reply counts matches but does not say
-    /// which statement matched, so when some did not, the deals still
-    /// there are read back and the others are failed lines.
+    /// One `update` command; see [`update_by_id`].
     async fn update_chunk(
         &self,
         chunk: &[(ObjectId, &RawDocumentBuf)],
         statements: RawArrayBuf,
     ) -> Result<Vec<LineWrite>> {
-        let reply = update_command(&self.coll, statements, false).await?;
-        let mut results = vec![LineWrite::Updated; chunk.len()];
-        let mut refused = 0;
-        if let Ok(errors) = reply.get_array("writeErrors") {
-            for e in errors.iter().filter_map(Bson::as_document) {
-                let index = e
-                    .get_i32("index")
-                    .ok()
-                    .and_then(|i| usize::try_from(i).ok());
-                if let Some(slot) = index.and_then(|i| results.get_mut(i)) {
-                    *slot = LineWrite::Rejected(format!(
-                        "The database refused the update (code {}).",
-                        e.get_i32("code").unwrap_or_default()
-                    ));
-                    refused += 1;
-                }
-            }
-        }
-        let matched = reply
-            .get("n")
-            .and_then(|n| n.as_i64().or_else(|| n.as_i32().map(i64::from)))
-            .unwrap_or_default();
-        if matched + refused < chunk.len() as i64 {
-            self.mark_gone(chunk, &mut results).await?;
-        }
-        Ok(results)
-    }
-
-    /// Fails the lines whose deal no longer exists (deleted meanwhile).
-    async fn mark_gone(
-        &self,
-        chunk: &[(ObjectId, &RawDocumentBuf)],
-        results: &mut [LineWrite],
-    ) -> Result<()> {
         let ids: Vec<ObjectId> = chunk.iter().map(|(id, _)| *id).collect();
-        let mut cursor = self
-            .coll
-            .clone_with_type::<Document>()
-            .find(doc! {
-                "_id": { "$in": &ids },
-                "account_id": self.builder.account_id,
-                "pipeline_id": self.builder.pipeline_id,
-            })
-            .projection(doc! { "_id": 1 })
-            .await?;
-        let mut present = std::collections::HashSet::new();
-        while let Some(d) = cursor.try_next().await? {
-            if let Ok(id) = d.get_object_id("_id") {
-                present.insert(id);
-            }
-        }
-        for (slot, id) in results.iter_mut().zip(&ids) {
-            if *slot == LineWrite::Updated && !present.contains(id) {
-                *slot = LineWrite::Rejected(
-                    "The existing deal to update was deleted meanwhile.".into(),
-                );
-            }
-        }
-        Ok(())
+        let scope = doc! {
+            "account_id": self.builder.account_id,
+            "pipeline_id": self.builder.pipeline_id,
+        };
+        let failed = update_by_id(&self.coll, statements, &ids, scope, "deal").await?;
+        Ok(failed
+            .into_iter()
+            .map(|f| f.map_or(LineWrite::Updated, LineWrite::Rejected))
+            .collect())
     }
 
     /// Inserts `docs` (built by [`DealWriter::build`], for `lines` in the
@@ -410,39 +468,16 @@ impl DealWriter {
         lines: &[LineNo],
     ) -> Result<Vec<LineWrite>> {
         let mut results = vec![LineWrite::Created; docs.len()];
-        if docs.is_empty() {
-            return Ok(results);
-        }
-        let err = match self.coll.insert_many(docs).ordered(false).await {
-            Ok(_) => return Ok(results),
-            Err(e) => e,
-        };
-        let write_errors = match err.kind.as_ref() {
-            ErrorKind::InsertMany(InsertManyError {
-                write_errors: Some(w),
-                write_concern_error: None,
-                ..
-            }) => w.clone(),
-            // Not acknowledged as asked: retried as a whole. Only the code
-            // travels on; the server's messages may quote values.
-            ErrorKind::InsertMany(InsertManyError {
-                write_concern_error: Some(wce),
-                ..
-            }) => return Err(Error::WriteConcern(format!("code {}", wce.code))),
-            _ => return Err(err.into()),
-        };
         let mut duplicates = Vec::new();
-        for w in write_errors {
-            let Some(slot) = results.get_mut(w.index) else {
+        for (index, code) in insert_unordered(&self.coll, docs).await? {
+            let Some(slot) = results.get_mut(index) else {
                 continue;
             };
-            if w.code == 11000 {
-                duplicates.push(w.index);
+            if code == 11000 {
+                duplicates.push(index);
             } else {
-                *slot = LineWrite::Rejected(format!(
-                    "The database refused the record (code {}).",
-                    w.code
-                ));
+                *slot =
+                    LineWrite::Rejected(format!("The database refused the record (code {code})."));
             }
         }
         if !duplicates.is_empty() {

@@ -366,21 +366,10 @@ async fn contacts_imports_refuse_create_a_missing_email_column_too_many_rows_and
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_update_batch_never_writes_an_older_line_over_a_newer_one() {
     let app = TestApp::new().await;
-    let spec = importd::domain::ImportSpec {
-        queue_id: ObjectId::new(),
-        kind: importd::domain::RecordKind::Contacts,
-        user_id: app.user_id,
-        account_id: app.account_id,
-        parent_account: None,
-        client_id: None,
-        csv_key: "k".into(),
-        file_name: "f.csv".into(),
-        mappings: Vec::new(),
-        pipeline_id: None,
-        tags: Vec::new(),
-        duplicate_strategy: importd::domain::DuplicateStrategy::Update,
-        dry_run: false,
-    };
+    let spec = app.spec(
+        importd::domain::RecordKind::Contacts,
+        importd::domain::DuplicateStrategy::Update,
+    );
     let existing = ObjectId::new();
     app.coll(collections::CONTACTS)
         .insert_one(doc! { "_id": existing, "account_id": app.account_id, "email": "old@x.co" })

@@ -670,21 +670,10 @@ async fn a_file_over_the_row_limit_fails_and_leaves_nothing_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_updates_report_each_line() {
     let app = TestApp::new().await;
-    let spec = importd::domain::ImportSpec {
-        queue_id: ObjectId::new(),
-        kind: importd::domain::RecordKind::Deals,
-        user_id: app.user_id,
-        account_id: app.account_id,
-        parent_account: None,
-        client_id: None,
-        csv_key: "k".into(),
-        file_name: "f.csv".into(),
-        mappings: Vec::new(),
-        pipeline_id: Some(app.pipeline_id),
-        tags: Vec::new(),
-        duplicate_strategy: importd::domain::DuplicateStrategy::Update,
-        dry_run: false,
-    };
+    let spec = app.spec(
+        importd::domain::RecordKind::Deals,
+        importd::domain::DuplicateStrategy::Update,
+    );
     let deals = app.coll(collections::DEALS);
     let ids: Vec<ObjectId> = (0..1_200).map(|_| ObjectId::new()).collect();
     let existing: Vec<Document> = ids

@@ -184,6 +184,30 @@ impl TestApp {
         id
     }
 
+    /// The import spec of a queue document of this test's account (for
+    /// tests driving a writer directly).
+    pub fn spec(
+        &self,
+        kind: importd::domain::RecordKind,
+        duplicate_strategy: importd::domain::DuplicateStrategy,
+    ) -> importd::domain::ImportSpec {
+        importd::domain::ImportSpec {
+            queue_id: ObjectId::new(),
+            kind,
+            user_id: self.user_id,
+            account_id: self.account_id,
+            parent_account: None,
+            client_id: None,
+            csv_key: "k".into(),
+            file_name: "f.csv".into(),
+            mappings: Vec::new(),
+            pipeline_id: (kind == importd::domain::RecordKind::Deals).then_some(self.pipeline_id),
+            tags: Vec::new(),
+            duplicate_strategy,
+            dry_run: false,
+        }
+    }
+
     pub fn queues(&self) -> mongodb::Collection<Document> {
         self.db.collection(collections::QUEUES)
     }
