@@ -222,13 +222,9 @@ impl ContactBuilder {
         last_line: LineNo,
         now: DateTime,
     ) -> RawDocumentBuf {
-        let mut q = raw_with_capacity(160);
+        let mut q = raw_with_capacity(64);
         q.append_ref("_id", id);
         q.append_ref("account_id", self.account_id);
-        q.append_ref(
-            "$nor",
-            &crate::write::not_superseded(self.queue_id, last_line),
-        );
         let mut set = raw_with_capacity(CONTACT_CAPACITY);
         Self::row_fields(c, &mut set, "additional_info.");
         set.append_ref("updated_at", now);

@@ -29,7 +29,7 @@ use bson::{DateTime, Document, RawArrayBuf, RawDocumentBuf, doc};
 use futures::TryStreamExt;
 use mongodb::Collection;
 
-use super::{Error, Result, UPDATE_COMMAND_BYTES, insert_unordered, update_by_id};
+use super::{Error, Result, UPDATE_COMMAND_BYTES, insert_unordered, superseded, update_by_id};
 use crate::contacts::ContactBuilder;
 use crate::domain::{DuplicateStrategy, ImportSpec, LineNo, contact_id};
 use crate::map::MappedContact;
@@ -116,12 +116,16 @@ impl ContactWriter {
                 first[k] = match stored.get(c.email.as_str()) {
                     // Created by this line in an earlier run, from the same
                     // merged rows: nothing to apply again.
-                    Some(&id) if id == self.id_of(c.line)? => ContactWrite::AlreadyImported,
-                    Some(&id) if update => {
-                        updates.push((k, id));
-                        ContactWrite::Updated(id)
+                    Some((id, _)) if *id == self.id_of(c.line)? => ContactWrite::AlreadyImported,
+                    Some((id, last)) if update => {
+                        // A replayed older line is not applied over a newer
+                        // line of this import (it was applied before it).
+                        if !superseded(last.as_ref(), self.queue_id, groups[k].last_line) {
+                            updates.push((k, *id));
+                        }
+                        ContactWrite::Updated(*id)
                     }
-                    Some(&id) => ContactWrite::Skipped(id),
+                    Some((id, _)) => ContactWrite::Skipped(*id),
                     // No contact has the email: the line's own id is taken.
                     None => self.own_id_taken(c).await?,
                 };
@@ -245,18 +249,22 @@ impl ContactWriter {
         })
     }
 
-    /// `_id` of the account's contacts with these emails.
-    async fn ids_by_email(&self, emails: &[&str]) -> Result<HashMap<String, ObjectId>> {
+    /// `_id` and `last_import` of the account's contacts with these emails.
+    async fn ids_by_email(
+        &self,
+        emails: &[&str],
+    ) -> Result<HashMap<String, (ObjectId, Option<Document>)>> {
         let mut cursor = self
             .coll
             .clone_with_type::<Document>()
             .find(doc! { "account_id": self.account_id, "email": { "$in": emails } })
-            .projection(doc! { "_id": 1, "email": 1 })
+            .projection(doc! { "_id": 1, "email": 1, "last_import": 1 })
             .await?;
         let mut found = HashMap::with_capacity(emails.len());
         while let Some(d) = cursor.try_next().await? {
             if let (Ok(id), Ok(email)) = (d.get_object_id("_id"), d.get_str("email")) {
-                found.insert(email.to_owned(), id);
+                let last = d.get_document("last_import").ok().cloned();
+                found.insert(email.to_owned(), (id, last));
             }
         }
         Ok(found)

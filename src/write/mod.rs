@@ -237,19 +237,14 @@ impl From<InsertFailure> for Error {
     }
 }
 
-/// `$nor` clause of an update by line `line` of import `queue_id`: the record
-/// matches unless a line of this import at or after `line` already updated
-/// it. A replayed batch (a resumed import re-reads from its checkpoint)
-/// therefore never writes an older line over a newer one.
-pub(crate) fn not_superseded(queue_id: ObjectId, line: LineNo) -> RawArrayBuf {
-    let mut by = raw_with_capacity(96);
-    by.append_ref("last_import.queue_id", queue_id);
-    let mut gte = raw_with_capacity(24);
-    gte.append_ref("$gte", line as i64);
-    by.append_ref("last_import.line", &gte);
-    let mut nor = RawArrayBuf::new();
-    nor.push(by);
-    nor
+/// Whether the last update of a record (its `last_import`) was by import
+/// `queue_id` at line `line` or later: then a line before it (a batch a
+/// resumed import replays) must not be applied over it.
+pub(crate) fn superseded(last_import: Option<&Document>, queue_id: ObjectId, line: LineNo) -> bool {
+    last_import.is_some_and(|l| {
+        l.get_object_id("queue_id").ok() == Some(queue_id)
+            && l.get_i64("line").is_ok_and(|at| at >= line as i64)
+    })
 }
 
 /// Starting size of a deal's BSON buffer: a typical deal fits, so building
@@ -405,18 +400,39 @@ impl DealWriter {
     /// of `updates`. `$set` of the same values is idempotent, so replays are
     /// harmless.
     pub async fn update(&self, updates: &[(ObjectId, &RawDocumentBuf)]) -> Result<Vec<LineWrite>> {
+        if updates.is_empty() {
+            return Ok(Vec::new());
+        }
+        // A replayed older line is not applied over a newer one: it counts
+        // as updated (it was, before the newer line).
+        let superseded = self.superseded(updates).await?;
+        let due: Vec<(ObjectId, &RawDocumentBuf)> = updates
+            .iter()
+            .zip(&superseded)
+            .filter(|(_, s)| !**s)
+            .map(|(u, _)| *u)
+            .collect();
+        let mut applied = self.update_all(&due).await?.into_iter();
+        Ok(superseded
+            .iter()
+            .map(|s| {
+                if *s {
+                    LineWrite::Updated
+                } else {
+                    applied.next().unwrap_or(LineWrite::Updated)
+                }
+            })
+            .collect())
+    }
+
+    async fn update_all(&self, updates: &[(ObjectId, &RawDocumentBuf)]) -> Result<Vec<LineWrite>> {
         let mut results = Vec::with_capacity(updates.len());
         let mut statements = RawArrayBuf::new();
         let mut bytes = 0;
         let mut first = 0;
         for (i, (id, set)) in updates.iter().enumerate() {
-            let line = set
-                .get_document("last_import")
-                .ok()
-                .and_then(|l| l.get_i64("line").ok())
-                .unwrap_or_default();
             let mut statement = RawDocumentBuf::new();
-            statement.append("q", self.deal_filter(*id, line as LineNo));
+            statement.append("q", self.deal_filter(*id));
             let mut u = raw_with_capacity(set.as_bytes().len() + 16);
             u.append_ref("$set", &**set);
             statement.append("u", u);
@@ -433,13 +449,41 @@ impl DealWriter {
         Ok(results)
     }
 
-    fn deal_filter(&self, id: ObjectId, line: LineNo) -> RawDocumentBuf {
+    fn deal_filter(&self, id: ObjectId) -> RawDocumentBuf {
         let mut q = RawDocumentBuf::new();
         q.append("_id", id);
         q.append("account_id", self.builder.account_id);
         q.append("pipeline_id", self.builder.pipeline_id);
-        q.append("$nor", not_superseded(self.builder.queue_id, line));
         q
+    }
+
+    /// Per update, whether a newer line of this import already updated
+    /// its deal (read in one query by `_id`).
+    async fn superseded(&self, updates: &[(ObjectId, &RawDocumentBuf)]) -> Result<Vec<bool>> {
+        let ids: Vec<ObjectId> = updates.iter().map(|(id, _)| *id).collect();
+        let mut cursor = self
+            .coll
+            .clone_with_type::<Document>()
+            .find(doc! { "_id": { "$in": &ids } })
+            .projection(doc! { "last_import": 1 })
+            .await?;
+        let mut last = std::collections::HashMap::with_capacity(ids.len());
+        while let Some(d) = cursor.try_next().await? {
+            if let (Ok(id), Ok(l)) = (d.get_object_id("_id"), d.get_document("last_import")) {
+                last.insert(id, l.clone());
+            }
+        }
+        Ok(updates
+            .iter()
+            .map(|(id, set)| {
+                let line = set
+                    .get_document("last_import")
+                    .ok()
+                    .and_then(|l| l.get_i64("line").ok())
+                    .unwrap_or_default();
+                superseded(last.get(id), self.builder.queue_id, line as LineNo)
+            })
+            .collect())
     }
 
     /// One `update` command; see [`update_by_id`].
@@ -535,6 +579,17 @@ impl DealWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_newer_line_of_the_same_import_supersedes() {
+        let q = ObjectId::new();
+        let last = doc! { "queue_id": q, "line": 1_500_i64 };
+        assert!(superseded(Some(&last), q, 3));
+        assert!(superseded(Some(&last), q, 1_500));
+        assert!(!superseded(Some(&last), q, 1_501));
+        assert!(!superseded(Some(&last), ObjectId::new(), 3));
+        assert!(!superseded(None, q, 3));
+    }
     use crate::domain::{DuplicateStrategy, RecordKind};
 
     const CUSTOM: &str = "64b7f0c2a1b2c3d4e5f60718";
