@@ -222,8 +222,12 @@ async fn support(
             if let Some(line) = line {
                 return Ok(match importd::outcomes::line_outcome(db, id, line).await? {
                     Some(o) => {
-                        let kind = logs::record_kind(db, id).await?;
-                        println!("{}", logs::format_outcome(line, &o, kind));
+                        let (kind, dry_run) = logs::record_kind(db, id).await?;
+                        if dry_run {
+                            println!("{}", logs::format_checked(line, &o, kind));
+                        } else {
+                            println!("{}", logs::format_outcome(line, &o, kind));
+                        }
                         ExitCode::SUCCESS
                     }
                     None => {

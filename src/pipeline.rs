@@ -835,6 +835,12 @@ impl Sink<MappedDeal> for DealSink {
     }
 
     async fn roll_back(&self) -> Result<bool, Abort> {
+        // Under `skip` or `update` a re-import of the split file meets its
+        // own deals by name (no duplicate), and the updates of existing
+        // deals could not be taken back: what was written stays.
+        if self.dedupe.strategy != DuplicateStrategy::Create {
+            return Ok(false);
+        }
         roll_back(&self.db, collections::DEALS, self.queue_id).await?;
         Ok(true)
     }
@@ -869,6 +875,19 @@ impl<R: Mapped + Send + 'static> Sink<R> for CheckSink {
             .map_err(|e| Abort::Transient(error_chain(&e)))?;
         Ok(true)
     }
+}
+
+/// The failures an earlier run recorded for a replayed batch (see
+/// [`outcomes::recorded_failures`]), retrying transient failures.
+async fn earlier_failures(
+    db: &Database,
+    queue_id: ObjectId,
+    first_line: LineNo,
+) -> Result<std::collections::HashMap<LineNo, String>, Abort> {
+    Ok((|| outcomes::recorded_failures(db, queue_id, first_line))
+        .retry(write_retry())
+        .when(crate::db::is_transient)
+        .await?)
 }
 
 /// Stores a batch's outcomes, retrying transient failures.
@@ -926,10 +945,24 @@ async fn write_contacts(
         .notify(|e, d| warn!(error = %error_chain(e), delay_ms = d.as_millis() as u64, "Contact batch write failed; retrying"))
         .await
         .map_err(|e| Abort::Transient(error_chain(&e)))?;
+    let recorded = if results
+        .iter()
+        .any(|r| matches!(r, ContactWrite::Superseded(_)))
+    {
+        earlier_failures(&db, queue_id, outcome.first_line).await?
+    } else {
+        Default::default()
+    };
     for (c, result) in rows.iter().zip(results) {
         match result {
             ContactWrite::Created | ContactWrite::AlreadyImported => outcome.imported.push(c.line),
-            ContactWrite::Updated(id) => outcome.updated.push((c.line, id)),
+            ContactWrite::Superseded(_) if recorded.contains_key(&c.line) => {
+                let message = recorded[&c.line].clone();
+                outcome.failed.push(rejected_row(c.line, message, &c.raw));
+            }
+            ContactWrite::Updated(id) | ContactWrite::Superseded(id) => {
+                outcome.updated.push((c.line, id));
+            }
             ContactWrite::Skipped(id) => outcome.skipped.push((c.line, id)),
             ContactWrite::Rejected(message) => {
                 outcome.failed.push(rejected_row(c.line, message, &c.raw));
@@ -1260,9 +1293,19 @@ async fn write_batch(
             _ => outcome.imported.push(*line),
         }
     }
+    let recorded = if update_results.contains(&LineWrite::Superseded) {
+        earlier_failures(&db, queue_id, p.first_line).await?
+    } else {
+        Default::default()
+    };
     for ((line, id, _, raw), result) in p.updates.iter().zip(update_results) {
         match result {
             LineWrite::Rejected(message) => outcome.failed.push(rejected_row(*line, message, raw)),
+            LineWrite::Superseded if recorded.contains_key(line) => {
+                outcome
+                    .failed
+                    .push(rejected_row(*line, recorded[line].clone(), raw));
+            }
             _ => outcome.updated.push((*line, *id)),
         }
     }

@@ -338,7 +338,8 @@ impl Claimer {
             .await?;
         // A cancellation does not wait out a backoff: the next claim ends
         // the import `cancelled`.
-        self.queues
+        let cancelled = self
+            .queues
             .update_many(
                 doc! {
                     "status": JobState::Pending.as_str(),
@@ -347,7 +348,11 @@ impl Claimer {
                 },
                 doc! { "$set": { "retry_at": now } },
             )
-            .await?;
+            .await;
+        if let Err(e) = cancelled {
+            // The next rescue tick retries; the rounds below still run.
+            tracing::warn!(error = %e, "Could not clear the backoff of cancelled imports");
+        }
         // A delivery whose sender died goes back to pending.
         for channel in [Channel::Email, Channel::Webhook] {
             self.queues

@@ -104,6 +104,17 @@ pub fn spec_from_doc(doc: &Document) -> Result<ImportSpec, FileError> {
             )));
         }
     };
+    // A safety flag fails closed: a value that is not a boolean is refused,
+    // never read as "import for real".
+    let dry_run = match additional.and_then(|a| a.get("dry_run")) {
+        None | Some(Bson::Null) => false,
+        Some(Bson::Boolean(b)) => *b,
+        Some(_) => {
+            return Err(FileError::InvalidQueueDocument(
+                "`additional_data.dry_run` is not true or false".to_owned(),
+            ));
+        }
+    };
     Ok(ImportSpec {
         queue_id,
         kind,
@@ -117,7 +128,7 @@ pub fn spec_from_doc(doc: &Document) -> Result<ImportSpec, FileError> {
         pipeline_id,
         tags,
         duplicate_strategy,
-        dry_run: additional.and_then(|a| a.get_bool("dry_run").ok()) == Some(true),
+        dry_run,
     })
 }
 
@@ -165,6 +176,21 @@ mod tests {
         let e = spec_from_doc(&d).unwrap_err();
         assert_eq!(e.code(), "invalid_queue_document");
         assert!(e.to_string().contains("not available for contacts"));
+    }
+
+    #[test]
+    fn dry_run_must_be_a_boolean() {
+        let mut d = base();
+        let mut a = d.get_document("additional_data").unwrap().clone();
+        a.insert("dry_run", true);
+        d.insert("additional_data", a.clone());
+        assert!(spec_from_doc(&d).unwrap().dry_run);
+        a.insert("dry_run", "true");
+        d.insert("additional_data", a);
+        assert_eq!(
+            spec_from_doc(&d).unwrap_err().code(),
+            "invalid_queue_document"
+        );
     }
 
     #[test]

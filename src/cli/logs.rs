@@ -58,17 +58,36 @@ pub fn format_outcome(line: LineNo, o: &LineOutcome, kind: RecordKind) -> String
 }
 
 /// What import `queue_id` writes (`source` of its queue document; deals
-/// when it is unknown).
-pub async fn record_kind(db: &Database, queue_id: ObjectId) -> Result<RecordKind, Error> {
+/// when it is unknown), and whether it is a dry run.
+pub async fn record_kind(db: &Database, queue_id: ObjectId) -> Result<(RecordKind, bool), Error> {
     let q = db
         .collection::<Document>(collections::QUEUES)
         .find_one(doc! { "_id": queue_id })
-        .projection(doc! { "source": 1 })
+        .projection(doc! { "source": 1, "additional_data.dry_run": 1 })
         .await?;
-    Ok(q.as_ref()
+    let kind = q
+        .as_ref()
         .and_then(|q| q.get_str("source").ok())
         .and_then(RecordKind::from_source)
-        .unwrap_or(RecordKind::Deals))
+        .unwrap_or(RecordKind::Deals);
+    let dry_run = q
+        .as_ref()
+        .and_then(|q| q.get_document("additional_data").ok())
+        .is_some_and(|a| a.get_bool("dry_run") == Ok(true));
+    Ok((kind, dry_run))
+}
+
+/// One line's outcome in a dry run: an "imported" line is only ready.
+pub fn format_checked(line: LineNo, o: &LineOutcome, kind: RecordKind) -> String {
+    match o {
+        LineOutcome::Imported { .. } => {
+            format!(
+                "line {line}\tready\tvalid {} (dry run: nothing imported)",
+                kind.noun()
+            )
+        }
+        other => format_outcome(line, other, kind),
+    }
 }
 
 fn count(d: &Document, key: &str) -> i64 {
@@ -166,6 +185,10 @@ mod tests {
         assert!(
             format_outcome(12, &LineOutcome::Failed(failure()), RecordKind::Deals)
                 .starts_with("line 12\tfailed")
+        );
+        assert_eq!(
+            format_checked(3, &LineOutcome::Imported { id }, RecordKind::Deals),
+            "line 3\tready\tvalid deal (dry run: nothing imported)"
         );
     }
 

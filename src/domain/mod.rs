@@ -338,8 +338,10 @@ pub enum FileError {
         /// Configured limit.
         limit: u64,
     },
-    /// Over `import.max_rows`, in a contacts import: the contacts of the
-    /// rows up to the limit stay (other imports may use them by then).
+    /// Over `import.max_rows`, when what the rows up to the limit wrote
+    /// stays: a contacts import (other imports may use its contacts by
+    /// then), or deals under `skip` / `update` (updates cannot be taken
+    /// back; a re-import meets its deals by name).
     #[error(
         "The file has more than {limit} rows. Its first {limit} rows were processed (imported, updated, skipped or failed: see the summary); the rows after them were not. Please import those as a separate file of at most {limit} rows."
     )]

@@ -126,6 +126,35 @@ pub async fn record_batch(db: &Database, queue_id: ObjectId, batch: &BatchOutcom
     Ok(())
 }
 
+/// The failed lines an earlier run recorded for the batch starting at
+/// `first_line`, with their messages (for replayed lines it did not
+/// apply again: their outcome stays the first run's).
+pub async fn recorded_failures(
+    db: &Database,
+    queue_id: ObjectId,
+    first_line: LineNo,
+) -> Result<std::collections::HashMap<LineNo, String>> {
+    let Some(id) = deal_id(&queue_id, first_line) else {
+        return Ok(Default::default());
+    };
+    let stored = db
+        .collection::<Document>(collections::IMPORT_LINES)
+        .find_one(doc! { "_id": id })
+        .projection(doc! { "failed.line": 1, "failed.message": 1 })
+        .await?;
+    Ok(stored
+        .as_ref()
+        .and_then(|d| d.get_array("failed").ok())
+        .into_iter()
+        .flatten()
+        .filter_map(Bson::as_document)
+        .filter_map(|f| {
+            let line = LineNo::try_from(f.get_i64("line").ok()?).ok()?;
+            Some((line, f.get_str("message").unwrap_or_default().to_owned()))
+        })
+        .collect())
+}
+
 /// Deletes every outcome document of `queue_id` (an import rolled back).
 pub async fn delete_batches(db: &Database, queue_id: ObjectId) -> Result<u64> {
     let r = db

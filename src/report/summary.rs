@@ -128,6 +128,11 @@ impl ImportSummary {
                 parts.push(format!("{} failed", thousands(t.failed)));
                 format!("{what} finished: {} ({})", parts.join(", "), self.file_name)
             }
+            Ending::Cancelled if self.dry_run => format!(
+                "{what} cancelled: {} checked before it stopped ({})",
+                thousands(t.rows),
+                self.file_name
+            ),
             Ending::Cancelled => format!(
                 "{what} cancelled: {} imported before it stopped ({})",
                 thousands(t.imported),
@@ -144,6 +149,10 @@ impl ImportSummary {
                 self.file_name
             ),
             Ending::Completed => format!("Your import of {} has finished.", self.file_name),
+            Ending::Cancelled if self.dry_run => format!(
+                "The check of {} was cancelled; nothing was imported.",
+                self.file_name
+            ),
             Ending::Cancelled => format!(
                 "Your import of {} was cancelled. The rows imported before it stopped are kept.",
                 self.file_name
@@ -275,6 +284,11 @@ mod tests {
             "Contact import check finished: 98,765 ready, 12 skipped, 1,235 failed (deals-q4.csv)"
         );
         assert!(s.text().unwrap().contains("nothing was imported"));
+        s.ending = Ending::Cancelled;
+        assert_eq!(
+            s.subject(),
+            "Contact import check cancelled: 100,000 checked before it stopped (deals-q4.csv)"
+        );
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub enum ContactWrite {
     AlreadyImported,
     /// An existing contact with this email was updated (`update`).
     Updated(ObjectId),
+    /// Not applied now: a later line of this import already updated the
+    /// contact (a replayed batch); the outcome is the first run's.
+    Superseded(ObjectId),
     /// An existing contact with this email was left alone (`skip`).
     Skipped(ObjectId),
     /// The database refused it, or the line repeats the email of a line
@@ -120,10 +123,12 @@ impl ContactWriter {
                     Some((id, last)) if update => {
                         // A replayed older line is not applied over a newer
                         // line of this import (it was applied before it).
-                        if !superseded(last.as_ref(), self.queue_id, groups[k].last_line) {
+                        if superseded(last.as_ref(), self.queue_id, groups[k].last_line) {
+                            ContactWrite::Superseded(*id)
+                        } else {
                             updates.push((k, *id));
+                            ContactWrite::Updated(*id)
                         }
-                        ContactWrite::Updated(*id)
                     }
                     Some((id, _)) => ContactWrite::Skipped(*id),
                     // No contact has the email: the line's own id is taken.
@@ -149,6 +154,7 @@ impl ContactWriter {
                     }
                     ContactWrite::Skipped(id) => ContactWrite::Skipped(*id),
                     ContactWrite::Updated(id) => ContactWrite::Updated(*id),
+                    ContactWrite::Superseded(id) => ContactWrite::Superseded(*id),
                     ContactWrite::Rejected(_) => ContactWrite::Rejected(format!(
                         "Not imported: it repeats the email of line {}, which failed.",
                         rows[head].line

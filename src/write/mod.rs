@@ -75,6 +75,10 @@ pub enum LineWrite {
     AlreadyImported,
     /// An existing record updated (`duplicate_strategy: update`).
     Updated,
+    /// Not applied now: a later line of this import already updated the
+    /// record (a replayed batch). The line's outcome is the one its first
+    /// run recorded (updated, or refused).
+    Superseded,
     /// The database refused it.
     Rejected(String),
 }
@@ -403,8 +407,8 @@ impl DealWriter {
         if updates.is_empty() {
             return Ok(Vec::new());
         }
-        // A replayed older line is not applied over a newer one: it counts
-        // as updated (it was, before the newer line).
+        // A replayed older line is not applied over a newer one (its first
+        // run applied it before the newer line, or the database refused it).
         let superseded = self.superseded(updates).await?;
         let due: Vec<(ObjectId, &RawDocumentBuf)> = updates
             .iter()
@@ -417,7 +421,7 @@ impl DealWriter {
             .iter()
             .map(|s| {
                 if *s {
-                    LineWrite::Updated
+                    LineWrite::Superseded
                 } else {
                     applied.next().unwrap_or(LineWrite::Updated)
                 }
@@ -464,7 +468,11 @@ impl DealWriter {
         let mut cursor = self
             .coll
             .clone_with_type::<Document>()
-            .find(doc! { "_id": { "$in": &ids } })
+            .find(doc! {
+                "_id": { "$in": &ids },
+                "account_id": self.builder.account_id,
+                "pipeline_id": self.builder.pipeline_id,
+            })
             .projection(doc! { "last_import": 1 })
             .await?;
         let mut last = std::collections::HashMap::with_capacity(ids.len());

@@ -395,7 +395,7 @@ async fn a_replayed_update_batch_never_writes_an_older_line_over_a_newer_one() {
         writer.write(&first).await.unwrap(),
         [
             ContactWrite::AlreadyImported,
-            ContactWrite::Updated(existing)
+            ContactWrite::Superseded(existing)
         ]
     );
     for email in ["new@x.co", "old@x.co"] {

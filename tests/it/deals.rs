@@ -734,10 +734,10 @@ async fn bulk_updates_report_each_line() {
     };
     let (newer, older) = (by_line(1_500, "line 1500"), by_line(3, "line 3"));
     let target = ids[0];
-    for set in [&newer, &older] {
-        let r = writer.update(&[(target, set)]).await.unwrap();
-        assert_eq!(r, [importd::write::LineWrite::Updated]);
-    }
+    let r = writer.update(&[(target, &newer)]).await.unwrap();
+    assert_eq!(r, [importd::write::LineWrite::Updated]);
+    let r = writer.update(&[(target, &older)]).await.unwrap();
+    assert_eq!(r, [importd::write::LineWrite::Superseded]);
     let d = deals
         .find_one(doc! { "_id": target })
         .await
