@@ -419,8 +419,12 @@ async fn main() {
             .iter()
             .filter(|m| m.contains(&format!("({file})")))
             .count();
+        let message_id = format!("<import-summary.{}@importd>", id.to_hex());
+        let same_id = mails.iter().filter(|m| m.contains(&message_id)).count();
         check(
-            format!("import {n}: summary emails to {email}: {count}"),
+            format!(
+                "import {n}: summary emails to {email}: {count} (with its Message-ID: {same_id})"
+            ),
             count == 1,
         );
         if n == contacts_import {

@@ -98,10 +98,12 @@ impl Mailer {
         })
     }
 
-    /// Sends one multipart (text + HTML) message.
+    /// Sends one multipart (text + HTML) message with the `Message-ID`
+    /// `message_id` (without its angle brackets).
     pub async fn send(
         &self,
         to: Mailbox,
+        message_id: &str,
         subject: &str,
         text: String,
         html: String,
@@ -109,6 +111,7 @@ impl Mailer {
         let message = Message::builder()
             .from(self.from.clone())
             .to(to)
+            .message_id(Some(format!("<{message_id}>")))
             .subject(subject)
             .multipart(MultiPart::alternative_plain_html(text, html))
             .map_err(|e| Error::Setup(e.to_string()))?;
@@ -485,7 +488,16 @@ impl Notifier {
             report_link_days: settings.notify.report_link.as_secs() / 86_400,
         };
         let (subject, text, html) = (summary.subject(), summary.text()?, summary.html()?);
-        (|| self.mailer.send(to.clone(), &subject, text.clone(), html.clone()))
+        // One Message-ID per import, whichever round sends it: should a
+        // daemon die after the server accepted the message and before the
+        // round recorded it (the one window no guard closes), the second
+        // copy is the same message to mail systems that collapse
+        // duplicates by Message-ID.
+        let message_id = format!("import-summary.{}@importd", queue_id.to_hex());
+        (|| {
+            self.mailer
+                .send(to.clone(), &message_id, &subject, text.clone(), html.clone())
+        })
             .retry(self.retry())
             .notify(|e, d| warn!(error = %error_chain(e), delay_ms = d.as_millis() as u64, "Sending the summary failed; retrying"))
             .await?;

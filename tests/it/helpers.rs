@@ -363,6 +363,7 @@ pub struct SmtpCatcher {
 pub struct Mail {
     pub to: String,
     pub subject: String,
+    pub message_id: String,
     pub text: String,
     pub html: String,
 }
@@ -430,7 +431,7 @@ impl SmtpCatcher {
             let script = "import email,sys,json\n\
                 m=email.message_from_binary_file(open(sys.argv[1],'rb'))\n\
                 parts={p.get_content_type():p.get_payload(decode=True).decode() for p in m.walk() if not p.is_multipart()}\n\
-                print(json.dumps({'to':m['To'],'subject':m['Subject'],'text':parts.get('text/plain',''),'html':parts.get('text/html','')}))";
+                print(json.dumps({'to':m['To'],'subject':m['Subject'],'message_id':m['Message-ID'],'text':parts.get('text/plain',''),'html':parts.get('text/html','')}))";
             let o = std::process::Command::new("python3")
                 .args(["-c", script])
                 .arg(e.path())
@@ -440,6 +441,7 @@ impl SmtpCatcher {
             out.push(Mail {
                 to: v["to"].as_str().unwrap_or_default().to_owned(),
                 subject: v["subject"].as_str().unwrap_or_default().to_owned(),
+                message_id: v["message_id"].as_str().unwrap_or_default().to_owned(),
                 text: v["text"].as_str().unwrap_or_default().to_owned(),
                 html: v["html"].as_str().unwrap_or_default().to_owned(),
             });

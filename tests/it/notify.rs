@@ -63,6 +63,11 @@ async fn one_summary_email_with_counts_and_a_report_of_exactly_the_failed_lines(
         m.subject,
         "Deal import finished: 195 imported, 5 failed (deals-q4.csv)"
     );
+    // One Message-ID per import, whichever round sends it.
+    assert_eq!(
+        m.message_id,
+        format!("<import-summary.{}@importd>", id.to_hex())
+    );
     assert!(
         m.text.contains("Failed: 5") && m.text.contains("Imported: 195"),
         "{}",
@@ -383,6 +388,7 @@ async fn the_stack_smtp_server_delivers_into_its_maildir() {
     mailer
         .send(
             to.parse().unwrap(),
+            &format!("probe.{}@importd", ObjectId::new().to_hex()),
             "stack probe",
             "text".into(),
             "<p>html</p>".into(),
