@@ -841,7 +841,7 @@ impl Sink<MappedDeal> for DealSink {
         if self.dedupe.strategy != DuplicateStrategy::Create {
             return Ok(false);
         }
-        roll_back(&self.db, collections::DEALS, self.queue_id).await?;
+        roll_back(&self.db, self.queue_id).await?;
         Ok(true)
     }
 }
@@ -868,11 +868,7 @@ impl<R: Mapped + Send + 'static> Sink<R> for CheckSink {
     }
 
     async fn roll_back(&self) -> Result<bool, Abort> {
-        (|| outcomes::delete_batches(&self.db, self.queue_id))
-            .retry(write_retry())
-            .when(crate::db::is_transient)
-            .await
-            .map_err(|e| Abort::Transient(error_chain(&e)))?;
+        delete_outcomes(&self.db, self.queue_id).await?;
         Ok(true)
     }
 }
@@ -998,24 +994,26 @@ fn joined(done: Result<Written, tokio::task::JoinError>) -> Written {
     done.map_err(|e| Abort::Transient(format!("batch writer task failed: {e}")))?
 }
 
-/// Deletes the records (deals or contacts, `collection`) this import
-/// created and its per-line outcomes (idempotent: a retry or a later
-/// attempt deletes what is left).
-async fn roll_back(db: &Database, collection: &str, queue_id: ObjectId) -> Result<(), Abort> {
-    let deleted = (|| write::delete_created(db, collection, queue_id))
+/// Deletes the deals this import created and its per-line outcomes
+/// (idempotent: a retry or a later attempt deletes what is left).
+async fn roll_back(db: &Database, queue_id: ObjectId) -> Result<(), Abort> {
+    let deleted = (|| write::delete_created(db, queue_id))
         .retry(write_retry())
         .when(|e| e.is_transient())
         .await
         .map_err(|e| Abort::Transient(error_chain(&e)))?;
+    delete_outcomes(db, queue_id).await?;
+    warn!(deleted, "Import over the row limit: its deals were removed");
+    Ok(())
+}
+
+/// Deletes the per-line outcomes of an import, retrying transient failures.
+async fn delete_outcomes(db: &Database, queue_id: ObjectId) -> Result<(), Abort> {
     (|| outcomes::delete_batches(db, queue_id))
         .retry(write_retry())
         .when(crate::db::is_transient)
         .await
         .map_err(|e| Abort::Transient(error_chain(&e)))?;
-    warn!(
-        deleted,
-        collection, "Import over the row limit: its records were removed"
-    );
     Ok(())
 }
 

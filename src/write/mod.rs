@@ -83,35 +83,29 @@ pub enum LineWrite {
     Rejected(String),
 }
 
-/// Deletes the records (in `collection`: deals, or a contacts import's
-/// contacts) import `queue_id` created: its `_id` range (one index range
-/// scan), double-checked on `import.queue_id`. Returns how many.
-pub async fn delete_created(
-    db: &mongodb::Database,
-    collection: &str,
-    queue_id: ObjectId,
-) -> Result<u64> {
+/// Deletes the deals import `queue_id` created: its `_id` range (one index
+/// range scan), double-checked on `import.queue_id`. Returns how many.
+pub async fn delete_created(db: &mongodb::Database, queue_id: ObjectId) -> Result<u64> {
     let (lo, hi) = crate::domain::deal_id_range(&queue_id);
     let r = db
-        .collection::<Document>(collection)
+        .collection::<Document>(crate::domain::collections::DEALS)
         .delete_many(doc! { "_id": { "$gte": lo, "$lte": hi }, "import.queue_id": queue_id })
         .await?;
     Ok(r.deleted_count)
 }
 
-/// Sends one `update` command of `statements` to `coll`'s collection, with
-/// the collection's write concern, and returns the reply. A write-concern
+/// Sends one unordered `update` command of `statements` to `coll`'s
+/// collection, with the collection's write concern, and returns the reply. A write-concern
 /// error is an error of the whole command (retried), carrying only its code.
 pub(crate) async fn update_command(
     coll: &Collection<RawDocumentBuf>,
     statements: RawArrayBuf,
-    ordered: bool,
 ) -> Result<Document> {
     let ns = coll.namespace();
     let mut command = RawDocumentBuf::new();
     command.append("update", ns.coll.as_str());
     command.append("updates", statements);
-    command.append("ordered", ordered);
+    command.append("ordered", false);
     if let Some(wc) = coll.write_concern() {
         command.append(
             "writeConcern",
@@ -145,7 +139,7 @@ pub(crate) async fn update_by_id(
     mut scope: Document,
     noun: &str,
 ) -> Result<Vec<Option<String>>> {
-    let reply = update_command(coll, statements, false).await?;
+    let reply = update_command(coll, statements).await?;
     let mut failed: Vec<Option<String>> = vec![None; ids.len()];
     let mut refused = 0;
     if let Ok(errors) = reply.get_array("writeErrors") {
