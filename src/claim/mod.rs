@@ -209,7 +209,11 @@ impl Final {
 }
 
 fn now_plus(d: Duration) -> DateTime {
-    DateTime::from_millis(DateTime::now().timestamp_millis() + d.as_millis() as i64)
+    after(DateTime::now(), d)
+}
+
+fn after(t: DateTime, d: Duration) -> DateTime {
+    DateTime::from_millis(t.timestamp_millis() + d.as_millis() as i64)
 }
 
 impl Claimer {
@@ -274,7 +278,7 @@ impl Claimer {
     /// its user is told, rather than waiting forever.
     pub async fn claim_next(&self) -> Result<Option<ClaimedJob>> {
         let now = DateTime::now();
-        let expires = now_plus(self.lease);
+        let expires = after(now, self.lease);
         let filter = doc! {
             "status": JobState::Pending.as_str(),
             // A pending document normally has no lease at all; one whose
@@ -487,7 +491,7 @@ impl Lease {
         let mut unset = doc! { "lease": "" };
         match why {
             Release::Trouble => {
-                set.insert("retry_at", now_plus(retry_delay(self.attempt)));
+                set.insert("retry_at", after(now, retry_delay(self.attempt)));
             }
             Release::Shutdown => {
                 unset.insert("retry_at", "");
