@@ -29,16 +29,37 @@ pub async fn connect(settings: &MongoSettings) -> mongodb::error::Result<Databas
     Ok(client.database(&settings.database))
 }
 
-fn index(keys: Document, name: &str, unique: bool) -> IndexModel {
+fn index(keys: Document, name: &str, unique: bool, partial: Option<Document>) -> IndexModel {
     IndexModel::builder()
         .keys(keys)
         .options(
             IndexOptions::builder()
                 .name(name.to_owned())
                 .unique(unique.then_some(true))
+                .partial_filter_expression(partial)
                 .build(),
         )
         .build()
+}
+
+/// The contacts the unique `(account_id, email)` index covers: those with a
+/// non-empty email. A CRM keeps contacts without one (missing, `null` or
+/// `""`); a plain unique index would count them as duplicates of each
+/// other and could not even be built over such an account.
+///
+/// `$type` with `$gt` rather than `$gt` alone: the local server answers a
+/// find on `email` alone with nothing when the partial filter is only a
+/// range (a wrong result of that server, noted in the README); real MongoDB
+/// treats both alike.
+fn contacts_with_email() -> Document {
+    doc! { "email": { "$type": "string", "$gt": "" } }
+}
+
+/// Filter for an account's contacts with any of `emails` (lower-cased,
+/// non-empty). It repeats the unique index's partial filter so that the
+/// query planner of any MongoDB can use that index.
+pub fn contacts_by_email(account_id: bson::oid::ObjectId, emails: &[&str]) -> Document {
+    doc! { "account_id": account_id, "email": { "$in": emails, "$type": "string", "$gt": "" } }
 }
 
 /// Errors of index set-up.
@@ -76,13 +97,14 @@ impl IndexError {
 
 /// Creates every index importd needs. Safe to run on every start.
 pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
-    let specs: [(&str, Document, &str, bool); 11] = [
+    let specs: [(&str, Document, &str, bool, Option<Document>); 11] = [
         // Notifications due (final imports whose email is not sent yet).
         (
             collections::QUEUES,
             doc! { "notify.state": 1, "notify.next_attempt_at": 1 },
             "notify_state",
             false,
+            None,
         ),
         // Expired notification leases.
         (
@@ -90,6 +112,7 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
             doc! { "notify.state": 1, "notify.expires_at": 1 },
             "notify_expiry",
             false,
+            None,
         ),
         // Webhooks due, and expired webhook rounds (as for the email).
         (
@@ -97,12 +120,14 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
             doc! { "webhook.state": 1, "webhook.next_attempt_at": 1 },
             "webhook_state",
             false,
+            None,
         ),
         (
             collections::QUEUES,
             doc! { "webhook.state": 1, "webhook.expires_at": 1 },
             "webhook_expiry",
             false,
+            None,
         ),
         // The claim: equality on status over the few pending imports, oldest first.
         (
@@ -110,6 +135,7 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
             doc! { "status": 1, "claim_order": 1 },
             "status_claim_order",
             false,
+            None,
         ),
         // The rescue: processing imports whose lease expired.
         (
@@ -117,6 +143,7 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
             doc! { "status": 1, "lease.expires_at": 1 },
             "status_lease_expiry",
             false,
+            None,
         ),
         // One stage per normalised name: two daemons racing make one.
         (
@@ -124,14 +151,17 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
             doc! { "account_id": 1, "pipeline_id": 1, "name": 1 },
             "account_pipeline_name_unique",
             true,
+            None,
         ),
         // One contact per email of an account (SPEC.md): deals naming a new
-        // contact create it once, whoever races.
+        // contact create it once, whoever races. Contacts without an email
+        // are left out (see `contacts_with_email`).
         (
             collections::CONTACTS,
             doc! { "account_id": 1, "email": 1 },
             "account_email_unique",
             true,
+            Some(contacts_with_email()),
         ),
         // One summary per import.
         (
@@ -139,6 +169,7 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
             doc! { "queue_id": 1 },
             "queue_id_unique",
             true,
+            None,
         ),
         // Support: "what happened to line N of import X" and "all failed
         // lines of X". One entry per batch of lines, so it costs nothing
@@ -148,18 +179,20 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
             doc! { "queue_id": 1, "first_line": 1 },
             "queue_first_line",
             false,
+            None,
         ),
         (
             collections::IMPORT_LINES,
             doc! { "queue_id": 1, "failed_count": 1 },
             "queue_failed",
             false,
+            None,
         ),
     ];
-    for (coll, keys, name, unique) in specs {
+    for (coll, keys, name, unique, partial) in specs {
         let collection = db.collection::<Document>(coll);
         let created = collection
-            .create_index(index(keys.clone(), name, unique))
+            .create_index(index(keys.clone(), name, unique, partial))
             .await;
         match created {
             Ok(_) => {}

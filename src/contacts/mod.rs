@@ -447,10 +447,10 @@ impl ContactLinker {
         let mut cursor = self
             .coll
             .clone_with_type::<Document>()
-            .find(doc! {
-                "account_id": self.builder.account_id,
-                "email": { "$in": emails },
-            })
+            .find(crate::db::contacts_by_email(
+                self.builder.account_id,
+                emails,
+            ))
             .projection(doc! { "_id": 1, "email": 1 })
             .await?;
         let mut found = HashMap::with_capacity(emails.len());

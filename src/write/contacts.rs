@@ -263,7 +263,7 @@ impl ContactWriter {
         let mut cursor = self
             .coll
             .clone_with_type::<Document>()
-            .find(doc! { "account_id": self.account_id, "email": { "$in": emails } })
+            .find(crate::db::contacts_by_email(self.account_id, emails))
             .projection(doc! { "_id": 1, "email": 1, "last_import": 1 })
             .await?;
         let mut found = HashMap::with_capacity(emails.len());

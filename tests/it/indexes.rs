@@ -94,3 +94,56 @@ async fn a_problem_retrying_cannot_fix_is_reported_not_retried() {
     }
     db.drop().await.unwrap();
 }
+
+#[tokio::test]
+async fn contacts_without_an_email_neither_block_nor_break_the_unique_index() {
+    // A CRM's account with contacts that have no email (missing, null,
+    // empty): several of each, which a plain unique index would refuse.
+    let db = fresh_db().await;
+    let account = ObjectId::new();
+    let contacts = db.collection::<Document>(collections::CONTACTS);
+    contacts
+        .insert_many([
+            doc! { "account_id": account, "name": "a" },
+            doc! { "account_id": account, "name": "b" },
+            doc! { "account_id": account, "email": null },
+            doc! { "account_id": account, "email": null },
+            doc! { "account_id": account, "email": "" },
+            doc! { "account_id": account, "email": "" },
+            doc! { "account_id": account, "email": "one@x.co" },
+        ])
+        .await
+        .unwrap();
+    importd::db::ensure_indexes(&db)
+        .await
+        .expect("built over email-less contacts");
+    // More of them may still be added; a second contact for an email not.
+    contacts
+        .insert_one(doc! { "account_id": account, "email": null })
+        .await
+        .expect("another contact without email");
+    let dup = contacts
+        .insert_one(doc! { "account_id": account, "email": "one@x.co" })
+        .await
+        .expect_err("one contact per email");
+    assert!(dup.to_string().contains("E11000"), "{dup}");
+    // The lookup importd makes finds exactly the emailed contact.
+    let found: Vec<Document> = contacts
+        .find(importd::db::contacts_by_email(account, &["one@x.co"]))
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    // And so does the dashboard's lookup by email alone (the local server
+    // answers it wrongly under some partial filters).
+    assert_eq!(
+        contacts
+            .count_documents(doc! { "email": "one@x.co" })
+            .await
+            .unwrap(),
+        1
+    );
+    db.drop().await.unwrap();
+}
