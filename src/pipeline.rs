@@ -431,8 +431,11 @@ async fn heartbeat(lease: Lease, stop: Stop, shutdown: CancellationToken) {
             _ = ticker.tick() => {}
         }
         let sent = Instant::now();
-        // Bounded, so a hanging call cannot outlive the lease unnoticed.
-        let beat = tokio::time::timeout(period, lease.heartbeat())
+        // Bounded, so a hanging call cannot outlive the lease unnoticed;
+        // by half a period, so that one slow heartbeat (given up at 1.5
+        // periods since the last renewal) leaves the next tick time to
+        // renew before the two-thirds cutoff (2 periods).
+        let beat = tokio::time::timeout(period / 2, lease.heartbeat())
             .await
             .unwrap_or_else(|_| Err(claim::Error::Timeout));
         match beat {

@@ -418,7 +418,6 @@ async fn processing_a_queue_document_twice_creates_no_second_deal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_level_problems_fail_the_import_with_a_code_before_any_write() {
     let mut app = TestApp::new().await;
-    app.spawn_daemon();
     let ok_mapping = [("Name", "name")];
     let mut cases = vec![
         (
@@ -489,6 +488,9 @@ async fn file_level_problems_fail_the_import_with_a_code_before_any_write() {
     app.services.storage.delete(&key).await.unwrap();
     cases.push((missing, "object_not_found"));
 
+    // Only now: a daemon running earlier could claim `gone.csv` between
+    // its upload and the delete.
+    app.spawn_daemon();
     for (id, code) in cases {
         let q = app.wait_final(id, Duration::from_secs(30)).await;
         assert_eq!(q.get_str("status").unwrap(), "failed", "{q}");

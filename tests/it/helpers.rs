@@ -72,7 +72,9 @@ pub fn test_settings() -> Settings {
     let id = uuid::Uuid::new_v4().simple().to_string();
     s.mongodb.database = format!("{TEST_DB_PREFIX}{}_{}", std::process::id(), &id[..8]);
     s.scheduler.tick = "* * * * * *".into();
-    s.scheduler.lease = Duration::from_secs(6);
+    // Long enough that a slow heartbeat on a loaded CI machine does not
+    // lose it; no test waits for a lease to expire by itself.
+    s.scheduler.lease = Duration::from_secs(15);
     s.scheduler.rescue_interval = Duration::from_secs(1);
     s.import.progress_interval = Duration::from_millis(100);
     s
