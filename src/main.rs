@@ -224,7 +224,7 @@ async fn support(
                     Some(o) => {
                         let (kind, dry_run) = logs::record_kind(db, id).await?;
                         if dry_run {
-                            println!("{}", logs::format_checked(line, &o, kind));
+                            println!("{}", logs::format_checked(&id, line, &o, kind));
                         } else {
                             println!("{}", logs::format_outcome(line, &o, kind));
                         }

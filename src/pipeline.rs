@@ -513,6 +513,19 @@ async fn import(
         date_order: settings.import.date_order,
     };
     let plan = Plan::new(spec.kind, &headers, &spec.mappings, rules).map_err(Abort::File)?;
+    if spec.dry_run
+        && spec.duplicate_strategy != DuplicateStrategy::Create
+        && tracker.checkpoint.line > 0
+    {
+        // A check matches rows against the file's earlier rows too, which
+        // a resumed run would not have read: it starts over (it writes only
+        // outcomes, which a replay rewrites alike).
+        tracker.checkpoint = Checkpoint {
+            batch_size: tracker.checkpoint.batch_size,
+            ..Checkpoint::default()
+        };
+        tracker.progress = Progress::default();
+    }
     let resume = tracker.checkpoint;
     let (records, skip) = if resume.line == 0 {
         (records, 0)
@@ -578,10 +591,7 @@ async fn import(
     if spec.dry_run {
         // Every line checked, its outcome recorded; no record, stage or
         // contact written.
-        let mut sink = CheckSink {
-            db: svc.db.clone(),
-            queue_id: lease.queue_id,
-        };
+        let mut sink = CheckSink::new(svc, spec).await?;
         let writers = settings.import.writers.get();
         return match spec.kind {
             RecordKind::Deals => {
@@ -849,20 +859,96 @@ impl Sink<MappedDeal> for DealSink {
     }
 }
 
-/// A dry run's sink: records each line's outcome (a valid row "would be
-/// imported"), writes nothing else.
+/// A dry run's sink: records each line's outcome as a real run would (a
+/// valid row would create a record, or, under `skip` / `update`, meet an
+/// existing one: in the database or created by an earlier row of the
+/// file), writes nothing else.
 struct CheckSink {
     db: Database,
     queue_id: ObjectId,
+    dupes: Option<CheckDupes>,
+}
+
+/// Duplicate matching of a dry run (see [`CheckSink`]).
+struct CheckDupes {
+    strategy: DuplicateStrategy,
+    /// Deals: the pipeline's names, read as a real run reads them;
+    /// contacts: the emails met so far.
+    names: NameIndex,
+    /// Contacts: the account whose contacts each batch's emails are
+    /// looked up in.
+    contacts_of: Option<ObjectId>,
+}
+
+impl CheckSink {
+    async fn new(svc: &Services, spec: &ImportSpec) -> Result<Self, Abort> {
+        let names = match (spec.kind, spec.duplicate_strategy, spec.pipeline_id) {
+            (_, DuplicateStrategy::Create, _) => None,
+            (RecordKind::Deals, _, Some(pipeline_id)) => Some(
+                NameIndex::load(
+                    &svc.db.collection(collections::DEALS),
+                    spec.queue_id,
+                    spec.account_id,
+                    pipeline_id,
+                )
+                .await?,
+            ),
+            _ => Some(NameIndex::empty(spec.queue_id)),
+        };
+        Ok(Self {
+            db: svc.db.clone(),
+            queue_id: spec.queue_id,
+            dupes: names.map(|names| CheckDupes {
+                strategy: spec.duplicate_strategy,
+                names,
+                contacts_of: (spec.kind == RecordKind::Contacts).then_some(spec.account_id),
+            }),
+        })
+    }
+
+    /// Decides, in file order, what each valid row of a batch would do.
+    async fn classify<R: Mapped>(
+        &mut self,
+        rows: &[R],
+        outcome: &mut BatchOutcome,
+    ) -> Result<(), Abort> {
+        let Some(d) = self.dupes.as_mut() else {
+            outcome.imported = rows.iter().map(Mapped::line).collect();
+            return Ok(());
+        };
+        if let Some(account_id) = d.contacts_of {
+            let coll = self.db.collection(collections::CONTACTS);
+            let emails: Vec<&str> = rows.iter().map(Mapped::match_key).collect();
+            let found = (|| crate::contacts::contact_ids(&coll, account_id, &emails))
+                .retry(write_retry())
+                .when(crate::db::is_transient)
+                .await?;
+            for (email, id) in &found {
+                d.names.remember(email, *id);
+            }
+        }
+        for r in rows {
+            match (d.names.decide(r.line(), r.match_key()), d.strategy) {
+                (Match::Create, _) => outcome.imported.push(r.line()),
+                (Match::Existing(id), DuplicateStrategy::Update) => {
+                    outcome.updated.push((r.line(), id));
+                }
+                (Match::Existing(id), _) => outcome.skipped.push((r.line(), id)),
+            }
+        }
+        Ok(())
+    }
 }
 
 impl<R: Mapped + Send + 'static> Sink<R> for CheckSink {
     async fn start(&mut self, batch: Batch<R>) -> Result<AbortOnDropHandle<Written>, Abort> {
+        let (mut outcome, rows, mark) = batch.split();
+        // Here, in file order, not in the spawned task.
+        self.classify(&rows, &mut outcome).await?;
+        drop(rows);
         let (db, queue_id) = (self.db.clone(), self.queue_id);
         Ok(AbortOnDropHandle::new(tokio::spawn(
             async move {
-                let (mut outcome, rows, mark) = batch.split();
-                outcome.imported = rows.iter().map(Mapped::line).collect();
                 record_outcome(&db, queue_id, &outcome).await?;
                 Ok(mark.done(outcome))
             }

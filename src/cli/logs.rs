@@ -77,16 +77,34 @@ pub async fn record_kind(db: &Database, queue_id: ObjectId) -> Result<(RecordKin
     Ok((kind, dry_run))
 }
 
-/// One line's outcome in a dry run: an "imported" line is only ready.
-pub fn format_checked(line: LineNo, o: &LineOutcome, kind: RecordKind) -> String {
+/// One line's outcome in a dry run of import `queue_id`: nothing was
+/// written, so lines are only ready, would update or would skip; a
+/// duplicate of a record an earlier line would create names that line.
+pub fn format_checked(
+    queue_id: &ObjectId,
+    line: LineNo,
+    o: &LineOutcome,
+    kind: RecordKind,
+) -> String {
+    let noun = kind.noun();
+    let record = |id: &ObjectId| match crate::domain::line_of_deal_id(queue_id, id) {
+        Some(first) => format!("the {noun} line {first} would create"),
+        None => format!("{noun} {id}"),
+    };
     match o {
         LineOutcome::Imported { .. } => {
+            format!("line {line}\tready\tvalid {noun} (dry run: nothing imported)")
+        }
+        LineOutcome::Updated { id } => {
             format!(
-                "line {line}\tready\tvalid {} (dry run: nothing imported)",
-                kind.noun()
+                "line {line}\twould update\t{} (dry run: nothing written)",
+                record(id)
             )
         }
-        other => format_outcome(line, other, kind),
+        LineOutcome::Skipped { id } => {
+            format!("line {line}\twould skip\tduplicate of {}", record(id))
+        }
+        LineOutcome::Failed(f) => format_failure(f),
     }
 }
 
@@ -186,9 +204,24 @@ mod tests {
             format_outcome(12, &LineOutcome::Failed(failure()), RecordKind::Deals)
                 .starts_with("line 12\tfailed")
         );
+        let q = ObjectId::new();
         assert_eq!(
-            format_checked(3, &LineOutcome::Imported { id }, RecordKind::Deals),
+            format_checked(&q, 3, &LineOutcome::Imported { id }, RecordKind::Deals),
             "line 3\tready\tvalid deal (dry run: nothing imported)"
+        );
+        assert_eq!(
+            format_checked(&q, 4, &LineOutcome::Updated { id }, RecordKind::Deals),
+            "line 4\twould update\tdeal 64b7f0c2a1b2c3d4e5f60718 (dry run: nothing written)"
+        );
+        let own = crate::domain::contact_id(&q, 2).unwrap();
+        assert_eq!(
+            format_checked(
+                &q,
+                9,
+                &LineOutcome::Skipped { id: own },
+                RecordKind::Contacts
+            ),
+            "line 9\twould skip\tduplicate of the contact line 2 would create"
         );
     }
 

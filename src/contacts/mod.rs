@@ -444,23 +444,33 @@ impl ContactLinker {
 
     /// The account's contacts with these emails, by email.
     async fn find(&self, emails: &[&str]) -> Result<HashMap<String, ObjectId>> {
-        let mut cursor = self
-            .coll
-            .clone_with_type::<Document>()
-            .find(crate::db::contacts_by_email(
-                self.builder.account_id,
-                emails,
-            ))
-            .projection(doc! { "_id": 1, "email": 1 })
-            .await?;
-        let mut found = HashMap::with_capacity(emails.len());
-        while let Some(d) = cursor.try_next().await? {
-            if let (Ok(id), Some(Bson::String(email))) = (d.get_object_id("_id"), d.get("email")) {
-                found.insert(email.clone(), id);
-            }
-        }
-        Ok(found)
+        Ok(contact_ids(
+            &self.coll.clone_with_type(),
+            self.builder.account_id,
+            emails,
+        )
+        .await?)
     }
+}
+
+/// The ids of `account_id`'s contacts with these emails (lower-cased), by
+/// email. One indexed query.
+pub async fn contact_ids(
+    coll: &Collection<Document>,
+    account_id: ObjectId,
+    emails: &[&str],
+) -> mongodb::error::Result<HashMap<String, ObjectId>> {
+    let mut cursor = coll
+        .find(crate::db::contacts_by_email(account_id, emails))
+        .projection(doc! { "_id": 1, "email": 1 })
+        .await?;
+    let mut found = HashMap::with_capacity(emails.len());
+    while let Some(d) = cursor.try_next().await? {
+        if let (Ok(id), Some(Bson::String(email))) = (d.get_object_id("_id"), d.get("email")) {
+            found.insert(email.clone(), id);
+        }
+    }
+    Ok(found)
 }
 
 #[cfg(test)]

@@ -123,17 +123,26 @@ pub struct MappedDeal {
 pub trait Mapped {
     /// Physical line where its record starts.
     fn line(&self) -> LineNo;
+    /// What `duplicate_strategy` matches it on: a deal's name, a contact's
+    /// email.
+    fn match_key(&self) -> &str;
 }
 
 impl Mapped for MappedDeal {
     fn line(&self) -> LineNo {
         self.line
     }
+    fn match_key(&self) -> &str {
+        &self.name
+    }
 }
 
 impl Mapped for MappedContact {
     fn line(&self) -> LineNo {
         self.line
+    }
+    fn match_key(&self) -> &str {
+        &self.email
     }
 }
 

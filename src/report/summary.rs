@@ -115,15 +115,19 @@ impl ImportSummary {
             (RecordKind::Deals, true) => "Deal import check",
             (RecordKind::Contacts, true) => "Contact import check",
         };
-        let imported = if self.dry_run { "ready" } else { "imported" };
+        let [imported, updated, skipped] = if self.dry_run {
+            ["ready", "to update", "to skip"]
+        } else {
+            ["imported", "updated", "skipped"]
+        };
         match &self.ending {
             Ending::Completed => {
                 let mut parts = vec![format!("{} {imported}", thousands(t.imported))];
                 if t.updated > 0 {
-                    parts.push(format!("{} updated", thousands(t.updated)));
+                    parts.push(format!("{} {updated}", thousands(t.updated)));
                 }
                 if t.skipped > 0 {
-                    parts.push(format!("{} skipped", thousands(t.skipped)));
+                    parts.push(format!("{} {skipped}", thousands(t.skipped)));
                 }
                 parts.push(format!("{} failed", thousands(t.failed)));
                 format!("{what} finished: {} ({})", parts.join(", "), self.file_name)
@@ -168,18 +172,16 @@ impl ImportSummary {
 
     fn counts(&self) -> Vec<(&'static str, String)> {
         let t = &self.totals;
+        let [imported, updated, skipped] = if self.dry_run {
+            ["Ready to import", "Would update", "Would skip"]
+        } else {
+            ["Imported", "Updated", "Skipped"]
+        };
         let mut counts = vec![
             ("Rows", thousands(t.rows)),
-            (
-                if self.dry_run {
-                    "Ready to import"
-                } else {
-                    "Imported"
-                },
-                thousands(t.imported),
-            ),
-            ("Updated", thousands(t.updated)),
-            ("Skipped", thousands(t.skipped)),
+            (imported, thousands(t.imported)),
+            (updated, thousands(t.updated)),
+            (skipped, thousands(t.skipped)),
             ("Failed", thousands(t.failed)),
         ];
         // A contacts import's "Imported" are the contacts it created.
@@ -281,9 +283,11 @@ mod tests {
         s.dry_run = true;
         assert_eq!(
             s.subject(),
-            "Contact import check finished: 98,765 ready, 12 skipped, 1,235 failed (deals-q4.csv)"
+            "Contact import check finished: 98,765 ready, 12 to skip, 1,235 failed (deals-q4.csv)"
         );
-        assert!(s.text().unwrap().contains("nothing was imported"));
+        let text = s.text().unwrap();
+        assert!(text.contains("nothing was imported"), "{text}");
+        assert!(text.contains("Would skip: 12"), "{text}");
         s.ending = Ending::Cancelled;
         assert_eq!(
             s.subject(),

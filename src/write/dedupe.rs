@@ -79,6 +79,22 @@ impl NameIndex {
         Ok(Self { queue_id, by_key })
     }
 
+    /// An index of no names yet, for a dry run of a contacts import: the
+    /// rows' emails are looked up batch by batch ([`NameIndex::remember`])
+    /// and the file's new ones kept as the run goes.
+    pub fn empty(queue_id: ObjectId) -> Self {
+        Self {
+            queue_id,
+            by_key: HashMap::new(),
+        }
+    }
+
+    /// Notes an existing record `id` under `name` (kept if the name is
+    /// known already).
+    pub fn remember(&mut self, name: &str, id: ObjectId) {
+        self.by_key.entry(digest(name)).or_insert(id);
+    }
+
     /// Whether `id` is a deal this import creates (matched by a later row
     /// of the file, not found in the database at the start).
     pub fn is_own(&self, id: &ObjectId) -> bool {

@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use bson::doc;
-use importd::domain::collections;
+use bson::oid::ObjectId;
+use importd::domain::{collections, contact_id, deal_id};
 use importd::outcomes::{self, LineOutcome};
 
 use crate::helpers::{SmtpCatcher, TestApp, get_i64, settings_with_smtp};
@@ -70,5 +71,106 @@ async fn a_dry_run_checks_every_line_and_writes_no_record() {
         mails[0].text
     );
     assert!(mails[0].text.contains("errors.csv"), "{}", mails[0].text);
+    app.cleanup().await;
+}
+
+/// A check under `update` says which rows would update which deal: an
+/// existing one of the pipeline, or the one an earlier row would create.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_tells_which_rows_would_update_or_skip() {
+    let smtp = SmtpCatcher::start().await;
+    let mut app = TestApp::with_settings(settings_with_smtp(smtp.port)).await;
+    let existing = ObjectId::new();
+    app.coll(collections::DEALS)
+        .insert_one(doc! {
+            "_id": existing, "name": "Acme Deal", "value": 1.0,
+            "account_id": app.account_id, "pipeline_id": app.pipeline_id,
+        })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let csv = "Deal Name,Value\n ACME  deal,5\nNew One,6\nnew one,7\nOther,8\n";
+    let id = app
+        .enqueue_with(
+            "upd.csv",
+            csv.as_bytes(),
+            &[("Deal Name", "name"), ("Value", "value")],
+            doc! { "additional_data": {
+                "pipeline_id": app.pipeline_id, "duplicate_strategy": "update", "dry_run": true,
+            } },
+        )
+        .await;
+    let q = app.wait_completed(id, Duration::from_secs(60)).await;
+    assert_eq!(get_i64(&q, "progress.imported_rows"), 2, "{q}");
+    assert_eq!(get_i64(&q, "progress.updated_rows"), 2, "{q}");
+    assert_eq!(get_i64(&q, "progress.failed_rows"), 0, "{q}");
+    // Nothing written: the existing deal is as it was, and alone.
+    let deals = app.find_all(collections::DEALS, doc! {}).await;
+    assert_eq!(deals.len(), 1);
+    assert_eq!(deals[0].get_f64("value").unwrap(), 1.0);
+    for (line, deal) in [(2, existing), (4, deal_id(&id, 3).unwrap())] {
+        match outcomes::line_outcome(&app.db, id, line).await.unwrap() {
+            Some(LineOutcome::Updated { id }) => assert_eq!(id, deal, "line {line}"),
+            other => panic!("line {line}: {other:?}"),
+        }
+    }
+    let mails = smtp.wait_for(1, Duration::from_secs(30)).await;
+    assert_eq!(
+        mails[0].subject,
+        "Deal import check finished: 2 ready, 2 to update, 0 failed (upd.csv)"
+    );
+    assert!(
+        mails[0].text.contains("Would update: 2"),
+        "{}",
+        mails[0].text
+    );
+    // Support reads the same.
+    let out = app
+        .binary(&["logs", &id.to_hex(), "--line", "4"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.contains("would update\tthe deal line 3 would create"),
+        "{out}"
+    );
+    app.cleanup().await;
+}
+
+/// A contacts check (default `skip`): an existing contact and a repeated
+/// email of the file would both be skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contacts_dry_run_finds_existing_and_repeated_emails() {
+    let mut app = TestApp::new().await;
+    let existing = ObjectId::new();
+    app.coll(collections::CONTACTS)
+        .insert_one(doc! { "_id": existing, "account_id": app.account_id, "email": "ann@x.co" })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let csv = "Email,Name\nANN@x.co,Ann\nbob@x.co,Bob\nBob@X.co,Bobby\nnot-an-email,Cy\n";
+    let id = app
+        .enqueue_with(
+            "c.csv",
+            csv.as_bytes(),
+            &[("Email", "email"), ("Name", "name")],
+            doc! { "source": "contacts", "additional_data": { "dry_run": true } },
+        )
+        .await;
+    let q = app.wait_completed(id, Duration::from_secs(60)).await;
+    for (key, n) in [("imported", 1), ("skipped", 2), ("failed", 1)] {
+        assert_eq!(
+            get_i64(&q, &format!("progress.{key}_rows")),
+            n,
+            "{key}: {q}"
+        );
+    }
+    assert_eq!(app.count(collections::CONTACTS, doc! {}).await, 1);
+    for (line, contact) in [(2, existing), (4, contact_id(&id, 3).unwrap())] {
+        match outcomes::line_outcome(&app.db, id, line).await.unwrap() {
+            Some(LineOutcome::Skipped { id }) => assert_eq!(id, contact, "line {line}"),
+            other => panic!("line {line}: {other:?}"),
+        }
+    }
     app.cleanup().await;
 }

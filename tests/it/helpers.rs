@@ -430,10 +430,13 @@ impl SmtpCatcher {
         };
         let mut out = Vec::new();
         for e in entries.flatten() {
-            let script = "import email,sys,json\n\
-                m=email.message_from_binary_file(open(sys.argv[1],'rb'))\n\
+            // The default policy unfolds and decodes headers as a mail
+            // client shows them.
+            let script = "import email,email.policy,sys,json\n\
+                m=email.message_from_binary_file(open(sys.argv[1],'rb'),policy=email.policy.default)\n\
                 parts={p.get_content_type():p.get_payload(decode=True).decode() for p in m.walk() if not p.is_multipart()}\n\
-                print(json.dumps({'to':m['To'],'subject':m['Subject'],'message_id':m['Message-ID'],'text':parts.get('text/plain',''),'html':parts.get('text/html','')}))";
+                h=lambda k:'' if m[k] is None else str(m[k])\n\
+                print(json.dumps({'to':h('To'),'subject':h('Subject'),'message_id':h('Message-ID'),'text':parts.get('text/plain',''),'html':parts.get('text/html','')}))";
             let o = std::process::Command::new("python3")
                 .args(["-c", script])
                 .arg(e.path())
