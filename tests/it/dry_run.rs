@@ -174,3 +174,40 @@ async fn a_contacts_dry_run_finds_existing_and_repeated_emails() {
     }
     app.cleanup().await;
 }
+
+/// An interrupted check under `skip` starts over: resumed past line 3 it
+/// would not know that line 4 repeats line 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_matching_check_starts_over() {
+    let mut app = TestApp::new().await;
+    let id = app
+        .enqueue_with(
+            "again.csv",
+            b"Name\nAcme\nGlobex\nACME\n",
+            &[("Name", "name")],
+            doc! { "additional_data": {
+                "pipeline_id": app.pipeline_id, "duplicate_strategy": "skip", "dry_run": true,
+            } },
+        )
+        .await;
+    // As an earlier attempt would have left it: lines 2-3 checked.
+    app.queues()
+        .update_one(
+            doc! { "_id": id },
+            doc! { "$set": {
+                "checkpoint": { "line": 4_i64, "byte": 17_i64, "records": 2_i64, "batch_size": 1_i64 },
+                "progress.processed_rows": 2_i64, "progress.imported_rows": 2_i64,
+            } },
+        )
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let q = app.wait_completed(id, Duration::from_secs(60)).await;
+    assert_eq!(get_i64(&q, "progress.imported_rows"), 2, "{q}");
+    assert_eq!(get_i64(&q, "progress.skipped_rows"), 1, "{q}");
+    match outcomes::line_outcome(&app.db, id, 4).await.unwrap() {
+        Some(LineOutcome::Skipped { id: dup }) => assert_eq!(dup, deal_id(&id, 2).unwrap()),
+        other => panic!("line 4: {other:?}"),
+    }
+    app.cleanup().await;
+}
