@@ -11,10 +11,12 @@
 //!   cannot start at once (a claimed import is never left waiting).
 //! - Shutdown: stop claiming, let every running import finish its batches in
 //!   flight, checkpoint and release its lease, within the grace period.
+//! - A tick also starts one requested undo (`undo`) if none runs here.
 //! - MongoDB trouble never ends the daemon: a failed tick is logged and the
 //!   next one tries again.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Mutex, Semaphore};
@@ -28,6 +30,7 @@ use crate::pipeline::{self, Services};
 use crate::report::notify::{self, Notifier};
 use crate::telemetry::error_chain;
 use crate::telemetry::metrics as m;
+use crate::undo;
 
 struct Inner {
     services: Services,
@@ -37,6 +40,8 @@ struct Inner {
     tasks: TaskTracker,
     shutdown: CancellationToken,
     tick_lock: Mutex<()>,
+    /// An undo runs in this daemon (one at a time: a rare operation).
+    undoing: AtomicBool,
 }
 
 /// A running (or runnable) daemon; cheap to clone.
@@ -64,6 +69,7 @@ impl Daemon {
                 tasks: TaskTracker::new(),
                 shutdown,
                 tick_lock: Mutex::new(()),
+                undoing: AtomicBool::new(false),
             }),
         })
     }
@@ -85,7 +91,11 @@ impl Daemon {
         let Ok(_guard) = inner.tick_lock.try_lock() else {
             return Ok(0);
         };
-        if inner.shutdown.is_cancelled() || inner.slots.available_permits() == 0 {
+        if inner.shutdown.is_cancelled() {
+            return Ok(0);
+        }
+        self.start_undo().await?;
+        if inner.slots.available_permits() == 0 {
             return Ok(0);
         }
         inner.claimer.stamp_claim_order().await?;
@@ -130,6 +140,35 @@ impl Daemon {
             );
         }
         Ok(claimed)
+    }
+
+    /// Claims and starts one requested undo, unless one runs here already.
+    async fn start_undo(&self) -> claim::Result<()> {
+        let inner = &self.inner;
+        if inner.shutdown.is_cancelled() || inner.undoing.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let lease = match inner.claimer.claim_undo(None).await {
+            Ok(Some(lease)) => lease,
+            other => {
+                inner.undoing.store(false, Ordering::SeqCst);
+                return other.map(|_| ());
+            }
+        };
+        let span = info_span!("undo", queue_id = %lease.queue_id, attempt = lease.attempt);
+        let d = self.clone();
+        inner.tasks.spawn(
+            async move {
+                let inner = &d.inner;
+                if let Err(e) = undo::run(&inner.services.db, &lease, &inner.shutdown).await {
+                    // Its lease expires and a later claim resumes it.
+                    warn!(error = %error_chain(&e), "Undo stopped; a later claim resumes it");
+                }
+                inner.undoing.store(false, Ordering::SeqCst);
+            }
+            .instrument(span),
+        );
+        Ok(())
     }
 
     async fn tick_logged(&self) {

@@ -97,7 +97,7 @@ impl IndexError {
 
 /// Creates every index importd needs. Safe to run on every start.
 pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
-    let specs: [(&str, Document, &str, bool, Option<Document>); 11] = [
+    let specs: [(&str, Document, &str, bool, Option<Document>); 12] = [
         // Notifications due (final imports whose email is not sent yet).
         (
             collections::QUEUES,
@@ -134,6 +134,15 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
             collections::QUEUES,
             doc! { "status": 1, "claim_order": 1 },
             "status_claim_order",
+            false,
+            None,
+        ),
+        // Undos requested (the few imports with `undo_requested: true`),
+        // and expired undo leases among them.
+        (
+            collections::QUEUES,
+            doc! { "undo_requested": 1, "undo.expires_at": 1 },
+            "undo_requested",
             false,
             None,
         ),

@@ -8,7 +8,8 @@
 //! deals name, created once) → [`write`] (idempotent bulk
 //! inserts) → [`outcomes`] (per-line outcomes and the summary), wired by
 //! [`pipeline`] and driven by [`daemon`]; [`http`] serves health, metrics
-//! and an import's progress. [`domain`] holds the pure types
+//! and an import's progress; [`undo`] takes a finished import back.
+//! [`domain`] holds the pure types
 //! every module shares.
 
 pub mod app;
@@ -28,4 +29,5 @@ pub mod pipeline;
 pub mod report;
 pub mod stages;
 pub mod telemetry;
+pub mod undo;
 pub mod write;

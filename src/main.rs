@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bson::oid::ObjectId;
 use clap::{Parser, Subcommand, ValueEnum};
-use importd::cli::{demo, enqueue, logs, status};
+use importd::cli::{demo, enqueue, logs, status, undo};
 use importd::config::{Settings, Source};
 use importd::domain::RecordKind;
 use importd::{app, db, fetch, telemetry};
@@ -89,6 +89,17 @@ enum Command {
         /// One physical line of the file (the header is line 1).
         #[arg(long)]
         line: Option<u64>,
+    },
+    /// Undo a finished import: remove the records it created (those
+    /// changed since are kept), and the stages it created that no deal
+    /// uses; a running import is cancelled first. Prints what was done.
+    Undo {
+        /// Queue document id.
+        id: ObjectId,
+        /// Seconds to wait for a running import to stop, or for a daemon
+        /// already undoing it.
+        #[arg(long, default_value_t = 600)]
+        wait: u64,
     },
     /// Seed a demo account and import a CSV into it (local use).
     Demo {
@@ -207,6 +218,61 @@ async fn support(
                 return print_final(db, id, Duration::from_secs(3600)).await;
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Undo { id, wait } => {
+            let claimer = importd::claim::Claimer::new(
+                db,
+                format!("{}:undo", importd::claim::Claimer::default_owner()),
+                settings.scheduler.lease,
+            );
+            // Ctrl-C stops after the batch under way and gives the undo
+            // back, to be resumed.
+            let stop = tokio_util::sync::CancellationToken::new();
+            let on_signal = stop.clone();
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    on_signal.cancel();
+                }
+            });
+            let outcome = undo::undo(
+                db,
+                &claimer,
+                id,
+                Duration::from_secs(wait),
+                &stop,
+                &mut |n| eprintln!("{n}"),
+            )
+            .await
+            .context("undo")?;
+            Ok(match outcome {
+                undo::Outcome::Done(text) => {
+                    println!("undo of import {}: done", id.to_hex());
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                undo::Outcome::Refused(reason) => {
+                    println!("undo of import {}: refused: {reason}", id.to_hex());
+                    ExitCode::from(1)
+                }
+                undo::Outcome::NotFound => {
+                    eprintln!("no import {id}");
+                    ExitCode::from(1)
+                }
+                undo::Outcome::Pending => {
+                    println!(
+                        "undo of import {}: requested, not finished yet (run again to follow it)",
+                        id.to_hex()
+                    );
+                    ExitCode::from(1)
+                }
+                undo::Outcome::Released => {
+                    println!(
+                        "undo of import {}: interrupted; run again to resume",
+                        id.to_hex()
+                    );
+                    ExitCode::from(1)
+                }
+            })
         }
         Command::Status { id } => match status::status(db, id).await? {
             Some(s) => {

@@ -786,7 +786,14 @@ impl DealSink {
         pipeline_id: ObjectId,
         plan: &Plan,
     ) -> Result<Self, Abort> {
-        let stages = StageCache::load(&svc.db, spec.account_id, pipeline_id, spec.user_id).await?;
+        let stages = StageCache::load(
+            &svc.db,
+            spec.account_id,
+            pipeline_id,
+            spec.user_id,
+            spec.queue_id,
+        )
+        .await?;
         let names = match spec.duplicate_strategy {
             DuplicateStrategy::Create => None,
             _ => Some(

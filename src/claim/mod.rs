@@ -33,8 +33,10 @@ use mongodb::{Collection, Database};
 use crate::domain::{FileError, JobState, collections};
 
 mod spec;
+mod undo;
 
 pub use spec::spec_from_doc;
+pub use undo::UndoLease;
 
 /// Errors of the claim layer.
 #[derive(Debug, thiserror::Error)]

@@ -5,3 +5,4 @@ pub mod demo;
 pub mod enqueue;
 pub mod logs;
 pub mod status;
+pub mod undo;

@@ -76,6 +76,29 @@ impl ImportStatus {
                 e.get_str("message").unwrap_or("?")
             ));
         }
+        match (q.get_bool("undo_requested"), q.get_document("undo")) {
+            (_, Ok(u)) if u.get_datetime("finished_at").is_ok() => {
+                let c = crate::undo::UndoCounts::from_doc(u);
+                match u.get_str("state") {
+                    Ok("refused") => out.push_str(&format!(
+                        "  undo:     refused: {}\n",
+                        u.get_str("reason").unwrap_or("-")
+                    )),
+                    _ => out.push_str(&format!(
+                        "  undo:     done: {} removed, {} kept (changed since), {} updates not reverted\n",
+                        c.removed, c.kept_changed, c.updates_not_reverted
+                    )),
+                }
+            }
+            (_, Ok(u)) => out.push_str(&format!(
+                "  undo:     {} (next line {})\n",
+                u.get_str("state").unwrap_or("pending"),
+                u.get("next_line")
+                    .map_or_else(|| "-".into(), |v| v.to_string())
+            )),
+            (Ok(true), Err(_)) => out.push_str("  undo:     requested\n"),
+            _ => {}
+        }
         if let Ok(a) = q
             .get_i64("attempts")
             .or(q.get_i32("attempts").map(i64::from))

@@ -149,6 +149,7 @@ async fn import_status(
                 "source": 1, "status": 1, "in_progress": 1, "csv.name": 1, "progress": 1,
                 "error": 1, "attempts": 1, "cancel_requested": 1, "log_id": 1, "warnings": 1,
                 "created_at": 1, "createdAt": 1, "started_at": 1, "completed_at": 1,
+                "undo_requested": 1, "undo": 1,
             })
             .await;
     match found {
@@ -211,7 +212,26 @@ fn view(q: &Document) -> Value {
         Value::Null => date(q, "createdAt"),
         d => d,
     };
+    // The undo, once requested: its state and, when done, what it did.
+    let undo = match (q.get_bool("undo_requested"), q.get_document("undo")) {
+        (_, Ok(u)) => {
+            let c = crate::undo::UndoCounts::from_doc(u);
+            json!({
+                "state": u.get_str("state").unwrap_or("pending"),
+                "reason": u.get_str("reason").ok(),
+                "removed": c.removed,
+                "kept_changed": c.kept_changed,
+                "updates_not_reverted": c.updates_not_reverted,
+                "stages_removed": c.stages_removed,
+                "stages_kept": c.stages_kept,
+                "finished_at": date(u, "finished_at"),
+            })
+        }
+        (Ok(true), Err(_)) => json!({ "state": "pending" }),
+        _ => Value::Null,
+    };
     json!({
+        "undo": undo,
         "queue_id": q.get_object_id("_id").map(|i| i.to_hex()).ok(),
         "source": q.get_str("source").ok(),
         "status": q.get_str("status").ok(),
@@ -256,5 +276,26 @@ mod tests {
         assert_eq!(v["error"], Value::Null);
         // Storage keys are not part of the view.
         assert!(!v.to_string().contains("imports/a/b"));
+        assert_eq!(v["undo"], Value::Null);
+    }
+
+    #[test]
+    fn the_view_shows_an_undo_from_request_to_result() {
+        let mut q = doc! { "_id": ObjectId::new(), "status": "completed", "undo_requested": true };
+        assert_eq!(view(&q)["undo"], json!({ "state": "pending" }));
+        q.insert(
+            "undo",
+            doc! {
+                "state": "done", "removed": 98_i64, "kept_changed": 2_i64,
+                "stages_removed": ["Brand New"], "owner": "host:1:x",
+                "finished_at": bson::DateTime::from_millis(1_000),
+            },
+        );
+        let v = view(&q);
+        assert_eq!(v["undo"]["state"], json!("done"));
+        assert_eq!(v["undo"]["removed"], json!(98));
+        assert_eq!(v["undo"]["stages_removed"], json!(["Brand New"]));
+        assert_eq!(v["undo"]["finished_at"], json!("1970-01-01T00:00:01Z"));
+        assert!(!v.to_string().contains("host:1:x"), "owners stay inside");
     }
 }

@@ -53,6 +53,7 @@ pub struct StageCache {
     account_id: ObjectId,
     pipeline_id: ObjectId,
     user_id: ObjectId,
+    queue_id: ObjectId,
     by_key: HashMap<String, ObjectId>,
     next_order: i64,
     created: Vec<String>,
@@ -67,25 +68,39 @@ fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
     }
 }
 
+/// Whether the stage document `d` was created by import `queue_id`.
+pub fn created_by(d: &Document, queue_id: ObjectId) -> bool {
+    d.get_document("import")
+        .and_then(|i| i.get_object_id("queue_id"))
+        .is_ok_and(|q| q == queue_id)
+}
+
 impl StageCache {
-    /// Loads the pipeline's existing stages.
+    /// Loads the pipeline's existing stages, for import `queue_id` of
+    /// `user_id` (stages an earlier run of the same import created count as
+    /// created by it).
     pub async fn load(
         db: &Database,
         account_id: ObjectId,
         pipeline_id: ObjectId,
         user_id: ObjectId,
+        queue_id: ObjectId,
     ) -> Result<Self> {
         let coll = db.collection::<Document>(collections::PIPELINE_STAGES);
         let mut cursor = coll
             .find(doc! { "account_id": account_id, "pipeline_id": pipeline_id })
-            .projection(doc! { "name": 1, "order": 1 })
+            .projection(doc! { "name": 1, "label": 1, "order": 1, "import.queue_id": 1 })
             .await?;
         let mut by_key = HashMap::new();
+        let mut created = Vec::new();
         let mut max_order = 0;
         while let Some(d) = cursor.try_next().await? {
             let (Ok(id), Ok(name)) = (d.get_object_id("_id"), d.get_str("name")) else {
                 continue;
             };
+            if created_by(&d, queue_id) {
+                created.push(d.get_str("label").unwrap_or(name).to_owned());
+            }
             // First one wins if the dashboard stored two spellings.
             by_key.entry(stage_key(name)).or_insert(id);
             if let Some(o) = d
@@ -100,13 +115,14 @@ impl StageCache {
             account_id,
             pipeline_id,
             user_id,
+            queue_id,
             by_key,
             next_order: max_order + 1,
-            created: Vec::new(),
+            created,
         })
     }
 
-    /// Names of the stages this import created.
+    /// Labels of the stages this import created (in any of its runs).
     pub fn created(&self) -> &[String] {
         &self.created
     }
@@ -129,6 +145,8 @@ impl StageCache {
                 "created_by": self.user_id,
                 "created_at": DateTime::now(),
                 "source": "csv",
+                // Which import made it: an undo removes it if no deal uses it.
+                "import": { "queue_id": self.queue_id },
             })
             .await;
         let id = match insert {

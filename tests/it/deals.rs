@@ -183,7 +183,9 @@ async fn racing_on_one_new_stage_creates_it_once() {
         let db = importd::db::connect(&app.settings().mongodb).await.unwrap();
         let (a, p, u) = (app.account_id, app.pipeline_id, app.user_id);
         tasks.push(tokio::spawn(async move {
-            let mut cache = StageCache::load(&db, a, p, u).await.unwrap();
+            let mut cache = StageCache::load(&db, a, p, u, ObjectId::new())
+                .await
+                .unwrap();
             let label = if i % 2 == 0 {
                 "Brand New"
             } else {

@@ -13,3 +13,4 @@ mod indexes;
 mod lifecycle;
 mod notify;
 mod support_cli;
+mod undo;

@@ -1,0 +1,255 @@
+//! Undo of a finished import (`importd undo ID`, or `undo_requested: true`
+//! from the dashboard): the records it created are removed, what changed
+//! since or cannot be taken back is kept and counted; resumable.
+
+use std::fmt::Write as _;
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use bson::oid::ObjectId;
+use bson::{DateTime, Document, doc};
+use importd::domain::{collections, deal_id};
+
+use crate::helpers::{TestApp, get_i64, test_settings};
+
+const LONG: Duration = Duration::from_secs(120);
+
+fn importd(app: &TestApp, args: &[&str]) -> (i32, String, String) {
+    let out = app
+        .binary(args)
+        .env("IMPORTD__LOG__FILTER", "error")
+        .output()
+        .expect("binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn names(deals: &[Document]) -> Vec<&str> {
+    let mut n: Vec<&str> = deals.iter().map(|d| d.get_str("name").unwrap()).collect();
+    n.sort_unstable();
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
+    let mut app = TestApp::new().await;
+    // The CRM's own deal, which the import updates (not taken back).
+    let acme = ObjectId::new();
+    app.coll(collections::DEALS)
+        .insert_one(doc! {
+            "_id": acme, "name": "Acme", "value": 1.0,
+            "account_id": app.account_id, "pipeline_id": app.pipeline_id,
+        })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let csv = "Deal Name,Value,Stage\n\
+               Acme,100,Won\n\
+               Globex,200,Brand New\n\
+               Initech,300,Won\n\
+               Hooli,oops,Won\n\
+               Umbrella,400,Won\n";
+    let id = app
+        .enqueue_with(
+            "undo.csv",
+            csv.as_bytes(),
+            &[("Deal Name", "name"), ("Value", "value"), ("Stage", "stage_id")],
+            doc! { "additional_data": { "pipeline_id": app.pipeline_id, "duplicate_strategy": "update" } },
+        )
+        .await;
+    let q = app.wait_completed(id, LONG).await;
+    assert_eq!(get_i64(&q, "progress.imported_rows"), 3, "{q}");
+    assert_eq!(get_i64(&q, "progress.updated_rows"), 1, "{q}");
+    // Since the import: a user edits Umbrella, and adds a deal in "Won".
+    let later = DateTime::from_millis(DateTime::now().timestamp_millis() + 600_000);
+    app.coll(collections::DEALS)
+        .update_one(
+            doc! { "_id": deal_id(&id, 6).unwrap() },
+            doc! { "$set": { "value": 450.0, "updated_at": later } },
+        )
+        .await
+        .unwrap();
+    let won = app
+        .coll(collections::PIPELINE_STAGES)
+        .find_one(doc! { "pipeline_id": app.pipeline_id, "name": "won" })
+        .await
+        .unwrap()
+        .unwrap();
+    app.coll(collections::DEALS)
+        .insert_one(doc! {
+            "name": "Manual", "account_id": app.account_id, "pipeline_id": app.pipeline_id,
+            "stage_id": won.get_object_id("_id").unwrap(),
+        })
+        .await
+        .unwrap();
+
+    let (code, out, err) = importd(&app, &["undo", &id.to_hex()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("removed: 2 deals the import created"), "{out}");
+    assert!(
+        out.contains("kept: 1 deals it created that changed since"),
+        "{out}"
+    );
+    assert!(out.contains("not reverted: 1 updates"), "{out}");
+    assert!(out.contains("stages removed: Brand New"), "{out}");
+    assert!(out.contains("stages kept (in use): Won"), "{out}");
+
+    let deals = app.find_all(collections::DEALS, doc! {}).await;
+    assert_eq!(names(&deals), ["Acme", "Manual", "Umbrella"]);
+    let acme_now = deals
+        .iter()
+        .find(|d| d.get_object_id("_id") == Ok(acme))
+        .unwrap();
+    assert_eq!(acme_now.get_f64("value").unwrap(), 100.0, "updates stay");
+    let stages = app.find_all(collections::PIPELINE_STAGES, doc! {}).await;
+    assert_eq!(stages.len(), 1);
+    assert_eq!(stages[0].get_str("name").unwrap(), "won");
+
+    let q = app.queue(id).await;
+    assert_eq!(
+        q.get_str("status").unwrap(),
+        "completed",
+        "the import's own state stays"
+    );
+    let u = q.get_document("undo").unwrap();
+    assert_eq!(u.get_str("state").unwrap(), "done", "{q}");
+    assert_eq!(get_i64(u, "removed"), 2);
+    assert_eq!(get_i64(u, "kept_changed"), 1);
+    assert!(u.get("owner").is_none() && u.get("expires_at").is_none());
+    let summary = app.summary(id).await;
+    assert_eq!(get_i64(&summary, "undo.removed"), 2, "{summary}");
+
+    let (_, status, _) = importd(&app, &["status", &id.to_hex()]);
+    assert!(
+        status
+            .contains("undo:     done: 2 removed, 1 kept (changed since), 1 updates not reverted"),
+        "{status}"
+    );
+
+    // Again: the recorded result, nothing more removed.
+    let (code, again, err) = importd(&app, &["undo", &id.to_hex()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(again.contains("removed: 2 deals"), "{again}");
+    assert_eq!(app.count(collections::DEALS, doc! {}).await, 3);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dashboard_request_is_undone_by_a_daemon() {
+    let mut app = TestApp::new().await;
+    let existing = ObjectId::new();
+    app.coll(collections::CONTACTS)
+        .insert_one(doc! { "_id": existing, "account_id": app.account_id, "email": "old@x.co" })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let csv = "Email,Name\nold@x.co,Old\nann@x.co,Ann\nbob@x.co,Bob\nann@x.co,Ann again\n";
+    let id = app
+        .enqueue_with(
+            "c.csv",
+            csv.as_bytes(),
+            &[("Email", "email"), ("Name", "name")],
+            doc! { "source": "contacts" },
+        )
+        .await;
+    app.wait_completed(id, LONG).await;
+    assert_eq!(app.count(collections::CONTACTS, doc! {}).await, 3);
+    app.queues()
+        .update_one(
+            doc! { "_id": id },
+            doc! { "$set": { "undo_requested": true } },
+        )
+        .await
+        .unwrap();
+    let q = app
+        .wait_queue(id, LONG, "undone", |q| {
+            q.get_document("undo")
+                .is_ok_and(|u| u.get_str("state") == Ok("done"))
+        })
+        .await;
+    let u = q.get_document("undo").unwrap();
+    assert_eq!(get_i64(u, "removed"), 2, "{q}");
+    let left = app.find_all(collections::CONTACTS, doc! {}).await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].get_object_id("_id").unwrap(), existing);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undo_left_by_a_dead_holder_resumes_with_exact_counts() {
+    let mut settings = test_settings();
+    settings.import.batch_size = NonZeroUsize::new(1_000).unwrap();
+    let mut app = TestApp::with_settings(settings).await;
+    app.spawn_daemon();
+    let mut csv = String::from("Name,Value\n");
+    for i in 0..2_500 {
+        writeln!(csv, "Deal {i},{i}").unwrap();
+    }
+    let id = app
+        .enqueue_csv(
+            "big.csv",
+            csv.as_bytes(),
+            &[("Name", "name"), ("Value", "value")],
+        )
+        .await;
+    app.wait_completed(id, LONG).await;
+    // A holder that removed the first batch (lines 2-1001), saved its
+    // checkpoint, removed part of the second batch, and died.
+    let first_batch =
+        doc! { "_id": { "$gte": deal_id(&id, 2).unwrap(), "$lte": deal_id(&id, 1500).unwrap() } };
+    app.coll(collections::DEALS)
+        .delete_many(first_batch)
+        .await
+        .unwrap();
+    app.queues()
+        .update_one(
+            doc! { "_id": id },
+            doc! { "$set": {
+                "undo_requested": true,
+                "undo": {
+                    "state": "running", "owner": "a-dead-daemon", "attempts": 1_i64,
+                    "expires_at": DateTime::from_millis(0),
+                    "next_line": 1002_i64, "imported": 1000_i64, "kept_changed": 0_i64,
+                },
+            } },
+        )
+        .await
+        .unwrap();
+    let q = app
+        .wait_queue(id, LONG, "undone", |q| {
+            q.get_document("undo")
+                .is_ok_and(|u| u.get_str("state") == Ok("done"))
+        })
+        .await;
+    let u = q.get_document("undo").unwrap();
+    assert_eq!(get_i64(u, "removed"), 2_500, "{q}");
+    assert_eq!(get_i64(u, "kept_changed"), 0, "{q}");
+    assert_eq!(get_i64(u, "attempts"), 2, "{q}");
+    assert_eq!(app.count(collections::DEALS, doc! {}).await, 0);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_has_nothing_to_undo() {
+    let mut app = TestApp::new().await;
+    app.spawn_daemon();
+    let id = app
+        .enqueue_with(
+            "dry.csv",
+            b"Name\nAcme\n",
+            &[("Name", "name")],
+            doc! { "additional_data": { "pipeline_id": app.pipeline_id, "dry_run": true } },
+        )
+        .await;
+    app.wait_completed(id, LONG).await;
+    let (code, out, _) = importd(&app, &["undo", &id.to_hex()]);
+    assert_eq!(code, 1);
+    assert!(out.contains("refused: a dry run writes nothing"), "{out}");
+    let (code, _, err) = importd(&app, &["undo", &ObjectId::new().to_hex()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no import"), "{err}");
+    app.cleanup().await;
+}
