@@ -94,7 +94,10 @@ impl Daemon {
         if inner.shutdown.is_cancelled() {
             return Ok(0);
         }
-        self.start_undo().await?;
+        // An undo claim that fails must not stop imports being claimed.
+        if let Err(e) = self.start_undo().await {
+            warn!(error = %error_chain(&e), "Undo claim failed; the next tick retries");
+        }
         if inner.slots.available_permits() == 0 {
             return Ok(0);
         }
@@ -160,11 +163,13 @@ impl Daemon {
         inner.tasks.spawn(
             async move {
                 let inner = &d.inner;
+                // Cleared however the task ends, a panic included.
+                let _slot =
+                    scopeguard::guard((), |()| inner.undoing.store(false, Ordering::SeqCst));
                 if let Err(e) = undo::run(&inner.services.db, &lease, &inner.shutdown).await {
                     // Its lease expires and a later claim resumes it.
                     warn!(error = %error_chain(&e), "Undo stopped; a later claim resumes it");
                 }
-                inner.undoing.store(false, Ordering::SeqCst);
             }
             .instrument(span),
         );

@@ -225,14 +225,18 @@ async fn support(
                 format!("{}:undo", importd::claim::Claimer::default_owner()),
                 settings.scheduler.lease,
             );
-            // Ctrl-C stops after the batch under way and gives the undo
-            // back, to be resumed.
+            // Ctrl-C or SIGTERM stops after the batch under way and gives
+            // the undo back, to be resumed.
             let stop = tokio_util::sync::CancellationToken::new();
             let on_signal = stop.clone();
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::spawn(async move {
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    on_signal.cancel();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
                 }
+                on_signal.cancel();
             });
             let outcome = undo::undo(
                 db,

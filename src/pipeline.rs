@@ -430,34 +430,43 @@ async fn heartbeat(lease: Lease, stop: Stop, shutdown: CancellationToken) {
             }
             _ = ticker.tick() => {}
         }
-        let sent = Instant::now();
-        // Bounded, so a hanging call cannot outlive the lease unnoticed;
-        // by half a period, so that one slow heartbeat (given up at 1.5
-        // periods since the last renewal) leaves the next tick time to
-        // renew before the two-thirds cutoff (2 periods).
-        let beat = tokio::time::timeout(period / 2, lease.heartbeat())
-            .await
-            .unwrap_or_else(|_| Err(claim::Error::Timeout));
-        match beat {
-            Ok(hb) => {
-                renewed = sent;
-                if hb.cancel_requested && !stop.token.is_cancelled() {
-                    info!("Cancellation requested");
-                    stop.trigger(STOP_CANCELLED);
-                }
+        // One renewal, retried soon after a failure; every try bounded (a
+        // hanging call cannot outlive the lease unnoticed) and none running
+        // past two thirds of the lease since the last renewal: then writing
+        // stops, a third of the lease before another daemon may claim.
+        let cutoff = lease.duration() * 2 / 3;
+        loop {
+            if shutdown.is_cancelled() && !shutting_down {
+                shutting_down = true;
+                stop.trigger(STOP_SHUTDOWN);
             }
-            Err(claim::Error::LeaseLost { .. }) => {
+            let left = cutoff.saturating_sub(renewed.elapsed());
+            if left.is_zero() {
+                warn!("Lease not renewed for two thirds of it; stopping");
                 stop.trigger(STOP_LEASE_LOST);
                 return;
             }
-            Err(e) => {
-                warn!(error = %error_chain(&e), "Heartbeat failed; retrying");
-                // Unrenewed for two thirds of the lease: stop writing before
-                // it can expire and be claimed by another daemon.
-                if renewed.elapsed() >= lease.duration() * 2 / 3 {
-                    warn!("Lease not renewed for two thirds of it; stopping");
+            let sent = Instant::now();
+            let beat = tokio::time::timeout((period / 2).min(left), lease.heartbeat())
+                .await
+                .unwrap_or_else(|_| Err(claim::Error::Timeout));
+            match beat {
+                Ok(hb) => {
+                    renewed = sent;
+                    if hb.cancel_requested && !stop.token.is_cancelled() {
+                        info!("Cancellation requested");
+                        stop.trigger(STOP_CANCELLED);
+                    }
+                    break;
+                }
+                Err(claim::Error::LeaseLost { .. }) => {
                     stop.trigger(STOP_LEASE_LOST);
                     return;
+                }
+                Err(e) => {
+                    warn!(error = %error_chain(&e), "Heartbeat failed; retrying");
+                    let pause = (period / 10).min(cutoff.saturating_sub(renewed.elapsed()));
+                    tokio::time::sleep(pause).await;
                 }
             }
         }

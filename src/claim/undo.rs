@@ -48,6 +48,10 @@ impl Claimer {
             "undo_requested": true,
             "status": { "$in": FINAL.map(JobState::as_str).to_vec() },
             "undo.finished_at": { "$exists": false },
+            // `undo` absent or a document: a dashboard's `undo: null` (or
+            // any other value) cannot take `undo.state`, and would fail
+            // every claim if it were matched.
+            "undo": { "$not": { "$type": ["null", "string", "bool", "array", "int", "long", "double", "date", "objectId", "decimal"] } },
             "undo.expires_at": { "$not": { "$gt": now } },
         };
         if let Some(id) = queue_id {
@@ -141,7 +145,12 @@ impl UndoLease {
             .queues
             .update_one(
                 self.guard(),
-                doc! { "$set": set, "$unset": { "undo.owner": "", "undo.expires_at": "" } },
+                // The request is answered: its flag leaves the claim's
+                // index, which thus holds only undos still to do.
+                doc! {
+                    "$set": set,
+                    "$unset": { "undo.owner": "", "undo.expires_at": "", "undo_requested": "" },
+                },
             )
             .await?;
         if r.matched_count == 0 {

@@ -12,11 +12,14 @@
 //!   (`domain::ids`), batch by batch of the per-line outcomes, and deleted
 //!   with one `delete_many` per range, checked against `import.queue_id`.
 //! - A created record changed since the import ended (its `updated_at`
-//!   later than `completed_at` plus [`CLOCK_SLACK`]: edited in the CRM, or
-//!   updated by a later import) is kept and counted: someone's work is in
-//!   it.
+//!   later than `completed_at` plus [`CLOCK_SLACK`]: edited in the CRM), or
+//!   updated by another import (`last_import`), is kept and counted:
+//!   someone's work is in it. So is a contact of a contacts import that
+//!   deals link (a later deals import may have linked it).
 //! - Stages the import created are removed when no deal uses them any more
-//!   (a deal added since may have); the others are kept and named.
+//!   (a deal added since may have) and no import into the pipeline is
+//!   running (it may have just resolved one); the others are kept and
+//!   named.
 //! - Not taken back, and counted: updates of existing records
 //!   (`duplicate_strategy: update`; their earlier values are not stored),
 //!   and contacts a deals import created for its `contact_email` links
@@ -41,7 +44,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::claim::{self, UndoLease};
-use crate::domain::{LineNo, RecordKind, collections, contact_fallback_id, deal_id, deal_id_range};
+use crate::domain::{
+    JobState, LineNo, RecordKind, collections, deal_id, deal_id_range, line_of_deal_id,
+};
 use crate::telemetry::error_chain;
 
 /// Allowance for the clocks of the daemons that wrote an import: a record
@@ -70,6 +75,8 @@ pub struct UndoCounts {
     pub removed: u64,
     /// Records the import created, kept because they changed since.
     pub kept_changed: u64,
+    /// Contacts a contacts import created, kept because deals link them.
+    pub kept_linked: u64,
     /// Existing records the import updated: not taken back.
     pub updates_not_reverted: u64,
     /// Contacts a deals import created for its links: kept.
@@ -86,6 +93,7 @@ impl UndoCounts {
         doc! {
             "removed": self.removed as i64,
             "kept_changed": self.kept_changed as i64,
+            "kept_linked": self.kept_linked as i64,
             "updates_not_reverted": self.updates_not_reverted as i64,
             "contacts_kept": self.contacts_kept as i64,
             "stages_removed": &self.stages_removed,
@@ -107,6 +115,7 @@ impl UndoCounts {
         Self {
             removed: count(d, "removed"),
             kept_changed: count(d, "kept_changed"),
+            kept_linked: count(d, "kept_linked"),
             updates_not_reverted: count(d, "updates_not_reverted"),
             contacts_kept: count(d, "contacts_kept"),
             stages_removed: labels("stages_removed"),
@@ -122,6 +131,12 @@ impl UndoCounts {
             out += &format!(
                 "kept: {} {noun}s it created that changed since\n",
                 self.kept_changed
+            );
+        }
+        if self.kept_linked > 0 {
+            out += &format!(
+                "kept: {} contacts it created that deals link\n",
+                self.kept_linked
             );
         }
         if self.updates_not_reverted > 0 {
@@ -166,36 +181,23 @@ pub enum UndoEnd {
     Released,
 }
 
-/// The `_id` ranges holding the records lines `first..=last` of import
-/// `queue_id` can have created: a deal or contact takes the line's id, a
-/// contact whose id was taken the fallback id (`domain::ids`). Pure.
-pub fn id_ranges(
-    kind: RecordKind,
-    queue_id: &ObjectId,
-    first: LineNo,
-    last: LineNo,
-) -> Vec<(ObjectId, ObjectId)> {
+/// The `_id` range holding the records lines `first..=last` of import
+/// `queue_id` created: a deal, or a contact of a contacts import, takes its
+/// line's id (`domain::ids`). Pure.
+pub fn id_range(queue_id: &ObjectId, first: LineNo, last: LineNo) -> (ObjectId, ObjectId) {
     let (_, top) = deal_id_range(queue_id);
     let id = |line| deal_id(queue_id, line).unwrap_or(top);
-    let mut ranges = vec![(id(first), id(last))];
-    if kind == RecordKind::Contacts
-        && let (Some(lo), Some(hi)) = (
-            contact_fallback_id(queue_id, first),
-            contact_fallback_id(queue_id, last),
-        )
-    {
-        ranges.push((lo, hi));
-    }
-    ranges
+    (id(first), id(last))
 }
 
-/// The latest `updated_at` a record may have and still be removed. Pure.
-pub fn cutoff(queue_doc: &Document, now: DateTime) -> DateTime {
-    let ended = queue_doc
-        .get_datetime("completed_at")
-        .copied()
-        .unwrap_or(now);
-    DateTime::from_millis(ended.timestamp_millis() + CLOCK_SLACK.as_millis() as i64)
+/// The latest `updated_at` a record may have and still be removed: the
+/// import's end plus [`CLOCK_SLACK`]; none when the end is not recorded.
+/// Pure.
+pub fn cutoff(queue_doc: &Document) -> Option<DateTime> {
+    let ended = queue_doc.get_datetime("completed_at").ok()?;
+    Some(DateTime::from_millis(
+        ended.timestamp_millis() + CLOCK_SLACK.as_millis() as i64,
+    ))
 }
 
 fn retry() -> ExponentialBuilder {
@@ -204,6 +206,55 @@ fn retry() -> ExponentialBuilder {
         .with_max_delay(Duration::from_secs(10))
         .with_max_times(6)
         .with_jitter()
+}
+
+/// Where an undo is and what the batches before it counted, saved in one
+/// update so that a resumed undo counts each batch once.
+#[derive(Debug, Default)]
+struct Tally {
+    next_line: u64,
+    imported: u64,
+    kept_changed: u64,
+    kept_linked: u64,
+    not_reverted: u64,
+}
+
+impl Tally {
+    fn from_doc(undo: &Document) -> Self {
+        Self {
+            next_line: count(undo, "next_line"),
+            imported: count(undo, "imported"),
+            kept_changed: count(undo, "kept_changed"),
+            kept_linked: count(undo, "kept_linked"),
+            not_reverted: count(undo, "updates_not_reverted"),
+        }
+    }
+
+    fn to_doc(&self) -> Document {
+        doc! {
+            "next_line": self.next_line as i64,
+            "imported": self.imported as i64,
+            "kept_changed": self.kept_changed as i64,
+            "kept_linked": self.kept_linked as i64,
+            "updates_not_reverted": self.not_reverted as i64,
+        }
+    }
+}
+
+/// Updates of records that existed before the import, listed in a batch
+/// document: those cannot be taken back (an update of the import's own
+/// record is gone with it). Pure.
+fn foreign_updates(batch: &Document, queue_id: &ObjectId) -> u64 {
+    batch
+        .get_array("updated")
+        .map(|u| {
+            u.iter()
+                .filter_map(Bson::as_document)
+                .filter_map(|d| d.get_object_id("record_id").ok())
+                .filter(|id| line_of_deal_id(queue_id, id).is_none())
+                .count() as u64
+        })
+        .unwrap_or(0)
 }
 
 /// Runs (or resumes) the undo `lease` holds until it is done, refused, or
@@ -232,69 +283,114 @@ pub async fn run(
         (Some(kind), Ok(account)) => (kind, account),
         _ => return refuse(lease, "not an import importd wrote").await,
     };
+    let Some(cutoff) = cutoff(q) else {
+        return refuse(
+            lease,
+            "the import's end (completed_at) is not recorded, so what changed since cannot be told",
+        )
+        .await;
+    };
     let undo = q.get_document("undo").cloned().unwrap_or_default();
-    let mut next_line = count(&undo, "next_line");
-    let mut imported = count(&undo, "imported");
-    let mut kept = count(&undo, "kept_changed");
-    let cutoff = cutoff(q, DateTime::now());
+    let mut tally = Tally::from_doc(&undo);
     let records = db.collection::<Document>(match kind {
         RecordKind::Deals => collections::DEALS,
         RecordKind::Contacts => collections::CONTACTS,
     });
-    info!(resume_line = next_line, "Undo started");
+    let deals = db.collection::<Document>(collections::DEALS);
+    info!(resume_line = tally.next_line, "Undo started");
 
     let mut batches = db
         .collection::<Document>(collections::IMPORT_LINES)
-        .find(doc! { "queue_id": queue_id, "first_line": { "$gte": next_line as i64 } })
+        .find(doc! { "queue_id": queue_id, "first_line": { "$gte": tally.next_line as i64 } })
         .sort(doc! { "queue_id": 1, "first_line": 1 })
-        .projection(doc! { "first_line": 1, "last_line": 1, "imported_count": 1 })
+        .projection(doc! {
+            "first_line": 1, "last_line": 1, "imported_count": 1, "updated.record_id": 1,
+        })
         .batch_size(1_000)
         .await?;
     let mut last_save = Instant::now();
     let mut unsaved = false;
     while let Some(b) = batches.try_next().await? {
         let (first, last) = (count(&b, "first_line"), count(&b, "last_line"));
-        for (lo, hi) in id_ranges(kind, &queue_id, first, last) {
-            let range = doc! { "$gte": lo, "$lte": hi };
-            let remove = doc! {
-                "_id": range.clone(),
-                "import.queue_id": queue_id,
-                "updated_at": { "$lte": cutoff },
-            };
-            (|| records.delete_many(remove.clone()).into_future())
+        let (lo, hi) = id_range(&queue_id, first, last);
+        // Contacts deals link stay: removing them would leave those links
+        // dangling. (On MongoDB this wants the CRM's index on
+        // `deals.contact_id`; an undo is rare, imports are not, so importd
+        // adds no index to `deals`.)
+        let linked: Vec<ObjectId> = match kind {
+            RecordKind::Deals => Vec::new(),
+            RecordKind::Contacts => {
+                let filter = doc! {
+                    "account_id": account_id,
+                    "contact_id": { "$gte": lo, "$lte": hi },
+                };
+                let found: Vec<Document> = (|| async {
+                    deals
+                        .find(filter.clone())
+                        .projection(doc! { "_id": 0, "contact_id": 1 })
+                        .await?
+                        .try_collect()
+                        .await
+                })
                 .retry(retry())
                 .when(crate::db::is_transient)
                 .await?;
-            // What is left of the import's records here changed since.
-            let left = doc! { "_id": range, "import.queue_id": queue_id };
-            kept += (|| records.count_documents(left.clone()).into_future())
-                .retry(retry())
-                .when(crate::db::is_transient)
-                .await?;
-        }
-        imported += count(&b, "imported_count");
-        next_line = last + 1;
+                let mut ids: Vec<ObjectId> = found
+                    .iter()
+                    .filter_map(|d| d.get_object_id("contact_id").ok())
+                    .collect();
+                ids.sort_unstable();
+                ids.dedup();
+                ids
+            }
+        };
+        let remove = doc! {
+            "_id": { "$gte": lo, "$lte": hi, "$nin": &linked },
+            "import.queue_id": queue_id,
+            // Not changed since the import ended, nor updated by another
+            // import (`last_import` absent, or this import's own).
+            "updated_at": { "$lte": cutoff },
+            "last_import.queue_id": { "$in": [Bson::Null, Bson::ObjectId(queue_id)] },
+        };
+        (|| records.delete_many(remove.clone()).into_future())
+            .retry(retry())
+            .when(crate::db::is_transient)
+            .await?;
+        // What is left of the import's records here is kept.
+        let left = doc! { "_id": { "$gte": lo, "$lte": hi }, "import.queue_id": queue_id };
+        let left = (|| records.count_documents(left.clone()).into_future())
+            .retry(retry())
+            .when(crate::db::is_transient)
+            .await?;
+        let linked_left = (linked.len() as u64).min(left);
+        tally.kept_linked += linked_left;
+        tally.kept_changed += left - linked_left;
+        tally.imported += count(&b, "imported_count");
+        tally.not_reverted += foreign_updates(&b, &queue_id);
+        tally.next_line = last + 1;
         unsaved = true;
         if last_save.elapsed() >= SAVE_EVERY || stop.is_cancelled() {
-            save(lease, next_line, imported, kept).await?;
+            lease.save(tally.to_doc()).await?;
             last_save = Instant::now();
             unsaved = false;
         }
         if stop.is_cancelled() {
             lease.release().await?;
-            info!(next_line, "Undo released at shutdown");
+            info!(next_line = tally.next_line, "Undo released at shutdown");
             return Ok(UndoEnd::Released);
         }
     }
     if unsaved {
-        save(lease, next_line, imported, kept).await?;
+        lease.save(tally.to_doc()).await?;
     }
 
     let mut counts = UndoCounts::from_doc(&undo);
-    counts.kept_changed = kept;
-    counts.removed = imported.saturating_sub(kept);
-    let progress = q.get_document("progress").cloned().unwrap_or_default();
-    counts.updates_not_reverted = count(&progress, "updated_rows");
+    counts.kept_changed = tally.kept_changed;
+    counts.kept_linked = tally.kept_linked;
+    counts.removed = tally
+        .imported
+        .saturating_sub(tally.kept_changed + tally.kept_linked);
+    counts.updates_not_reverted = tally.not_reverted;
     if kind == RecordKind::Deals {
         counts.contacts_kept = count(q, "contacts_created");
         if let Ok(pipeline_id) = q
@@ -322,21 +418,11 @@ pub async fn run(
     info!(
         removed = counts.removed,
         kept_changed = counts.kept_changed,
+        kept_linked = counts.kept_linked,
         stages_removed = counts.stages_removed.len(),
         "Undo done"
     );
     Ok(UndoEnd::Done(counts))
-}
-
-async fn save(lease: &UndoLease, next_line: u64, imported: u64, kept: u64) -> Result<(), Error> {
-    lease
-        .save(doc! {
-            "next_line": next_line as i64,
-            "imported": imported as i64,
-            "kept_changed": kept as i64,
-        })
-        .await?;
-    Ok(())
 }
 
 async fn refuse(lease: &UndoLease, reason: &str) -> Result<UndoEnd, Error> {
@@ -346,8 +432,10 @@ async fn refuse(lease: &UndoLease, reason: &str) -> Result<UndoEnd, Error> {
 }
 
 /// Removes the stages the import created that no deal uses any more; the
-/// rest are kept. Each decision is saved as it is made, so a resumed undo
-/// still names a stage an earlier holder removed.
+/// rest are kept. While an import into the pipeline runs, all are kept (it
+/// may have resolved one of them a moment ago). Each decision is saved as
+/// it is made, so a resumed undo still names a stage an earlier holder
+/// removed.
 async fn remove_stages(
     db: &Database,
     lease: &UndoLease,
@@ -364,6 +452,19 @@ async fn remove_stages(
         .await?
         .try_collect()
         .await?;
+    if created.is_empty() {
+        return Ok(());
+    }
+    // An equality on status over the few running imports.
+    let busy = db
+        .collection::<Document>(collections::QUEUES)
+        .find_one(doc! {
+            "status": JobState::Processing.as_str(),
+            "additional_data.pipeline_id": pipeline_id,
+        })
+        .projection(doc! { "_id": 1 })
+        .await?
+        .is_some();
     for s in created {
         let Ok(id) = s.get_object_id("_id") else {
             continue;
@@ -375,11 +476,14 @@ async fn remove_stages(
             .to_owned();
         // A rare operation over a few stages: a lookup per stage, with
         // whatever index the CRM keeps on deals.
-        let used = deals
-            .find_one(doc! { "account_id": account_id, "pipeline_id": pipeline_id, "stage_id": id })
-            .projection(doc! { "_id": 1 })
-            .await?
-            .is_some();
+        let used = busy
+            || deals
+                .find_one(
+                    doc! { "account_id": account_id, "pipeline_id": pipeline_id, "stage_id": id },
+                )
+                .projection(doc! { "_id": 1 })
+                .await?
+                .is_some();
         if used {
             if !counts.stages_kept.contains(&label) {
                 counts.stages_kept.push(label);
@@ -405,14 +509,11 @@ async fn remove_stages(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::line_of_deal_id;
 
     #[test]
-    fn ranges_cover_exactly_the_lines_of_the_import() {
+    fn the_range_covers_exactly_the_lines_of_the_import() {
         let q = ObjectId::new();
-        let [(lo, hi)] = id_ranges(RecordKind::Deals, &q, 2, 1001)[..] else {
-            panic!("one range for deals");
-        };
+        let (lo, hi) = id_range(&q, 2, 1001);
         assert_eq!(line_of_deal_id(&q, &lo), Some(2));
         assert_eq!(line_of_deal_id(&q, &hi), Some(1001));
         let inside = deal_id(&q, 500).unwrap();
@@ -428,22 +529,23 @@ mod tests {
     }
 
     #[test]
-    fn contacts_also_cover_their_fallback_ids() {
-        let q = ObjectId::new();
-        let ranges = id_ranges(RecordKind::Contacts, &q, 2, 10);
-        assert_eq!(ranges.len(), 2);
-        let fallback = contact_fallback_id(&q, 7).unwrap();
-        assert!(ranges[1].0 <= fallback && fallback <= ranges[1].1);
-        assert!(!(ranges[0].0 <= fallback && fallback <= ranges[0].1));
+    fn the_cutoff_is_the_end_of_the_import_plus_the_slack() {
+        let ended = DateTime::from_millis(1_700_000_000_000);
+        let q = doc! { "completed_at": ended };
+        assert_eq!(cutoff(&q).unwrap().timestamp_millis(), 1_700_000_060_000);
+        assert_eq!(cutoff(&doc! {}), None);
     }
 
     #[test]
-    fn the_cutoff_is_the_end_of_the_import_plus_the_slack() {
-        let ended = DateTime::from_millis(1_700_000_000_000);
-        let now = DateTime::from_millis(1_800_000_000_000);
-        let q = doc! { "completed_at": ended };
-        assert_eq!(cutoff(&q, now).timestamp_millis(), 1_700_000_060_000);
-        assert_eq!(cutoff(&doc! {}, now).timestamp_millis(), 1_800_000_060_000);
+    fn only_updates_of_records_from_before_the_import_count_as_not_reverted() {
+        let q = ObjectId::new();
+        let batch = doc! { "updated": [
+            { "line": 3_i64, "record_id": ObjectId::new() },
+            { "line": 7_i64, "record_id": deal_id(&q, 3).unwrap() },
+            { "line": 9_i64, "record_id": ObjectId::new() },
+        ] };
+        assert_eq!(foreign_updates(&batch, &q), 2);
+        assert_eq!(foreign_updates(&doc! {}, &q), 0);
     }
 
     #[test]
@@ -451,6 +553,7 @@ mod tests {
         let c = UndoCounts {
             removed: 98,
             kept_changed: 2,
+            kept_linked: 0,
             updates_not_reverted: 5,
             contacts_kept: 0,
             stages_removed: vec!["Brand New".into()],

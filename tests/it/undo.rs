@@ -46,24 +46,33 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
         .await
         .unwrap();
     app.spawn_daemon();
+    // Line 7 updates the deal line 3 creates: gone with it, not counted as
+    // an update that cannot be taken back.
     let csv = "Deal Name,Value,Stage\n\
                Acme,100,Won\n\
                Globex,200,Brand New\n\
                Initech,300,Won\n\
                Hooli,oops,Won\n\
-               Umbrella,400,Won\n";
+               Umbrella,400,Won\n\
+               globex,250,Brand New\n";
+    let update = doc! { "additional_data": { "pipeline_id": app.pipeline_id, "duplicate_strategy": "update" } };
     let id = app
         .enqueue_with(
             "undo.csv",
             csv.as_bytes(),
-            &[("Deal Name", "name"), ("Value", "value"), ("Stage", "stage_id")],
-            doc! { "additional_data": { "pipeline_id": app.pipeline_id, "duplicate_strategy": "update" } },
+            &[
+                ("Deal Name", "name"),
+                ("Value", "value"),
+                ("Stage", "stage_id"),
+            ],
+            update.clone(),
         )
         .await;
     let q = app.wait_completed(id, LONG).await;
     assert_eq!(get_i64(&q, "progress.imported_rows"), 3, "{q}");
-    assert_eq!(get_i64(&q, "progress.updated_rows"), 1, "{q}");
-    // Since the import: a user edits Umbrella, and adds a deal in "Won".
+    assert_eq!(get_i64(&q, "progress.updated_rows"), 2, "{q}");
+    // Since the import: a user edits Umbrella, adds a deal in "Won", and a
+    // second import updates Initech (at once: within the clock slack).
     let later = DateTime::from_millis(DateTime::now().timestamp_millis() + 600_000);
     app.coll(collections::DEALS)
         .update_one(
@@ -85,20 +94,31 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
         })
         .await
         .unwrap();
+    let second = app
+        .enqueue_with(
+            "fix.csv",
+            b"Deal Name,Value\nInitech,350\n",
+            &[("Deal Name", "name"), ("Value", "value")],
+            update,
+        )
+        .await;
+    let q2 = app.wait_completed(second, LONG).await;
+    assert_eq!(get_i64(&q2, "progress.updated_rows"), 1, "{q2}");
 
     let (code, out, err) = importd(&app, &["undo", &id.to_hex()]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("removed: 2 deals the import created"), "{out}");
-    assert!(
-        out.contains("kept: 1 deals it created that changed since"),
-        "{out}"
-    );
-    assert!(out.contains("not reverted: 1 updates"), "{out}");
-    assert!(out.contains("stages removed: Brand New"), "{out}");
-    assert!(out.contains("stages kept (in use): Won"), "{out}");
+    for line in [
+        "removed: 1 deals the import created",
+        "kept: 2 deals it created that changed since",
+        "not reverted: 1 updates of existing deals",
+        "stages removed: Brand New",
+        "stages kept (in use): Won",
+    ] {
+        assert!(out.contains(line), "no `{line}` in:\n{out}");
+    }
 
     let deals = app.find_all(collections::DEALS, doc! {}).await;
-    assert_eq!(names(&deals), ["Acme", "Manual", "Umbrella"]);
+    assert_eq!(names(&deals), ["Acme", "Initech", "Manual", "Umbrella"]);
     let acme_now = deals
         .iter()
         .find(|d| d.get_object_id("_id") == Ok(acme))
@@ -116,24 +136,28 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
     );
     let u = q.get_document("undo").unwrap();
     assert_eq!(u.get_str("state").unwrap(), "done", "{q}");
-    assert_eq!(get_i64(u, "removed"), 2);
-    assert_eq!(get_i64(u, "kept_changed"), 1);
+    assert_eq!(get_i64(u, "removed"), 1);
+    assert_eq!(get_i64(u, "kept_changed"), 2);
+    assert_eq!(get_i64(u, "updates_not_reverted"), 1);
     assert!(u.get("owner").is_none() && u.get("expires_at").is_none());
+    assert!(
+        q.get("undo_requested").is_none(),
+        "the answered request leaves the claim's index"
+    );
     let summary = app.summary(id).await;
-    assert_eq!(get_i64(&summary, "undo.removed"), 2, "{summary}");
-
+    assert_eq!(get_i64(&summary, "undo.removed"), 1, "{summary}");
     let (_, status, _) = importd(&app, &["status", &id.to_hex()]);
     assert!(
         status
-            .contains("undo:     done: 2 removed, 1 kept (changed since), 1 updates not reverted"),
+            .contains("undo:     done: 1 removed, 2 kept (changed since), 1 updates not reverted"),
         "{status}"
     );
 
     // Again: the recorded result, nothing more removed.
     let (code, again, err) = importd(&app, &["undo", &id.to_hex()]);
     assert_eq!(code, 0, "{err}");
-    assert!(again.contains("removed: 2 deals"), "{again}");
-    assert_eq!(app.count(collections::DEALS, doc! {}).await, 3);
+    assert!(again.contains("removed: 1 deals"), "{again}");
+    assert_eq!(app.count(collections::DEALS, doc! {}).await, 4);
     app.cleanup().await;
 }
 
@@ -157,6 +181,25 @@ async fn a_dashboard_request_is_undone_by_a_daemon() {
         .await;
     app.wait_completed(id, LONG).await;
     assert_eq!(app.count(collections::CONTACTS, doc! {}).await, 3);
+    // A deals import links Bob since: Bob stays.
+    let deals = app
+        .enqueue_with(
+            "d.csv",
+            b"Deal Name,Contact Email\nBig deal,bob@x.co\n",
+            &[("Deal Name", "name"), ("Contact Email", "contact_email")],
+            doc! { "additional_data": { "pipeline_id": app.pipeline_id } },
+        )
+        .await;
+    app.wait_completed(deals, LONG).await;
+    // A malformed request of another import (`undo: null`) is passed over
+    // rather than failing every claim.
+    app.queues()
+        .insert_one(doc! {
+            "source": "deals", "status": "completed", "undo_requested": true, "undo": null,
+            "completed_at": DateTime::now(),
+        })
+        .await
+        .unwrap();
     app.queues()
         .update_one(
             doc! { "_id": id },
@@ -171,10 +214,13 @@ async fn a_dashboard_request_is_undone_by_a_daemon() {
         })
         .await;
     let u = q.get_document("undo").unwrap();
-    assert_eq!(get_i64(u, "removed"), 2, "{q}");
+    assert_eq!(get_i64(u, "removed"), 1, "{q}");
+    assert_eq!(get_i64(u, "kept_linked"), 1, "{q}");
     let left = app.find_all(collections::CONTACTS, doc! {}).await;
-    assert_eq!(left.len(), 1);
-    assert_eq!(left[0].get_object_id("_id").unwrap(), existing);
+    let mut emails: Vec<&str> = left.iter().map(|c| c.get_str("email").unwrap()).collect();
+    emails.sort_unstable();
+    assert_eq!(emails, ["bob@x.co", "old@x.co"]);
+    assert!(left.iter().any(|c| c.get_object_id("_id") == Ok(existing)));
     app.cleanup().await;
 }
 
