@@ -201,14 +201,14 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
     for (coll, keys, name, unique, partial) in specs {
         let collection = db.collection::<Document>(coll);
         let created = collection
-            .create_index(index(keys.clone(), name, unique, partial))
+            .create_index(index(keys.clone(), name, unique, partial.clone()))
             .await;
         match created {
             Ok(_) => {}
             // The CRM's own index on the same keys, under another name:
             // it serves as well if it is unique where ours would be.
             Err(e) if index_exists_otherwise(&e) => {
-                let existing = existing_unique(&collection, &keys).await?;
+                let existing = existing_unique(&collection, &keys, partial.as_ref()).await?;
                 match existing {
                     Some(u) if u || !unique => tracing::info!(
                         collection = coll,
@@ -219,7 +219,9 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
                         return Err(IndexError::Conflict {
                             collection: coll,
                             keys,
-                            detail: "it is not unique".into(),
+                            detail:
+                                "it is not unique, or unique over other documents than importd's"
+                                    .into(),
                         });
                     }
                     None => return Err(e.into()),
@@ -251,19 +253,37 @@ fn same_keys(a: &Document, b: &Document) -> bool {
 }
 
 /// Whether the collection has an index on exactly `keys`, and if so
-/// whether it is unique.
+/// whether it is unique over (at least) the documents importd's would be:
+/// every document, or those of the same partial filter as `partial`. A
+/// unique index over fewer documents (a narrower partial filter) does not
+/// give importd's guarantee.
 async fn existing_unique(
     collection: &mongodb::Collection<Document>,
     keys: &Document,
+    partial: Option<&Document>,
 ) -> mongodb::error::Result<Option<bool>> {
     use futures::TryStreamExt;
     let mut cursor = collection.list_indexes().await?;
+    let mut found = None;
     while let Some(model) = cursor.try_next().await? {
         if same_keys(&model.keys, keys) {
-            return Ok(Some(model.options.and_then(|o| o.unique).unwrap_or(false)));
+            let unique = unique_over(&model.options.unwrap_or_default(), partial);
+            // Servers that allow several indexes on one key pattern: any
+            // one that gives the guarantee will do.
+            found = Some(found.unwrap_or(false) || unique);
         }
     }
-    Ok(None)
+    Ok(found)
+}
+
+/// Whether an index with `options` is unique over every document a unique
+/// index with the partial filter `partial` (none: all) would cover. Pure.
+fn unique_over(options: &IndexOptions, partial: Option<&Document>) -> bool {
+    let covers = match &options.partial_filter_expression {
+        None => true,
+        Some(theirs) => Some(theirs) == partial,
+    };
+    options.unique.unwrap_or(false) && covers
 }
 
 /// `IndexOptionsConflict` / `IndexKeySpecsConflict`: an index on these keys
@@ -305,6 +325,31 @@ pub fn is_transient(e: &mongodb::error::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_unique_index_over_at_least_our_documents_gives_our_guarantee() {
+        let ours = contacts_with_email();
+        let with = |unique: Option<bool>, partial: Option<Document>| {
+            IndexOptions::builder()
+                .unique(unique)
+                .partial_filter_expression(partial)
+                .build()
+        };
+        assert!(unique_over(&with(Some(true), None), Some(&ours)));
+        assert!(unique_over(
+            &with(Some(true), Some(ours.clone())),
+            Some(&ours)
+        ));
+        assert!(unique_over(&with(Some(true), None), None));
+        assert!(!unique_over(&with(None, None), Some(&ours)));
+        assert!(!unique_over(&with(Some(false), None), None));
+        let narrower = doc! { "archived": false };
+        assert!(!unique_over(
+            &with(Some(true), Some(narrower.clone())),
+            Some(&ours)
+        ));
+        assert!(!unique_over(&with(Some(true), Some(narrower)), None));
+    }
 
     #[test]
     fn key_patterns_compare_by_field_order_and_numeric_direction() {

@@ -147,3 +147,49 @@ async fn contacts_without_an_email_neither_block_nor_break_the_unique_index() {
     );
     db.drop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_crm_unique_index_over_fewer_contacts_does_not_count_as_ours() {
+    // Unique only among contacts not archived: two archived contacts of one
+    // email would pass it, so it does not give importd's guarantee.
+    let db = fresh_db().await;
+    db.collection::<Document>(collections::CONTACTS)
+        .create_index(
+            IndexModel::builder()
+                .keys(doc! { "account_id": 1, "email": 1 })
+                .options(
+                    mongodb::options::IndexOptions::builder()
+                        .name("crm_live_contacts".to_owned())
+                        .unique(true)
+                        .partial_filter_expression(doc! { "archived": false })
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .unwrap();
+    match importd::db::ensure_indexes(&db).await {
+        // MongoDB: one index per key pattern and filter; importd's is
+        // refused, and the CRM's is not taken for it.
+        Err(err) => assert!(matches!(err, IndexError::Conflict { .. }), "{err}"),
+        // The local server builds importd's beside it.
+        Ok(()) => {
+            let indexes: Vec<IndexModel> = db
+                .collection::<Document>(collections::CONTACTS)
+                .list_indexes()
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+            assert!(
+                indexes
+                    .iter()
+                    .any(|i| i.options.as_ref().and_then(|o| o.name.as_deref())
+                        == Some("account_email_unique")),
+                "{indexes:?}"
+            );
+        }
+    }
+    db.drop().await.unwrap();
+}
