@@ -166,9 +166,13 @@ impl Daemon {
                 // Cleared however the task ends, a panic included.
                 let _slot =
                     scopeguard::guard((), |()| inner.undoing.store(false, Ordering::SeqCst));
-                if let Err(e) = undo::run(&inner.services.db, &lease, &inner.shutdown).await {
+                match undo::run(&inner.services.db, &lease, &inner.shutdown).await {
+                    Ok(undo::UndoEnd::Done(_)) => inner.notifier.deliver_undo(lease.queue_id).await,
+                    Ok(_) => {}
                     // Its lease expires and a later claim resumes it.
-                    warn!(error = %error_chain(&e), "Undo stopped; a later claim resumes it");
+                    Err(e) => {
+                        warn!(error = %error_chain(&e), "Undo stopped; a later claim resumes it")
+                    }
                 }
             }
             .instrument(span),

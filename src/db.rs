@@ -97,7 +97,7 @@ impl IndexError {
 
 /// Creates every index importd needs. Safe to run on every start.
 pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
-    let specs: [(&str, Document, &str, bool, Option<Document>); 12] = [
+    let specs: [(&str, Document, &str, bool, Option<Document>); 14] = [
         // Notifications due (final imports whose email is not sent yet).
         (
             collections::QUEUES,
@@ -126,6 +126,21 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
             collections::QUEUES,
             doc! { "webhook.state": 1, "webhook.expires_at": 1 },
             "webhook_expiry",
+            false,
+            None,
+        ),
+        // Undo emails due, and expired undo email rounds.
+        (
+            collections::QUEUES,
+            doc! { "undo_notify.state": 1, "undo_notify.next_attempt_at": 1 },
+            "undo_notify_state",
+            false,
+            None,
+        ),
+        (
+            collections::QUEUES,
+            doc! { "undo_notify.state": 1, "undo_notify.expires_at": 1 },
+            "undo_notify_expiry",
             false,
             None,
         ),

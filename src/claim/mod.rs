@@ -360,7 +360,7 @@ impl Claimer {
             tracing::warn!(error = %e, "Could not clear the backoff of cancelled imports");
         }
         // A delivery whose sender died goes back to pending.
-        for channel in [Channel::Email, Channel::Webhook] {
+        for channel in [Channel::Email, Channel::Webhook, Channel::UndoEmail] {
             self.queues
                 .update_many(
                     doc! { channel.key("state"): "sending", channel.key("expires_at"): { "$lt": now } },
@@ -548,6 +548,9 @@ pub enum Channel {
     /// The completion webhook (`webhook.*`), due once the email round
     /// recorded its result.
     Webhook,
+    /// The email saying an import was undone (`undo_notify.*`), due in
+    /// the update that records the undo as done.
+    UndoEmail,
 }
 
 impl Channel {
@@ -568,6 +571,7 @@ impl Channel {
         match self {
             Self::Email => "notify",
             Self::Webhook => "webhook",
+            Self::UndoEmail => "undo_notify",
         }
     }
 

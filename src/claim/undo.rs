@@ -135,11 +135,15 @@ impl UndoLease {
     }
 
     /// Ends the undo: `state` is `done` or `refused`; `fields` are set
-    /// under `undo` too.
+    /// under `undo` too. A done undo makes its email due in the same
+    /// update, so no crash can lose it.
     pub async fn finish(&self, state: &str, fields: Document) -> Result<()> {
         let mut set = doc! { "undo.state": state, "undo.finished_at": DateTime::now() };
         for (k, v) in fields {
             set.insert(format!("undo.{k}"), v);
+        }
+        if state == "done" {
+            set.insert("undo_notify.state", "pending");
         }
         let r = self
             .queues

@@ -31,6 +31,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::errors_csv::{report_key, write_report};
 use super::summary::{Ending, ImportSummary};
+use super::undo_summary::UndoSummary;
 use super::webhook::{self, Principal};
 use crate::claim::{Channel, Claimer};
 use crate::config::{SmtpSettings, SmtpTls};
@@ -39,6 +40,7 @@ use crate::outcomes;
 use crate::pipeline::Services;
 use crate::telemetry::error_chain;
 use crate::telemetry::metrics as m;
+use crate::undo::UndoCounts;
 
 /// Errors of a delivery.
 #[derive(Debug, thiserror::Error)]
@@ -176,12 +178,18 @@ impl Notifier {
         }
     }
 
+    /// Sends the undo email of `queue_id`, if due (right after its undo).
+    pub async fn deliver_undo(&self, queue_id: ObjectId) {
+        self.deliver_on(Channel::UndoEmail, Some(queue_id)).await;
+    }
+
     /// Delivers every due notification (after restarts and failed rounds):
-    /// emails, then webhooks.
+    /// emails, then webhooks, then undo emails.
     pub async fn deliver_due(&self) {
         // The webhooks these rounds make due are among the next step's.
         self.deliver_on(Channel::Email, None).await;
         self.deliver_on(Channel::Webhook, None).await;
+        self.deliver_on(Channel::UndoEmail, None).await;
     }
 
     /// Runs rounds on `channel` for `queue_id` (or for every import) while
@@ -202,6 +210,7 @@ impl Notifier {
                 Ok(Some(doc)) => match channel {
                     Channel::Email => webhooks_due.extend(self.round(doc).await),
                     Channel::Webhook => self.webhook_round(doc).await,
+                    Channel::UndoEmail => self.undo_round(doc).await,
                 },
                 Ok(None) => return webhooks_due,
                 Err(e) => {
@@ -290,6 +299,128 @@ impl Notifier {
         }
     }
 
+    /// The state and fields a round of `channel` records when its email
+    /// was not delivered: due again after `notify.redeliver_after`, or
+    /// `failed` after `notify.max_rounds`.
+    fn undelivered(&self, channel: Channel, round: i64, e: &Error) -> (&'static str, Document) {
+        let notify = &self.services.settings.notify;
+        let last = round >= i64::from(notify.max_rounds);
+        warn!(channel = channel.field(), error = %error_chain(e), rounds = round, final_failure = last, "Email not delivered");
+        let now = DateTime::now();
+        let mut fields = doc! {
+            format!("{}.error", channel.field()): error_chain(e),
+            format!("{}.failed_at", channel.field()): now,
+        };
+        if !last {
+            let next = DateTime::from_millis(
+                now.timestamp_millis() + notify.redeliver_after.as_millis() as i64,
+            );
+            fields.insert(format!("{}.next_attempt_at", channel.field()), next);
+        }
+        (if last { "failed" } else { "pending" }, fields)
+    }
+
+    /// The importing user's address, if usable.
+    async fn recipient(&self, q: &Document) -> Result<Option<(Mailbox, Option<String>)>, Error> {
+        let user = match q.get_object_id("user_id") {
+            Ok(id) => {
+                self.services
+                    .db
+                    .collection::<Document>(collections::USERS)
+                    .find_one(doc! { "_id": id })
+                    .await?
+            }
+            Err(_) => None,
+        };
+        let email = user
+            .as_ref()
+            .and_then(|u| u.get_str("email").ok())
+            .filter(|e| !e.trim().is_empty());
+        let first_name = user
+            .as_ref()
+            .and_then(|u| u.get_str("first_name").ok())
+            .map(str::to_owned);
+        Ok(email.and_then(|e| {
+            e.trim()
+                .parse::<lettre::Address>()
+                .ok()
+                .map(|a| (Mailbox::new(first_name.clone(), a), first_name))
+        }))
+    }
+
+    /// One round of the undo email: sent once per undo, like the summary.
+    async fn undo_round(&self, doc: Document) {
+        let Ok(queue_id) = doc.get_object_id("_id") else {
+            return;
+        };
+        let round = Channel::UndoEmail.round_of(&doc);
+        let span = info_span!("undo_notify", queue_id = %queue_id);
+        async {
+            let sent = tokio::select! {
+                sent = self.send_undo_summary(queue_id, &doc) => sent,
+                () = self.hold_round(Channel::UndoEmail, queue_id, round) => {
+                    warn!("Undo email round lease lost; stopped");
+                    return;
+                }
+            };
+            let (state, fields) = match sent {
+                Ok(outcome) => outcome,
+                Err(e) => self.undelivered(Channel::UndoEmail, round, &e),
+            };
+            let result = if state == "pending" { "retry" } else { state };
+            metrics::counter!(m::NOTIFICATIONS, "channel" => "undo_email", "result" => result)
+                .increment(1);
+            self.finish_round(Channel::UndoEmail, queue_id, round, state, fields)
+                .await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Sends the email saying what the undo of `q` did.
+    async fn send_undo_summary(
+        &self,
+        queue_id: ObjectId,
+        q: &Document,
+    ) -> Result<(&'static str, Document), Error> {
+        let Some((to, first_name)) = self.recipient(q).await? else {
+            warn!("The importing user has no usable email address; no undo email");
+            return Ok((
+                "skipped",
+                doc! { "undo_notify.warning": "The importing user has no usable email address." },
+            ));
+        };
+        let summary = UndoSummary {
+            kind: q
+                .get_str("source")
+                .ok()
+                .and_then(RecordKind::from_source)
+                .unwrap_or(RecordKind::Deals),
+            first_name,
+            file_name: file_name(q),
+            counts: UndoCounts::from_doc(&q.get_document("undo").cloned().unwrap_or_default()),
+        };
+        let (subject, text, html) = (summary.subject(), summary.text()?, summary.html()?);
+        // One Message-ID per undo, as for the summary.
+        let message_id = format!("import-undo.{}@importd", queue_id.to_hex());
+        (|| {
+            self.mailer
+                .send(to.clone(), &message_id, &subject, text.clone(), html.clone())
+        })
+        .retry(self.retry())
+        .notify(|e, d| warn!(error = %error_chain(e), delay_ms = d.as_millis() as u64, "Sending the undo email failed; retrying"))
+        .await?;
+        info!("Undo email sent");
+        Ok((
+            "sent",
+            doc! {
+                "undo_notify.sent_at": DateTime::now(),
+                "undo_notify.to": to.email.to_string(),
+                "undo_notify.subject": subject,
+            },
+        ))
+    }
+
     /// One email round; returns the import if it made its webhook due.
     async fn round(&self, doc: Document) -> Option<ObjectId> {
         let Ok(queue_id) = doc.get_object_id("_id") else {
@@ -309,23 +440,11 @@ impl Notifier {
             };
             let (state, mut fields) = match sent {
                 Ok(outcome) => outcome,
-                Err(e) => {
-                    let rounds = round;
-                    let last = rounds >= i64::from(self.services.settings.notify.max_rounds);
-                    warn!(error = %error_chain(&e), rounds, final_failure = last, "Summary email not delivered");
-                    let next = DateTime::from_millis(
-                        DateTime::now().timestamp_millis()
-                            + self.services.settings.notify.redeliver_after.as_millis() as i64,
-                    );
-                    let mut fields = doc! { "notify.error": error_chain(&e), "notify.failed_at": DateTime::now() };
-                    if !last {
-                        fields.insert("notify.next_attempt_at", next);
-                    }
-                    (if last { "failed" } else { "pending" }, fields)
-                }
+                Err(e) => self.undelivered(Channel::Email, round, &e),
             };
             let result = if state == "pending" { "retry" } else { state };
-            metrics::counter!(m::NOTIFICATIONS, "channel" => "email", "result" => result).increment(1);
+            metrics::counter!(m::NOTIFICATIONS, "channel" => "email", "result" => result)
+                .increment(1);
             // A dry run changed nothing the CRM's automations could act on.
             let webhook_due = state != "pending"
                 && self.services.settings.crm.webhook_url.is_some()
@@ -390,29 +509,7 @@ impl Notifier {
             }
         };
 
-        let user = match q.get_object_id("user_id") {
-            Ok(id) => {
-                db.collection::<Document>(collections::USERS)
-                    .find_one(doc! { "_id": id })
-                    .await?
-            }
-            Err(_) => None,
-        };
-        let email = user
-            .as_ref()
-            .and_then(|u| u.get_str("email").ok())
-            .filter(|e| !e.trim().is_empty());
-        let first_name = user
-            .as_ref()
-            .and_then(|u| u.get_str("first_name").ok())
-            .map(str::to_owned);
-        let Some(to) = email.and_then(|e| {
-            let name = first_name.clone();
-            e.trim()
-                .parse::<lettre::Address>()
-                .ok()
-                .map(|a| Mailbox::new(name, a))
-        }) else {
+        let Some((to, first_name)) = self.recipient(q).await? else {
             warn!("The importing user has no usable email address; no summary email");
             fields.insert(
                 "notify.warning",

@@ -10,7 +10,7 @@ use bson::oid::ObjectId;
 use bson::{DateTime, Document, doc};
 use importd::domain::{collections, deal_id};
 
-use crate::helpers::{TestApp, get_i64, test_settings};
+use crate::helpers::{SmtpCatcher, TestApp, get_i64, settings_with_smtp, test_settings};
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -35,7 +35,8 @@ fn names(deals: &[Document]) -> Vec<&str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
-    let mut app = TestApp::new().await;
+    let smtp = SmtpCatcher::start().await;
+    let mut app = TestApp::with_settings(settings_with_smtp(smtp.port)).await;
     // The CRM's own deal, which the import updates (not taken back).
     let acme = ObjectId::new();
     app.coll(collections::DEALS)
@@ -151,6 +152,42 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
         status
             .contains("undo:     done: 1 removed, 2 kept (changed since), 1 updates not reverted"),
         "{status}"
+    );
+
+    // The user is told, once (after the two imports' summaries).
+    let mails = smtp.wait_for(3, LONG).await;
+    let undone: Vec<_> = mails
+        .iter()
+        .filter(|m| m.subject.starts_with("Deal import undone"))
+        .collect();
+    assert_eq!(undone.len(), 1, "{mails:?}");
+    assert_eq!(
+        undone[0].subject,
+        "Deal import undone: 1 deal removed (undo.csv)"
+    );
+    assert_eq!(undone[0].to, "Olive <owner@example.com>");
+    assert!(
+        undone[0]
+            .text
+            .contains("Kept: 2 deals the import created, changed since"),
+        "{}",
+        undone[0].text
+    );
+    assert_eq!(
+        undone[0].message_id,
+        format!("<import-undo.{}@importd>", id.to_hex())
+    );
+    let q = app
+        .wait_queue(id, LONG, "told", |q| {
+            q.get_document("undo_notify")
+                .is_ok_and(|n| n.get_str("state") == Ok("sent"))
+        })
+        .await;
+    assert!(
+        q.get_document("undo_notify")
+            .unwrap()
+            .get("owner")
+            .is_none()
     );
 
     // Again: the recorded result, nothing more removed.
