@@ -164,9 +164,12 @@ impl Daemon {
             async move {
                 let inner = &d.inner;
                 // Cleared however the task ends, a panic included.
-                let _slot =
-                    scopeguard::guard((), |()| inner.undoing.store(false, Ordering::SeqCst));
-                match undo::run(&inner.services.db, &lease, &inner.shutdown).await {
+                let slot = scopeguard::guard((), |()| inner.undoing.store(false, Ordering::SeqCst));
+                let ended = undo::run(&inner.services.db, &lease, &inner.shutdown).await;
+                // Free for the next undo before the email (which may wait
+                // on a slow SMTP server).
+                drop(slot);
+                match ended {
                     Ok(undo::UndoEnd::Done(_)) => inner.notifier.deliver_undo(lease.queue_id).await,
                     Ok(_) => {}
                     // Its lease expires and a later claim resumes it.

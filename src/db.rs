@@ -268,10 +268,12 @@ fn same_keys(a: &Document, b: &Document) -> bool {
 }
 
 /// Whether the collection has an index on exactly `keys`, and if so
-/// whether it is unique over (at least) the documents importd's would be:
-/// every document, or those of the same partial filter as `partial`. A
-/// unique index over fewer documents (a narrower partial filter) does not
-/// give importd's guarantee.
+/// whether it is unique over the documents importd's would be: every
+/// document, or those of exactly the same partial filter as `partial`
+/// (compared as stored: a filter written otherwise, even a broader one, is
+/// reported as a conflict for an operator to look at, never taken on
+/// trust). A unique index over fewer documents does not give importd's
+/// guarantee.
 async fn existing_unique(
     collection: &mongodb::Collection<Document>,
     keys: &Document,
@@ -292,7 +294,8 @@ async fn existing_unique(
 }
 
 /// Whether an index with `options` is unique over every document a unique
-/// index with the partial filter `partial` (none: all) would cover. Pure.
+/// index with the partial filter `partial` (none: all) would cover: no
+/// filter, or the same one. Pure.
 fn unique_over(options: &IndexOptions, partial: Option<&Document>) -> bool {
     let covers = match &options.partial_filter_expression {
         None => true,

@@ -305,7 +305,11 @@ impl Notifier {
     fn undelivered(&self, channel: Channel, round: i64, e: &Error) -> (&'static str, Document) {
         let notify = &self.services.settings.notify;
         let last = round >= i64::from(notify.max_rounds);
-        warn!(channel = channel.field(), error = %error_chain(e), rounds = round, final_failure = last, "Email not delivered");
+        let what = match channel {
+            Channel::UndoEmail => "Undo email not delivered",
+            _ => "Summary email not delivered",
+        };
+        warn!(channel = channel.field(), error = %error_chain(e), rounds = round, final_failure = last, "{what}");
         let now = DateTime::now();
         let mut fields = doc! {
             format!("{}.error", channel.field()): error_chain(e),

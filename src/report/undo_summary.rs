@@ -20,6 +20,12 @@ pub struct UndoSummary {
     pub counts: UndoCounts,
 }
 
+/// `1 update`, `2 updates`, `1,234 contacts`.
+fn counted(n: u64, noun: &str) -> String {
+    let s = if n == 1 { "" } else { "s" };
+    format!("{} {noun}{s}", thousands(n))
+}
+
 #[derive(Template)]
 #[template(path = "undo.txt")]
 struct TextBody<'a> {
@@ -50,9 +56,7 @@ impl UndoSummary {
 
     /// `1 deal`, `2 deals`, `1,234 contacts`.
     fn records(&self, n: u64) -> String {
-        let noun = self.kind.noun();
-        let s = if n == 1 { "" } else { "s" };
-        format!("{} {noun}{s}", thousands(n))
+        counted(n, self.kind.noun())
     }
 
     /// One sentence per thing done or kept, as both bodies list them.
@@ -71,20 +75,20 @@ impl UndoSummary {
         }
         if c.kept_linked > 0 {
             out.push(format!(
-                "Kept: {} contacts the import created that deals are linked to.",
-                thousands(c.kept_linked)
+                "Kept: {} the import created that deals are linked to.",
+                counted(c.kept_linked, "contact")
             ));
         }
         if c.updates_not_reverted > 0 {
             out.push(format!(
-                "Not reverted: {} updates of {noun}s that existed before the import (their earlier values were not kept).",
-                thousands(c.updates_not_reverted)
+                "Not reverted: {} of {noun}s that existed before the import (their earlier values were not kept).",
+                counted(c.updates_not_reverted, "update")
             ));
         }
         if c.contacts_kept > 0 {
             out.push(format!(
-                "Kept: {} contacts the import created for its deals.",
-                thousands(c.contacts_kept)
+                "Kept: {} the import created for its deals.",
+                counted(c.contacts_kept, "contact")
             ));
         }
         if !c.stages_removed.is_empty() {
@@ -162,12 +166,21 @@ mod tests {
             "Hello Olive",
             "Removed: 98,765 deals the import created.",
             "Kept: 2 deals the import created, changed since",
-            "Not reverted: 5 updates",
+            "Not reverted: 5 updates of deals",
             "Stages removed: Brand New.",
         ] {
             assert!(text.contains(needle), "{needle} missing in:\n{text}");
         }
         assert!(!text.contains("linked"), "{text}");
+        let mut one = summary();
+        one.counts.updates_not_reverted = 1;
+        one.counts.kept_linked = 1;
+        let text = one.text().unwrap();
+        assert!(text.contains("Not reverted: 1 update of deals"), "{text}");
+        assert!(
+            text.contains("Kept: 1 contact the import created"),
+            "{text}"
+        );
         let html = s.html().unwrap();
         assert!(!html.contains("<q4>"), "{html}");
         assert!(html.contains("Removed: 98,765 deals"), "{html}");
