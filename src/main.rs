@@ -374,7 +374,7 @@ async fn support(
                 }
             };
             println!(
-                "\nWhere to look:\n  importd status {id}\n  importd logs {id}\n  MongoDB {dbname}: queues {{_id: ObjectId('{id}')}}, csv_imports {{queue_id: …}}, import_lines {{queue_id: …}}, {records}"
+                "\nWhere to look:\n  importd status {id}\n  importd logs {id}\n  importd undo {id}   (takes the import back: removes what it created)\n  MongoDB {dbname}: queues {{_id: ObjectId('{id}')}}, csv_imports {{queue_id: …}}, import_lines {{queue_id: …}}, {records}"
             );
             Ok(code)
         }
