@@ -336,3 +336,41 @@ async fn a_dry_run_has_nothing_to_undo() {
     assert!(err.contains("no import"), "{err}");
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undoing_a_running_import_cancels_it_first_then_removes_everything_it_wrote() {
+    let mut app = TestApp::new().await;
+    app.spawn_daemon();
+    let mut csv = String::from("Name,Value,Stage\n");
+    for i in 0..200_000 {
+        writeln!(csv, "Deal {i},{i},Stage {}", i % 4).unwrap();
+    }
+    let id = app
+        .enqueue_csv(
+            "running.csv",
+            csv.as_bytes(),
+            &[("Name", "name"), ("Value", "value"), ("Stage", "stage_id")],
+        )
+        .await;
+    app.wait_queue(id, LONG, "progressing", |q| {
+        q.get_document("progress")
+            .is_ok_and(|p| p.get_i64("imported_rows").unwrap_or(0) >= 5_000)
+    })
+    .await;
+    let (code, out, err) = importd(&app, &["undo", &id.to_hex(), "--wait", "120"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("cancelling it first"), "{err}");
+    let q = app.queue(id).await;
+    assert_eq!(q.get_str("status").unwrap(), "cancelled", "{q}");
+    let imported = get_i64(&q, "progress.imported_rows");
+    assert!(imported > 0 && imported < 200_000, "{q}");
+    assert_eq!(
+        get_i64(q.get_document("undo").unwrap(), "removed"),
+        imported,
+        "{q}"
+    );
+    assert!(out.contains(&format!("removed: {imported} deals")), "{out}");
+    assert_eq!(app.count(collections::DEALS, doc! {}).await, 0);
+    assert_eq!(app.count(collections::PIPELINE_STAGES, doc! {}).await, 0);
+    app.cleanup().await;
+}
