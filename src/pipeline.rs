@@ -805,15 +805,7 @@ impl DealSink {
         .await?;
         let names = match spec.duplicate_strategy {
             DuplicateStrategy::Create => None,
-            _ => Some(
-                NameIndex::load(
-                    &svc.db.collection(collections::DEALS),
-                    spec.queue_id,
-                    spec.account_id,
-                    pipeline_id,
-                )
-                .await?,
-            ),
+            _ => Some(deal_names(svc, spec, pipeline_id).await?),
         };
         Ok(Self {
             db: svc.db.clone(),
@@ -875,6 +867,21 @@ impl Sink<MappedDeal> for DealSink {
     }
 }
 
+/// The names of the pipeline's deals, for `skip` / `update` matching.
+async fn deal_names(
+    svc: &Services,
+    spec: &ImportSpec,
+    pipeline_id: ObjectId,
+) -> Result<NameIndex, Abort> {
+    Ok(NameIndex::load(
+        &svc.db.collection(collections::DEALS),
+        spec.queue_id,
+        spec.account_id,
+        pipeline_id,
+    )
+    .await?)
+}
+
 /// A dry run's sink: records each line's outcome as a real run would (a
 /// valid row would create a record, or, under `skip` / `update`, meet an
 /// existing one: in the database or created by an earlier row of the
@@ -900,15 +907,9 @@ impl CheckSink {
     async fn new(svc: &Services, spec: &ImportSpec) -> Result<Self, Abort> {
         let names = match (spec.kind, spec.duplicate_strategy, spec.pipeline_id) {
             (_, DuplicateStrategy::Create, _) => None,
-            (RecordKind::Deals, _, Some(pipeline_id)) => Some(
-                NameIndex::load(
-                    &svc.db.collection(collections::DEALS),
-                    spec.queue_id,
-                    spec.account_id,
-                    pipeline_id,
-                )
-                .await?,
-            ),
+            (RecordKind::Deals, _, Some(pipeline_id)) => {
+                Some(deal_names(svc, spec, pipeline_id).await?)
+            }
             _ => Some(NameIndex::empty(spec.queue_id)),
         };
         Ok(Self {

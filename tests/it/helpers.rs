@@ -250,6 +250,21 @@ impl TestApp {
     }
 
     /// Waits until the queue document reaches a final state.
+    /// Runs the `importd` binary on this test's stack (errors-only log):
+    /// exit code, stdout, stderr.
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self
+            .binary(args)
+            .env("IMPORTD__LOG__FILTER", "error")
+            .output()
+            .expect("binary runs");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     pub async fn wait_final(&self, id: ObjectId, timeout: Duration) -> Document {
         self.wait_queue(id, timeout, "final", |q| {
             matches!(

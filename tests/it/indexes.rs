@@ -15,6 +15,16 @@ async fn fresh_db() -> mongodb::Database {
         .expect("client")
 }
 
+async fn contact_indexes(db: &mongodb::Database) -> Vec<IndexModel> {
+    db.collection::<Document>(collections::CONTACTS)
+        .list_indexes()
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
+
 /// The CRM's own index on `contacts (account_id, email)`, named its way.
 async fn crm_contacts_index(db: &mongodb::Database, unique: bool) {
     db.collection::<Document>(collections::CONTACTS)
@@ -75,14 +85,7 @@ async fn a_problem_retrying_cannot_fix_is_reported_not_retried() {
             assert!(!err.is_transient(), "{err}");
         }
         Ok(()) => {
-            let indexes: Vec<IndexModel> = db
-                .collection::<Document>(collections::CONTACTS)
-                .list_indexes()
-                .await
-                .unwrap()
-                .try_collect()
-                .await
-                .unwrap();
+            let indexes = contact_indexes(&db).await;
             assert!(
                 indexes.iter().any(|i| {
                     i.keys == doc! { "account_id": 1, "email": 1 }
@@ -174,14 +177,7 @@ async fn a_crm_unique_index_over_fewer_contacts_does_not_count_as_ours() {
         Err(err) => assert!(matches!(err, IndexError::Conflict { .. }), "{err}"),
         // The local server builds importd's beside it.
         Ok(()) => {
-            let indexes: Vec<IndexModel> = db
-                .collection::<Document>(collections::CONTACTS)
-                .list_indexes()
-                .await
-                .unwrap()
-                .try_collect()
-                .await
-                .unwrap();
+            let indexes = contact_indexes(&db).await;
             assert!(
                 indexes
                     .iter()

@@ -5,19 +5,6 @@ use std::time::Duration;
 
 use crate::helpers::TestApp;
 
-fn importd(app: &TestApp, args: &[&str]) -> (i32, String, String) {
-    let out = app
-        .binary(args)
-        .env("IMPORTD__LOG__FILTER", "error")
-        .output()
-        .expect("binary runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_show_batches_failed_lines_and_single_lines() {
     let mut app = TestApp::new().await;
@@ -35,7 +22,7 @@ async fn logs_show_batches_failed_lines_and_single_lines() {
     app.wait_completed(id, Duration::from_secs(60)).await;
     let hex = id.to_hex();
 
-    let (code, out, err) = importd(&app, &["logs", &hex, "--failed"]);
+    let (code, out, err) = app.cli(&["logs", &hex, "--failed"]);
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 2, "{out}");
@@ -46,7 +33,7 @@ async fn logs_show_batches_failed_lines_and_single_lines() {
     assert!(lines[1].starts_with("line 7\tfailed\t"), "{out}");
     assert!(lines[1].contains("\tname\t"), "{out}");
 
-    let (code, out, _) = importd(&app, &["logs", &hex]);
+    let (code, out, _) = app.cli(&["logs", &hex]);
     assert_eq!(code, 0);
     assert!(
         out.starts_with("lines 2-7\t3 imported, 0 updated, 0 skipped, 2 failed\n"),
@@ -58,19 +45,19 @@ async fn logs_show_batches_failed_lines_and_single_lines() {
         "{out}"
     );
 
-    let (code, out, _) = importd(&app, &["logs", &hex, "--line", "4"]);
+    let (code, out, _) = app.cli(&["logs", &hex, "--line", "4"]);
     assert_eq!(code, 0);
     let deal = importd::domain::deal_id(&id, 4).unwrap();
     assert_eq!(out.trim_end(), format!("line 4\timported\tdeal {deal}"));
     // Line 5 is inside the quoted cell that starts on line 4.
-    let (code, _, err) = importd(&app, &["logs", &hex, "--line", "5"]);
+    let (code, _, err) = app.cli(&["logs", &hex, "--line", "5"]);
     assert_eq!(code, 1, "{err}");
 
-    let (code, out, _) = importd(&app, &["status", &hex]);
+    let (code, out, _) = app.cli(&["status", &hex]);
     assert_eq!(code, 0);
     assert!(out.contains("status:   completed"), "{out}");
 
-    let (code, _, err) = importd(&app, &["logs", &bson::oid::ObjectId::new().to_hex()]);
+    let (code, _, err) = app.cli(&["logs", &bson::oid::ObjectId::new().to_hex()]);
     assert_eq!(code, 1);
     assert!(err.contains("no outcomes"), "{err}");
     app.cleanup().await;

@@ -14,17 +14,12 @@ use crate::helpers::{SmtpCatcher, TestApp, get_i64, settings_with_smtp, test_set
 
 const LONG: Duration = Duration::from_secs(120);
 
-fn importd(app: &TestApp, args: &[&str]) -> (i32, String, String) {
-    let out = app
-        .binary(args)
-        .env("IMPORTD__LOG__FILTER", "error")
-        .output()
-        .expect("binary runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+async fn wait_undone(app: &TestApp, id: ObjectId) -> Document {
+    app.wait_queue(id, LONG, "undone", |q| {
+        q.get_document("undo")
+            .is_ok_and(|u| u.get_str("state") == Ok("done"))
+    })
+    .await
 }
 
 fn names(deals: &[Document]) -> Vec<&str> {
@@ -106,7 +101,7 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
     let q2 = app.wait_completed(second, LONG).await;
     assert_eq!(get_i64(&q2, "progress.updated_rows"), 1, "{q2}");
 
-    let (code, out, err) = importd(&app, &["undo", &id.to_hex()]);
+    let (code, out, err) = app.cli(&["undo", &id.to_hex()]);
     assert_eq!(code, 0, "{out}{err}");
     for line in [
         "removed: 1 deals the import created",
@@ -147,7 +142,7 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
     );
     let summary = app.summary(id).await;
     assert_eq!(get_i64(&summary, "undo.removed"), 1, "{summary}");
-    let (_, status, _) = importd(&app, &["status", &id.to_hex()]);
+    let (_, status, _) = app.cli(&["status", &id.to_hex()]);
     assert!(
         status
             .contains("undo:     done: 1 removed, 2 kept (changed since), 1 updates not reverted"),
@@ -191,7 +186,7 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
     );
 
     // Again: the recorded result, nothing more removed.
-    let (code, again, err) = importd(&app, &["undo", &id.to_hex()]);
+    let (code, again, err) = app.cli(&["undo", &id.to_hex()]);
     assert_eq!(code, 0, "{err}");
     assert!(again.contains("removed: 1 deals"), "{again}");
     assert_eq!(app.count(collections::DEALS, doc! {}).await, 4);
@@ -244,12 +239,7 @@ async fn a_dashboard_request_is_undone_by_a_daemon() {
         )
         .await
         .unwrap();
-    let q = app
-        .wait_queue(id, LONG, "undone", |q| {
-            q.get_document("undo")
-                .is_ok_and(|u| u.get_str("state") == Ok("done"))
-        })
-        .await;
+    let q = wait_undone(&app, id).await;
     let u = q.get_document("undo").unwrap();
     assert_eq!(get_i64(u, "removed"), 1, "{q}");
     assert_eq!(get_i64(u, "kept_linked"), 1, "{q}");
@@ -301,12 +291,7 @@ async fn an_undo_left_by_a_dead_holder_resumes_with_exact_counts() {
         )
         .await
         .unwrap();
-    let q = app
-        .wait_queue(id, LONG, "undone", |q| {
-            q.get_document("undo")
-                .is_ok_and(|u| u.get_str("state") == Ok("done"))
-        })
-        .await;
+    let q = wait_undone(&app, id).await;
     let u = q.get_document("undo").unwrap();
     assert_eq!(get_i64(u, "removed"), 2_500, "{q}");
     assert_eq!(get_i64(u, "kept_changed"), 0, "{q}");
@@ -328,10 +313,10 @@ async fn a_dry_run_has_nothing_to_undo() {
         )
         .await;
     app.wait_completed(id, LONG).await;
-    let (code, out, _) = importd(&app, &["undo", &id.to_hex()]);
+    let (code, out, _) = app.cli(&["undo", &id.to_hex()]);
     assert_eq!(code, 1);
     assert!(out.contains("refused: a dry run writes nothing"), "{out}");
-    let (code, _, err) = importd(&app, &["undo", &ObjectId::new().to_hex()]);
+    let (code, _, err) = app.cli(&["undo", &ObjectId::new().to_hex()]);
     assert_eq!(code, 1);
     assert!(err.contains("no import"), "{err}");
     app.cleanup().await;
@@ -357,7 +342,7 @@ async fn undoing_a_running_import_cancels_it_first_then_removes_everything_it_wr
             .is_ok_and(|p| p.get_i64("imported_rows").unwrap_or(0) >= 5_000)
     })
     .await;
-    let (code, out, err) = importd(&app, &["undo", &id.to_hex(), "--wait", "120"]);
+    let (code, out, err) = app.cli(&["undo", &id.to_hex(), "--wait", "120"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(err.contains("cancelling it first"), "{err}");
     let q = app.queue(id).await;
