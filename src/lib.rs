@@ -5,7 +5,7 @@
 //! only writer of queue state) → [`fetch`] (S3 object → bytes) → [`parse`]
 //! (bytes → records) → [`map`] (records → deals or row errors, pure) →
 //! [`stages`] (pipeline stages, created once) → [`contacts`] (the contacts
-//! deals name, created once) → [`write`] (idempotent bulk
+//! deals name, created once) → [`write`](mod@write) (idempotent bulk
 //! inserts) → [`outcomes`] (per-line outcomes and the summary), wired by
 //! [`pipeline`] and driven by [`daemon`]; [`http`] serves health, metrics
 //! and an import's progress; [`undo`] takes a finished import back.

@@ -506,7 +506,7 @@ impl DealWriter {
             .collect())
     }
 
-    /// Inserts `docs` (built by [`DealWriter::build`], for `lines` in the
+    /// Inserts `docs` (built by [`DealBuilder::build`], for `lines` in the
     /// same order) and returns each line's result.
     pub async fn insert(
         &self,
