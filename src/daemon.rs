@@ -172,9 +172,13 @@ impl Daemon {
                 match ended {
                     Ok(undo::UndoEnd::Done(_)) => inner.notifier.deliver_undo(lease.queue_id).await,
                     Ok(_) => {}
-                    // Its lease expires and a later claim resumes it.
+                    // Given back so that a later tick resumes it at once
+                    // (if MongoDB is still away, the lease expires instead).
                     Err(e) => {
-                        warn!(error = %error_chain(&e), "Undo stopped; a later claim resumes it")
+                        warn!(error = %error_chain(&e), "Undo stopped; a later claim resumes it");
+                        if let Err(e) = lease.release().await {
+                            warn!(error = %error_chain(&e), "Releasing the undo failed; its lease expires");
+                        }
                     }
                 }
             }
