@@ -172,11 +172,11 @@ impl Daemon {
                 match ended {
                     Ok(undo::UndoEnd::Done(_)) => inner.notifier.deliver_undo(lease.queue_id).await,
                     Ok(_) => {}
-                    // Given back so that a later tick resumes it at once
-                    // (if MongoDB is still away, the lease expires instead).
+                    // Given back so that a later tick resumes it soon (if
+                    // MongoDB is still away, the lease expires instead).
                     Err(e) => {
                         warn!(error = %error_chain(&e), "Undo stopped; a later claim resumes it");
-                        if let Err(e) = lease.release().await {
+                        if let Err(e) = lease.release_after_error().await {
                             warn!(error = %error_chain(&e), "Releasing the undo failed; its lease expires");
                         }
                     }

@@ -166,15 +166,28 @@ impl UndoLease {
     /// Gives the undo back unfinished (shutdown): claimable again at once,
     /// resuming at its saved `next_line`.
     pub async fn release(&self) -> Result<()> {
-        self.queues
-            .update_one(
-                self.guard(),
-                doc! {
-                    "$set": { "undo.state": "pending" },
-                    "$unset": { "undo.owner": "", "undo.expires_at": "" },
-                },
-            )
-            .await?;
+        self.give_back(doc! {
+            "$set": { "undo.state": "pending" },
+            "$unset": { "undo.owner": "", "undo.expires_at": "" },
+        })
+        .await
+    }
+
+    /// Gives the undo back after an error: claimable again after a pause
+    /// that doubles with each attempt (5 s, 10 s, ... up to the lease), so
+    /// an undo that keeps failing does not come back on every tick.
+    pub async fn release_after_error(&self) -> Result<()> {
+        let doublings = self.attempt.saturating_sub(1).clamp(0, 16) as u32;
+        let pause = (Duration::from_secs(5) * 2_u32.pow(doublings)).min(self.duration);
+        self.give_back(doc! {
+            "$set": { "undo.state": "pending", "undo.expires_at": now_plus(pause) },
+            "$unset": { "undo.owner": "" },
+        })
+        .await
+    }
+
+    async fn give_back(&self, update: Document) -> Result<()> {
+        self.queues.update_one(self.guard(), update).await?;
         Ok(())
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bson::oid::ObjectId;
 use bson::{DateTime, Document, doc};
+use importd::claim::Claimer;
 use importd::domain::{collections, deal_id};
 
 use crate::helpers::{SmtpCatcher, TestApp, get_i64, settings_with_smtp, test_settings};
@@ -357,5 +358,44 @@ async fn undoing_a_running_import_cancels_it_first_then_removes_everything_it_wr
     assert!(out.contains(&format!("removed: {imported} deals")), "{out}");
     assert_eq!(app.count(collections::DEALS, doc! {}).await, 0);
     assert_eq!(app.count(collections::PIPELINE_STAGES, doc! {}).await, 0);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undo_given_back_after_an_error_pauses_before_the_next_claim() {
+    let app = TestApp::new().await;
+    let id = ObjectId::new();
+    app.queues()
+        .insert_one(doc! {
+            "_id": id, "source": "deals", "status": "completed",
+            "account_id": app.account_id, "undo_requested": true,
+        })
+        .await
+        .unwrap();
+    let claimer = Claimer::new(&app.db, "a", Duration::from_secs(60));
+    let other = Claimer::new(&app.db, "b", Duration::from_secs(60));
+    for (attempt, pause) in [(1, 5), (2, 10), (3, 20)] {
+        // Each round ends its pause early by hand, as time would.
+        app.queues()
+            .update_one(
+                doc! { "_id": id },
+                doc! { "$set": { "undo.expires_at": DateTime::from_millis(0) } },
+            )
+            .await
+            .unwrap();
+        let lease = claimer.claim_undo(Some(id)).await.unwrap().unwrap();
+        assert_eq!(lease.attempt, attempt);
+        let before = DateTime::now().timestamp_millis();
+        lease.release_after_error().await.unwrap();
+        assert!(other.claim_undo(None).await.unwrap().is_none());
+        let u = app.queue(id).await.get_document("undo").unwrap().clone();
+        assert_eq!(u.get_str("state"), Ok("pending"));
+        assert!(!u.contains_key("owner"), "{u}");
+        let until = u.get_datetime("expires_at").unwrap().timestamp_millis() - before;
+        assert!(
+            (pause * 1_000 - 500..=pause * 1_000 + 2_000).contains(&until),
+            "attempt {attempt}: {until} ms"
+        );
+    }
     app.cleanup().await;
 }
