@@ -56,15 +56,22 @@ pub enum Error {
     /// Signing failed.
     #[error("signing the token: {0}")]
     Jwt(#[from] jsonwebtoken::errors::Error),
-    /// The request failed before a response.
+    /// The request failed before a response (its URL, which may carry a
+    /// token, left out: this error is logged and stored).
     #[error("request: {0}")]
-    Http(#[from] reqwest::Error),
+    Http(reqwest::Error),
     /// The endpoint answered with an error status.
     #[error("the endpoint answered {0}")]
     Status(u16),
     /// The import's totals could not be read.
     #[error("reading the totals: {0}")]
     Totals(String),
+}
+
+impl From<reqwest::Error> for Error {
+    fn from(e: reqwest::Error) -> Self {
+        Self::Http(e.without_url())
+    }
 }
 
 impl Error {
@@ -165,5 +172,37 @@ mod tests {
         assert!(Error::Status(408).is_transient());
         assert!(Error::Status(429).is_transient());
         assert!(Error::Status(503).is_transient());
+    }
+
+    #[tokio::test]
+    async fn a_failed_request_names_neither_the_url_nor_its_token() {
+        // Nothing listens on the port just freed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://hook:pa55word@127.0.0.1:{port}/done?token=t0ken");
+        let who = Principal {
+            uid: "u".into(),
+            account_id: "a".into(),
+            parent_account: "p".into(),
+            client_id: "c".into(),
+        };
+        let e = post(
+            &reqwest::Client::new(),
+            &url,
+            &SecretString::from("s"),
+            &who,
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.is_transient(), "{e}");
+        let text = crate::telemetry::error_chain(&e);
+        assert!(
+            !text.contains("t0ken") && !text.contains("pa55word") && !text.contains("/done"),
+            "{text}"
+        );
     }
 }
