@@ -398,7 +398,7 @@ impl Settings {
                 config::Environment::with_prefix("IMPORTD")
                     .prefix_separator("__")
                     .separator("__")
-                    .try_parsing(true),
+                    .try_parsing(false),
             )
             .build()?
             .try_deserialize()?;
@@ -715,7 +715,12 @@ filter = "{log_filter}"
             n_rounds = self.notify.max_rounds,
             http_enabled = self.http.enabled,
             http_bind = self.http.bind,
-            webhook = self.crm.webhook_url.as_deref().map_or("", mask_url_query),
+            webhook = self
+                .crm
+                .webhook_url
+                .as_deref()
+                .map(mask_url)
+                .unwrap_or_default(),
             log_format = match self.log.format {
                 LogFormat::Json => "json",
                 LogFormat::Pretty => "pretty",
@@ -741,8 +746,46 @@ fn validate_cron(expr: &str) -> Result<()> {
         })
 }
 
-/// Replaces the password of `scheme://user:password@host` with `********`.
+/// Masks the credentials of a connection URI: the password of
+/// `scheme://user:password@host`, and the values of query options that
+/// carry a secret (`tlsCertificateKeyFilePassword`,
+/// `authMechanismProperties` with its session token, ...).
 fn mask_uri(uri: &str) -> String {
+    let (base, query) = match uri.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (uri, None),
+    };
+    let mut masked = mask_userinfo(base);
+    if let Some(query) = query {
+        let options: Vec<String> = query
+            .split('&')
+            .map(|option| match option.split_once('=') {
+                Some((key, _)) if secret_option(key) => format!("{key}=********"),
+                _ => option.to_owned(),
+            })
+            .collect();
+        masked.push('?');
+        masked.push_str(&options.join("&"));
+    }
+    masked
+}
+
+/// Whether a URI query option's value is a credential.
+fn secret_option(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "token",
+        "credential",
+        "authmechanismproperties",
+    ]
+    .iter()
+    .any(|s| key.contains(s))
+}
+
+/// `scheme://user:password@rest` with the password masked.
+fn mask_userinfo(uri: &str) -> String {
     let Some((scheme, rest)) = uri.split_once("://") else {
         return uri.to_owned();
     };
@@ -756,9 +799,10 @@ fn mask_uri(uri: &str) -> String {
     }
 }
 
-/// Webhook URLs may carry a token in their query string: hide it.
-fn mask_url_query(url: &str) -> &str {
-    url.split('?').next().unwrap_or(url)
+/// Webhook URLs may carry a token in their query string or userinfo: the
+/// query is left out, the password masked.
+fn mask_url(url: &str) -> String {
+    mask_userinfo(url.split('?').next().unwrap_or(url))
 }
 
 #[cfg(test)]
@@ -774,6 +818,26 @@ mod tests {
         assert_eq!(
             mask_uri("mongodb://127.0.0.1:27017/?directConnection=true"),
             "mongodb://127.0.0.1:27017/?directConnection=true"
+        );
+        assert_eq!(
+            mask_uri(
+                "mongodb://db/?tls=true&tlsCertificateKeyFilePassword=pem-pass\
+                 &authMechanism=MONGODB-AWS&authMechanismProperties=AWS_SESSION_TOKEN:tok"
+            ),
+            "mongodb://db/?tls=true&tlsCertificateKeyFilePassword=********\
+             &authMechanism=MONGODB-AWS&authMechanismProperties=********"
+        );
+    }
+
+    #[test]
+    fn webhook_url_credentials_are_masked() {
+        assert_eq!(
+            mask_url("https://hook:pa55@crm.example.com/import-done?token=t0ken"),
+            "https://hook:********@crm.example.com/import-done"
+        );
+        assert_eq!(
+            mask_url("https://crm.example.com/x"),
+            "https://crm.example.com/x"
         );
     }
 

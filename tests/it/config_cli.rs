@@ -35,8 +35,16 @@ fn secrets_are_masked_and_env_overrides_apply() {
             "mongodb://app:mongo-very-secret@db.internal:27017/crm",
         ),
         ("IMPORTD__SCHEDULER__LEASE_SECONDS", "90"),
+        // Strings that look like numbers stay as written (secrets too).
+        ("IMPORTD__MONGODB__DATABASE", "0012345678901234567890123"),
+        ("IMPORTD__S3__PATH_STYLE", "false"),
     ]);
     assert!(ok, "{err}");
+    assert!(
+        out.contains("database = \"0012345678901234567890123\""),
+        "{out}"
+    );
+    assert!(out.contains("path_style = false"), "{out}");
     assert!(!out.contains("very-secret"), "a secret leaked:\n{out}");
     assert!(
         out.contains("uri = \"mongodb://app:********@db.internal:27017/crm\""),
