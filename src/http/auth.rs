@@ -47,12 +47,9 @@ pub fn account_of(header: Option<&str>, secret: &SecretString) -> Result<ObjectI
         &validation,
     )
     .map_err(|_| AuthError::Invalid)?;
-    if data
-        .claims
-        .kind
-        .as_deref()
-        .is_some_and(|k| k != "access_token")
-    {
+    // Other tokens signed with the same secret (without `type`, or of
+    // another type) do not speak for an account's dashboard.
+    if data.claims.kind.as_deref() != Some("access_token") {
         return Err(AuthError::WrongType);
     }
     ObjectId::parse_str(&data.claims.account_id).map_err(|_| AuthError::Invalid)
@@ -148,8 +145,17 @@ mod tests {
             account_of(Some(&format!("Bearer {refresh}")), &s),
             Err(AuthError::WrongType)
         );
+        let untyped = token(
+            json!({ "account_id": account, "exp": now() + 60 }),
+            "test-secret-of-the-dashboard",
+            Algorithm::HS256,
+        );
+        assert_eq!(
+            account_of(Some(&format!("Bearer {untyped}")), &s),
+            Err(AuthError::WrongType)
+        );
         let bad_account = token(
-            json!({ "account_id": "not-an-id", "exp": now() + 60 }),
+            json!({ "type": "access_token", "account_id": "not-an-id", "exp": now() + 60 }),
             "test-secret-of-the-dashboard",
             Algorithm::HS256,
         );

@@ -522,17 +522,20 @@ impl Notifier {
             return Ok(("skipped", fields));
         };
 
-        let pipeline_name = match q
-            .get_document("additional_data")
-            .ok()
-            .and_then(|a| a.get_object_id("pipeline_id").ok())
-        {
-            Some(id) => db
+        // Only a pipeline of the import's own account is named (a queue
+        // naming another's fails with `pipeline_not_found`).
+        let pipeline_name = match (
+            q.get_document("additional_data")
+                .ok()
+                .and_then(|a| a.get_object_id("pipeline_id").ok()),
+            account_id,
+        ) {
+            (Some(id), Some(account_id)) => db
                 .collection::<Document>(collections::PIPELINES)
-                .find_one(doc! { "_id": id })
+                .find_one(doc! { "_id": id, "account_id": account_id })
                 .await?
                 .and_then(|p| p.get_str("name").ok().map(str::to_owned)),
-            None => None,
+            _ => None,
         };
         let ending = match q.get_str("status") {
             Ok("cancelled") => Ending::Cancelled,
