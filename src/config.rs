@@ -268,6 +268,16 @@ pub enum DateOrder {
     Mdy,
 }
 
+impl DateOrder {
+    /// The last day of 2025, written in this order.
+    pub fn example(self) -> &'static str {
+        match self {
+            Self::Dmy => "31/12/2025",
+            Self::Mdy => "12/31/2025",
+        }
+    }
+}
+
 /// The import pipeline.
 #[derive(Clone, Debug)]
 pub struct ImportSettings {

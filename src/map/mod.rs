@@ -533,7 +533,11 @@ impl Plan {
                         Some(parse_date(value, rules.date_order).ok_or_else(|| {
                             (
                                 RowCode::InvalidDate,
-                                format!("\"{}\" is not a date like 2025-12-31.", col.header),
+                                format!(
+                                    "\"{}\" is not a date like 2025-12-31 or {}.",
+                                    col.header,
+                                    rules.date_order.example()
+                                ),
                             )
                         })?);
                 }

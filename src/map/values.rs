@@ -83,9 +83,8 @@ pub fn parse_number(s: &str, locale: NumberLocale) -> Option<f64> {
 
 /// Parses a date to milliseconds since the epoch, at midnight UTC of the
 /// date as written: ISO (`2025-12-31`, `2025/12/31`, `2025.12.31`), numeric
-/// day/month forms in the configured order (`12/31/2025` or `31/12/2025`,
-/// also with `.` or `-`; the other order is used when the configured one is
-/// impossible), and English month names (`Dec 31, 2025`, `Dec 31 2025`,
+/// day/month forms in the configured order only (`12/31/2025` or
+/// `31/12/2025`, also with `.` or `-`), and English month names (`Dec 31, 2025`, `Dec 31 2025`,
 /// `December 31, 2025`, `31 December 2025`, `31-Dec-2025`). Any of them may
 /// be followed by a time (`2025-12-31T10:00:00+01:00`, `12/31/2025 10:00`,
 /// `2025-12-31 10:00:00`, `12/31/2025 10:00 PM`): the time is checked, then
@@ -201,7 +200,7 @@ fn valid_zone(z: &str) -> bool {
     {
         return true;
     }
-    let Some(off) = z.strip_prefix(['+', '-']) else {
+    let Some(off) = z.strip_prefix(['+', '-']).filter(|off| off.is_ascii()) else {
         return false;
     };
     let (h, m) = match off.len() {
@@ -229,14 +228,15 @@ fn parse_day(s: &str, order: DateOrder) -> Option<NaiveDate> {
     {
         return match (a.1, b.1, c.1) {
             (4, 1..=2, 1..=2) => NaiveDate::from_ymd_opt(a.0 as i32, b.0, c.0),
+            // Only in the configured order: falling back to the other for
+            // `13/04/2025` would read a day-first file's `05/04/2025` one
+            // way and `13/04/2025` the other, without a word.
             (1..=2, 1..=2, 4) => {
-                let (first, second) = match order {
-                    DateOrder::Mdy => ((a.0, b.0), (b.0, a.0)),
-                    DateOrder::Dmy => ((b.0, a.0), (a.0, b.0)),
+                let (month, day) = match order {
+                    DateOrder::Mdy => (a.0, b.0),
+                    DateOrder::Dmy => (b.0, a.0),
                 };
-                let y = c.0 as i32;
-                NaiveDate::from_ymd_opt(y, first.0, first.1)
-                    .or_else(|| NaiveDate::from_ymd_opt(y, second.0, second.1))
+                NaiveDate::from_ymd_opt(c.0 as i32, month, day)
             }
             _ => None,
         };
@@ -444,8 +444,6 @@ mod tests {
             "2025/12/31",
             "2025.12.31",
             "2025-12-31T00:00:00Z",
-            "12/31/2025",
-            "31.12.2025",
             "Dec 31, 2025",
             "Dec 31 2025",
             "Dec. 31, 2025",
@@ -472,6 +470,11 @@ mod tests {
             Some(ms(2025, 4, 3))
         );
         assert_eq!(parse_date("3-4-2025", DateOrder::Dmy), Some(ms(2025, 4, 3)));
+        // The configured order only, never the other as a fallback.
+        assert_eq!(parse_date("12/31/2025", DateOrder::Mdy), day);
+        assert_eq!(parse_date("31.12.2025", DateOrder::Dmy), day);
+        assert_eq!(parse_date("12/31/2025", DateOrder::Dmy), None);
+        assert_eq!(parse_date("31.12.2025", DateOrder::Mdy), None);
         // Year first is always year-month-day.
         assert_eq!(
             parse_date("2025.03.04", DateOrder::Dmy),
@@ -492,6 +495,8 @@ mod tests {
             "2025-12-31 abc",
             "31 Dec 2025 2026",
             "Dec 31, 2025 Wed",
+            "2025-12-31 10:00 +1€",
+            "2025-12-31 10:00 -é1",
         ] {
             assert_eq!(parse_date(bad, DateOrder::Mdy), None, "{bad:?}");
         }
@@ -516,7 +521,6 @@ mod tests {
             "12/31/2025 10:00:00 PM",
             "12/31/2025 10:00AM",
             "12/31/2025, 10:00:00 a.m.",
-            "31.12.2025 23:00",
             "Dec 31, 2025 10:00",
             "31-Dec-2025 10:00:00",
         ] {
@@ -651,6 +655,14 @@ mod tests {
             let _ = parse_number(&s, NumberLocale::Comma);
             let _ = parse_date(&s, DateOrder::Dmy);
             let _ = valid_email(&s);
+        }
+
+        #[test]
+        fn a_time_followed_by_any_text_never_panics(
+            time in "(2025-12-31|12/31/2025)[ T]1?0:00(:00)?( ?[ap]m)?",
+            tail in "[ +-]{0,2}\\PC{0,6}",
+        ) {
+            let _ = parse_date(&format!("{time}{tail}"), DateOrder::Mdy);
         }
     }
 }
