@@ -139,6 +139,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     telemetry::init(settings.log.format, &settings.log.filter, std::io::stdout);
+    telemetry::log_panics();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

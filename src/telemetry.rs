@@ -29,6 +29,19 @@ where
     };
 }
 
+/// Routes panics to the log as one line naming where, not what: a panic's
+/// message may quote the data it choked on (a cell value). For the binary
+/// only (a test harness wants the messages of its assertions).
+pub fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(at, "Panic (its message is not logged: it may quote data)");
+    }));
+}
+
 /// Writes an error and its whole source chain on one line.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();

@@ -399,6 +399,8 @@ pub enum RowCode {
     FieldCount,
     /// The database refused the record.
     WriteRejected,
+    /// importd failed on the line (a bug, reported in its log).
+    Internal,
 }
 
 impl RowCode {
@@ -412,6 +414,7 @@ impl RowCode {
             Self::TooLong => "too_long",
             Self::FieldCount => "field_count",
             Self::WriteRejected => "write_rejected",
+            Self::Internal => "internal",
         }
     }
 }

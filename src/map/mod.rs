@@ -490,6 +490,50 @@ impl Plan {
         line: LineNo,
         fields: &F,
     ) -> Result<MappedDeal, Box<FailedRow>> {
+        self.shielded(line, fields, || self.deal_of(line, fields))
+    }
+
+    /// Maps one record to a contact, or says why it cannot be imported.
+    pub fn map_contact<F: Fields + ?Sized>(
+        &self,
+        line: LineNo,
+        fields: &F,
+    ) -> Result<MappedContact, Box<FailedRow>> {
+        self.shielded(line, fields, || self.contact_of(line, fields))
+    }
+
+    /// Runs `map` on one record; should it panic (a fault of importd on
+    /// input nobody foresaw), the line fails with `internal` instead of the
+    /// whole import failing after `max_attempts` runs that each die on it.
+    fn shielded<T, F: Fields + ?Sized>(
+        &self,
+        line: LineNo,
+        fields: &F,
+        map: impl FnOnce() -> Result<T, Box<FailedRow>>,
+    ) -> Result<T, Box<FailedRow>> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(map)).unwrap_or_else(|_| {
+            tracing::error!(
+                line,
+                "Mapping a line panicked; the line is recorded as failed"
+            );
+            Err(self.failed_row(
+                line,
+                fields,
+                RowCode::Internal,
+                None,
+                None,
+                "importd could not read this line because of a fault of its own (reported \
+                 to support); the rest of the file was imported."
+                    .into(),
+            ))
+        })
+    }
+
+    fn deal_of<F: Fields + ?Sized>(
+        &self,
+        line: LineNo,
+        fields: &F,
+    ) -> Result<MappedDeal, Box<FailedRow>> {
         let rules = self.rules;
         let init = MappedDeal {
             line,
@@ -554,8 +598,7 @@ impl Plan {
         Ok(deal)
     }
 
-    /// Maps one record to a contact, or says why it cannot be imported.
-    pub fn map_contact<F: Fields + ?Sized>(
+    fn contact_of<F: Fields + ?Sized>(
         &self,
         line: LineNo,
         fields: &F,
@@ -893,5 +936,19 @@ mod tests {
         assert_eq!(f.error.code, RowCode::FieldCount);
         assert_eq!(f.cells.len(), 6 + EXTRA_REPORT_CELLS);
         assert_eq!(f.cells[0], "c0");
+    }
+
+    #[test]
+    fn a_panic_on_a_line_fails_that_line_only() {
+        let p = plan();
+        let cells = ["Acme", "1", "", "", "", ""];
+        let f = p
+            .shielded(7, &cells[..], || -> Result<(), _> { panic!("a bug") })
+            .unwrap_err();
+        assert_eq!(f.error.line, 7);
+        assert_eq!(f.error.code, RowCode::Internal);
+        assert_eq!(f.cells[0], "Acme");
+        // The plan is still usable.
+        assert_eq!(p.map_deal(8, &cells[..]).unwrap().name, "Acme");
     }
 }
