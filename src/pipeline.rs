@@ -255,8 +255,11 @@ fn write_retry() -> ExponentialBuilder {
 pub async fn run(svc: &Services, job: ClaimedJob, shutdown: CancellationToken) -> RunEnd {
     let lease = job.lease.clone();
     let stop = Stop::new();
-    let heartbeat =
-        tokio::spawn(heartbeat(lease.clone(), stop.clone(), shutdown).in_current_span());
+    // Aborted when this run ends however it ends (a panic included): an
+    // orphan heartbeat would keep a dead run's lease alive.
+    let heartbeat = AbortOnDropHandle::new(tokio::spawn(
+        heartbeat(lease.clone(), stop.clone(), shutdown).in_current_span(),
+    ));
     let mut tracker = Tracker {
         progress: progress_from_doc(&job.doc),
         checkpoint: Checkpoint::from_queue_doc(&job.doc),
@@ -277,8 +280,8 @@ pub async fn run(svc: &Services, job: ClaimedJob, shutdown: CancellationToken) -
         Err(e) => Err(Abort::File(e.clone())),
     };
     // The lease is renewed until the final state or release is written.
-    let end = conclude(svc, &lease, spec.as_ref().ok(), &mut tracker, result).await;
-    heartbeat.abort();
+    let end = conclude(svc, &lease, spec.as_ref().ok(), &mut tracker, &stop, result).await;
+    drop(heartbeat);
     info!(outcome = ?end, "Import run ended");
     end
 }
@@ -300,8 +303,14 @@ async fn conclude(
     lease: &Lease,
     spec: Option<&ImportSpec>,
     tracker: &mut Tracker,
+    stop: &Stop,
     result: Result<(), Abort>,
 ) -> RunEnd {
+    if stop.lost.is_cancelled() {
+        // Whatever the run's result, the import is no longer ours to end.
+        warn!("Lease lost; stopped writing");
+        return RunEnd::LeaseLost;
+    }
     let outcome = match result {
         Ok(()) => Final::Completed,
         Err(Abort::File(e)) => {
@@ -333,7 +342,7 @@ async fn conclude(
             };
         }
     };
-    let finished = finish(svc, lease, spec, tracker, &outcome).await;
+    let finished = finish(svc, lease, spec, tracker, stop, &outcome).await;
     match finished {
         Ok(()) => RunEnd::Finished(outcome.state()),
         Err(claim::Error::LeaseLost { .. }) => RunEnd::LeaseLost,
@@ -354,20 +363,41 @@ async fn finish(
     lease: &Lease,
     spec: Option<&ImportSpec>,
     tracker: &mut Tracker,
+    stop: &Stop,
     outcome: &Final,
 ) -> Result<(), claim::Error> {
-    let queue_id = lease.queue_id;
+    // Each step is retried like a batch write (a primary election here
+    // must not cost a fully written import an attempt), while the lease
+    // holds.
+    let again = |e: &mongodb::error::Error| crate::db::is_transient(e) && !stop.lost.is_cancelled();
+    let (db, queue_id, state) = (&svc.db, lease.queue_id, outcome.state().as_str());
     let mut extra = Document::new();
     if let Some(spec) = spec {
-        let log_id = outcomes::open_summary(&svc.db, spec).await?;
-        let totals = outcomes::totals(&svc.db, queue_id).await?;
-        let logs = outcomes::failures(&svc.db, queue_id, outcomes::SUMMARY_LOG_LIMIT).await?;
-        outcomes::close_summary(&svc.db, queue_id, outcome.state().as_str(), totals, &logs).await?;
+        let log_id = (|| outcomes::open_summary(db, spec))
+            .retry(write_retry())
+            .when(again)
+            .await?;
+        let totals = (|| outcomes::totals(db, queue_id))
+            .retry(write_retry())
+            .when(again)
+            .await?;
+        let logs = (|| outcomes::failures(db, queue_id, outcomes::SUMMARY_LOG_LIMIT))
+            .retry(write_retry())
+            .when(again)
+            .await?;
+        (|| outcomes::close_summary(db, queue_id, state, totals, &logs))
+            .retry(write_retry())
+            .when(again)
+            .await?;
         tracker.progress = progress_from_totals(totals, tracker.progress, outcome);
         extra.insert("log_id", log_id);
         extra.insert("contacts_created", totals.contacts_created as i64);
     }
-    lease.finish(outcome, tracker.progress, extra).await
+    let progress = tracker.progress;
+    (|| lease.finish(outcome, progress, extra.clone()))
+        .retry(write_retry())
+        .when(|e| e.is_transient() && !stop.lost.is_cancelled())
+        .await
 }
 
 fn progress_from_totals(t: Totals, before: Progress, outcome: &Final) -> Progress {
