@@ -111,6 +111,7 @@ struct RawImport {
     max_file_bytes: u64,
     max_rows: u64,
     max_field_chars: usize,
+    max_new_stages: usize,
     number_locale: String,
     date_order: String,
     progress_interval_ms: u64,
@@ -295,6 +296,8 @@ pub struct ImportSettings {
     pub max_rows: Option<u64>,
     /// Longest accepted field value, in characters.
     pub max_field_chars: usize,
+    /// New pipeline stages one import may create.
+    pub max_new_stages: usize,
     /// Decimal separator of `value`.
     pub number_locale: NumberLocale,
     /// Day/month order of numeric dates.
@@ -450,6 +453,10 @@ impl Settings {
         if raw.import.max_field_chars == 0 {
             return Err(invalid("import.max_field_chars", "must be at least 1"));
         }
+        if !(1..=1000).contains(&raw.import.max_new_stages) {
+            // Their labels are listed on the queue document.
+            return Err(invalid("import.max_new_stages", "must be from 1 to 1000"));
+        }
         let number_locale = match raw.import.number_locale.as_str() {
             "dot" => NumberLocale::Dot,
             "comma" => NumberLocale::Comma,
@@ -572,6 +579,7 @@ impl Settings {
                 max_file_bytes: nonzero(raw.import.max_file_bytes),
                 max_rows: nonzero(raw.import.max_rows),
                 max_field_chars: raw.import.max_field_chars,
+                max_new_stages: raw.import.max_new_stages,
                 number_locale,
                 date_order,
                 progress_interval: Duration::from_millis(raw.import.progress_interval_ms),
@@ -649,6 +657,7 @@ contact_cache = {contact_cache}
 max_file_bytes = {max_file_bytes}
 max_rows = {max_rows}
 max_field_chars = {max_field_chars}
+max_new_stages = {max_new_stages}
 number_locale = "{number_locale}"
 date_order = "{date_order}"
 progress_interval_ms = {progress_ms}
@@ -708,6 +717,7 @@ filter = "{log_filter}"
             max_file_bytes = opt(self.import.max_file_bytes),
             max_rows = opt(self.import.max_rows),
             max_field_chars = self.import.max_field_chars,
+            max_new_stages = self.import.max_new_stages,
             number_locale = match self.import.number_locale {
                 NumberLocale::Dot => "dot",
                 NumberLocale::Comma => "comma",

@@ -656,7 +656,14 @@ async fn import(
             run.drive(tracker, source, map, writers, &mut sink).await?;
             if !sink.stages.created().is_empty() {
                 lease
-                    .set_fields(doc! { "stages_created": sink.stages.created().to_vec() })
+                    // At most `max_new_stages` labels, each cut short:
+                    // far below 16 MB.
+                    .set_fields(doc! { "stages_created": sink
+                    .stages
+                    .created()
+                    .iter()
+                    .map(|l| crate::domain::truncate_value(l))
+                    .collect::<Vec<_>>() })
                     .await?;
             }
         }
@@ -831,6 +838,7 @@ impl DealSink {
             pipeline_id,
             spec.user_id,
             spec.queue_id,
+            svc.settings.import.max_new_stages,
         )
         .await?;
         let names = match spec.duplicate_strategy {
@@ -1311,7 +1319,18 @@ async fn prepare(
                     continue;
                 }
                 let stage_id = match &deal.stage {
-                    Some(stage) => Some(resolve_stage(stages, stage).await?),
+                    Some(stage) => match resolve_stage(stages, stage).await? {
+                        Ok(id) => Some(id),
+                        Err(limit) => {
+                            // Not created: later rows of its name must not
+                            // match it.
+                            if let Some(names) = dedupe.names.as_mut() {
+                                names.forget(deal.line, &deal.name);
+                            }
+                            failed.push(stage_limit_row(&mut deal, limit));
+                            continue;
+                        }
+                    },
                     None => None,
                 };
                 if let Some(id) = existing {
@@ -1358,14 +1377,16 @@ fn contact_of(deal: &mut MappedDeal) -> Option<Contact> {
     Some((email, deal.contact_name.take()))
 }
 
+/// The stage's id, or `Err(limit)` if it would be one new stage too many.
 async fn resolve_stage(
     stages: &mut StageCache,
     stage: &crate::map::StageName,
-) -> Result<ObjectId, Abort> {
+) -> Result<Result<ObjectId, usize>, Abort> {
     let mut delays = write_retry().build();
     loop {
         match stages.resolve(stage).await {
-            Ok(id) => return Ok(id),
+            Ok(id) => return Ok(Ok(id)),
+            Err(crate::stages::Error::Limit(limit)) => return Ok(Err(limit)),
             Err(e) if e.is_transient() => match delays.next() {
                 Some(d) => {
                     warn!(error = %error_chain(&e), "Stage lookup failed; retrying");
@@ -1375,6 +1396,28 @@ async fn resolve_stage(
             },
             Err(e) => return Err(Abort::Transient(error_chain(&e))),
         }
+    }
+}
+
+/// The failed line of a deal whose stage would be new past the import's
+/// limit of `limit` new stages.
+fn stage_limit_row(deal: &mut MappedDeal, limit: usize) -> FailedRow {
+    FailedRow {
+        error: crate::domain::RowError {
+            line: deal.line,
+            code: crate::domain::RowCode::TooManyStages,
+            field: Some("stage_id".into()),
+            value: deal
+                .stage
+                .as_ref()
+                .map(|s| crate::domain::truncate_value(&s.label)),
+            message: format!(
+                "Not imported: its stage would be new, and this import already created \
+                 {limit} stages, as many as one import may. Is the right column mapped to \
+                 the stage?"
+            ),
+        },
+        cells: std::mem::take(&mut deal.raw).to_cells(),
     }
 }
 

@@ -401,6 +401,8 @@ pub enum RowCode {
     WriteRejected,
     /// importd failed on the line (a bug, reported in its log).
     Internal,
+    /// The row's stage would be new past `import.max_new_stages`.
+    TooManyStages,
 }
 
 impl RowCode {
@@ -415,6 +417,7 @@ impl RowCode {
             Self::FieldCount => "field_count",
             Self::WriteRejected => "write_rejected",
             Self::Internal => "internal",
+            Self::TooManyStages => "too_many_stages",
         }
     }
 }

@@ -32,6 +32,9 @@ pub enum Error {
     /// name is a CSV value: kept out of the message, which is logged).
     #[error("a stage could be neither created nor found")]
     Vanished,
+    /// The import created as many stages as it may.
+    #[error("the import created {0} stages, as many as one import may")]
+    Limit(usize),
 }
 
 impl Error {
@@ -40,6 +43,7 @@ impl Error {
         match self {
             Self::Mongo(e) => crate::db::is_transient(e),
             Self::Vanished => true,
+            Self::Limit(_) => false,
         }
     }
 }
@@ -57,6 +61,7 @@ pub struct StageCache {
     by_key: HashMap<String, ObjectId>,
     next_order: i64,
     created: Vec<String>,
+    limit: usize,
 }
 
 fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
@@ -77,14 +82,15 @@ pub fn created_by(d: &Document, queue_id: ObjectId) -> bool {
 
 impl StageCache {
     /// Loads the pipeline's existing stages, for import `queue_id` of
-    /// `user_id` (stages an earlier run of the same import created count as
-    /// created by it).
+    /// `user_id`, which may create up to `limit` (stages an earlier run of
+    /// the same import created count as created by it).
     pub async fn load(
         db: &Database,
         account_id: ObjectId,
         pipeline_id: ObjectId,
         user_id: ObjectId,
         queue_id: ObjectId,
+        limit: usize,
     ) -> Result<Self> {
         let coll = db.collection::<Document>(collections::PIPELINE_STAGES);
         let mut cursor = coll
@@ -119,6 +125,7 @@ impl StageCache {
             by_key,
             next_order: max_order + 1,
             created,
+            limit,
         })
     }
 
@@ -127,10 +134,16 @@ impl StageCache {
         &self.created
     }
 
-    /// The id of the stage `stage`, creating it if the pipeline lacks it.
+    /// The id of the stage `stage`, creating it if the pipeline lacks it
+    /// (and the import has not created `limit` stages yet: the same rows
+    /// reach the limit in every run, each run counting what earlier ones
+    /// created).
     pub async fn resolve(&mut self, stage: &StageName) -> Result<ObjectId> {
         if let Some(id) = self.by_key.get(&stage.key) {
             return Ok(*id);
+        }
+        if self.created.len() >= self.limit {
+            return Err(Error::Limit(self.limit));
         }
         let new_id = ObjectId::new();
         let insert = self

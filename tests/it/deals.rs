@@ -183,7 +183,7 @@ async fn racing_on_one_new_stage_creates_it_once() {
         let db = importd::db::connect(&app.settings().mongodb).await.unwrap();
         let (a, p, u) = (app.account_id, app.pipeline_id, app.user_id);
         tasks.push(tokio::spawn(async move {
-            let mut cache = StageCache::load(&db, a, p, u, ObjectId::new())
+            let mut cache = StageCache::load(&db, a, p, u, ObjectId::new(), 100)
                 .await
                 .unwrap();
             let label = if i % 2 == 0 {
@@ -922,5 +922,52 @@ async fn rows_of_empty_cells_are_not_rows_and_huge_rows_cut_batches_early() {
             .await,
         2
     );
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_past_the_new_stage_limit_fail_and_name_the_limit() {
+    let mut settings = crate::helpers::test_settings();
+    settings.import.max_new_stages = 2;
+    let mut app = TestApp::with_settings(settings).await;
+    app.coll(collections::PIPELINE_STAGES)
+        .insert_one(doc! { "account_id": app.account_id, "pipeline_id": app.pipeline_id, "name": "won", "label": "Won", "order": 1 })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    // Under `skip`, a row repeating the name of a row that failed on its
+    // stage creates the deal (nothing was created to be a duplicate of).
+    let csv = "Name,Stage\nA,Lead\nB,Demo\nC,Trial\nD,lead\nE,Won\nC,Lead\nF,Other\n";
+    let id = app
+        .enqueue_with(
+            "stages.csv",
+            csv.as_bytes(),
+            &[("Name", "name"), ("Stage", "stage_id")],
+            doc! { "additional_data": { "pipeline_id": app.pipeline_id, "duplicate_strategy": "skip" } },
+        )
+        .await;
+    let q = app.wait_completed(id, LONG).await;
+    assert_eq!(get_i64(&q, "progress.imported_rows"), 5, "{q}");
+    assert_eq!(get_i64(&q, "progress.failed_rows"), 2, "{q}");
+    assert_eq!(
+        q.get_array("stages_created").unwrap(),
+        &vec![Bson::String("Lead".into()), Bson::String("Demo".into())]
+    );
+    for line in [4, 8] {
+        match outcomes::line_outcome(&app.db, id, line).await.unwrap() {
+            Some(LineOutcome::Failed(e)) => {
+                assert_eq!(e.code.as_str(), "too_many_stages", "{e:?}");
+                assert!(e.message.contains("already created 2 stages"), "{e:?}");
+            }
+            other => panic!("line {line}: {other:?}"),
+        }
+    }
+    let stages = app
+        .count(
+            collections::PIPELINE_STAGES,
+            doc! { "pipeline_id": app.pipeline_id },
+        )
+        .await;
+    assert_eq!(stages, 3);
     app.cleanup().await;
 }
