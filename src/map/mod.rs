@@ -304,9 +304,10 @@ impl Plan {
         rules: Rules,
     ) -> Result<Self, FileError> {
         let invalid = |m: String| Err(FileError::MappingInvalid(m));
-        let mut by_key: HashMap<String, usize> = HashMap::new();
+        // Per loose key: the first column, and how many share the key.
+        let mut by_key: HashMap<String, (usize, usize)> = HashMap::new();
         for (i, h) in headers.iter().enumerate() {
-            by_key.entry(header_key(h)).or_insert(i);
+            by_key.entry(header_key(h)).or_insert((i, 0)).1 += 1;
         }
         let mut columns = Vec::with_capacity(mappings.len());
         let mut seen_targets: HashMap<String, &str> = HashMap::new();
@@ -344,13 +345,24 @@ impl Plan {
                     target.name()
                 ));
             }
-            let index = headers
-                .iter()
-                .position(|h| h == header)
-                .or_else(|| by_key.get(&header_key(header)).copied());
-            let Some(index) = index else {
-                return invalid(format!("the file has no column \"{header}\""));
+            // Exact match first, then case/space-insensitive; a mapped
+            // header that names two columns either way cannot be told apart.
+            let exact: Vec<usize> = (0..headers.len())
+                .filter(|&i| headers[i] == *header)
+                .collect();
+            let (index, count) = match exact.as_slice() {
+                [] => match by_key.get(&header_key(header)) {
+                    Some(&(index, count)) => (index, count),
+                    None => return invalid(format!("the file has no column \"{header}\"")),
+                },
+                [index, ..] => (*index, exact.len()),
             };
+            if count > 1 {
+                return invalid(format!(
+                    "the file has {count} columns named \"{header}\" (or spelled alike), so the \
+                     mapping cannot tell which to import; rename them apart"
+                ));
+            }
             columns.push(Column {
                 index,
                 header: headers[index].clone(),
@@ -813,6 +825,25 @@ mod tests {
             assert_eq!(e.code(), "mapping_invalid", "{target}");
             assert!(e.to_string().contains("\"B\""), "{e}");
         }
+    }
+
+    #[test]
+    fn a_mapped_header_naming_two_columns_is_refused() {
+        let plan = |h: &[&str], m: &str| {
+            Plan::new(
+                RecordKind::Deals,
+                &headers(h),
+                &mapping(&[(m, "name")]),
+                rules(),
+            )
+        };
+        let e = plan(&["Name", "Email", "Name"], "Name").unwrap_err();
+        assert_eq!(e.code(), "mapping_invalid");
+        assert!(e.to_string().contains("2 columns named \"Name\""), "{e}");
+        assert!(plan(&["name", "NAME"], "Name").is_err());
+        // An exact match decides; duplicates nobody maps do not matter.
+        let p = plan(&["Name", "NAME", "x", "x"], "NAME").unwrap();
+        assert_eq!(p.map_deal(2, &["a", "b", "", ""][..]).unwrap().name, "b");
     }
 
     #[test]
