@@ -18,7 +18,7 @@ use crate::domain::{
 
 mod values;
 
-pub use values::{parse_date, parse_number, valid_email};
+pub use values::{normalise_email, parse_date, parse_number, valid_email};
 
 /// Targets that are never accepted, even though they are plain names: the
 /// daemon owns them, and a CSV must not set them.
@@ -658,8 +658,9 @@ impl Plan {
 
 /// An email cell, validated and lower-cased.
 fn checked_email(col: &Column, value: &str) -> Result<String, CellError> {
-    if valid_email(value) {
-        Ok(value.to_lowercase())
+    let email = normalise_email(value);
+    if valid_email(&email) {
+        Ok(email)
     } else {
         Err((
             RowCode::InvalidEmail,

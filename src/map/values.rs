@@ -328,6 +328,18 @@ fn is_weekday(t: &str) -> bool {
     }
 }
 
+/// An email address as stored and matched: Unicode NFKC (full-width
+/// `ｊｏｈｎ@ａｃｍｅ.ｃｏｍ` is `john@acme.com`, a decomposed `é` is one
+/// character), lower-cased.
+pub fn normalise_email(s: &str) -> String {
+    use unicode_normalization::UnicodeNormalization as _;
+    if s.is_ascii() {
+        // ASCII is its own NFKC.
+        return s.to_ascii_lowercase();
+    }
+    s.nfkc().collect::<String>().to_lowercase()
+}
+
 /// A practical email address check: `local@domain`, at most 254 bytes.
 /// The local part is RFC 5322 `atext` (letters, digits and
 /// ``!#$%&'*+/=?^_`{|}~-``, also non-ASCII letters) in dot-separated,
@@ -554,6 +566,16 @@ mod tests {
         ] {
             assert_eq!(parse_date(bad, DateOrder::Mdy), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn emails_normalise_to_one_spelling() {
+        assert_eq!(normalise_email("ｊｏｈｎ@ａｃｍｅ.ｃｏｍ"), "john@acme.com");
+        assert_eq!(normalise_email("John@ACME.com"), "john@acme.com");
+        let decomposed = "jose\u{301}@cafe\u{301}.fr";
+        assert!(!valid_email(decomposed));
+        assert_eq!(normalise_email(decomposed), "josé@café.fr");
+        assert!(valid_email(&normalise_email(decomposed)));
     }
 
     #[test]
