@@ -620,49 +620,116 @@ async fn peek(mut reader: BoxRead, limit: usize) -> Result<(Vec<u8>, BoxRead)> {
     Ok((buf, reader))
 }
 
+/// The candidate delimiters, in order of preference on a tie.
+const DELIMITERS: [u8; 4] = [b',', b';', b'\t', b'|'];
+
 /// End of the first line outside quotes (the index of its last terminator
 /// byte) and how it ends. A `\r` as the buffer's last byte is not yet an
-/// end: the next byte tells a lone `\r` from `\r\n`.
+/// end: the next byte tells a lone `\r` from `\r\n`. As the CSV reader
+/// has it, a quote opens a quoted field only at a field's start (the
+/// line's, or after a candidate delimiter): the `"` of `Screen 15"` is text.
 fn first_line_end(buf: &[u8]) -> Option<(usize, LineEnding)> {
     let mut quoted = false;
-    for (i, &b) in buf.iter().enumerate() {
-        match b {
-            b'"' => quoted = !quoted,
-            b'\n' if !quoted => return Some((i, LineEnding::Lf)),
-            b'\r' if !quoted => {
-                return match buf.get(i + 1) {
-                    Some(b'\n') => Some((i + 1, LineEnding::Lf)),
-                    Some(_) => Some((i, LineEnding::Cr)),
-                    None => None,
-                };
+    let mut at_start = true;
+    let mut i = 0;
+    while i < buf.len() {
+        let b = buf[i];
+        if quoted {
+            if b == b'"' {
+                // `""` inside quotes is a quote.
+                if buf.get(i + 1) == Some(&b'"') {
+                    i += 1;
+                } else {
+                    quoted = false;
+                }
             }
-            _ => {}
+        } else {
+            match b {
+                b'"' if at_start => quoted = true,
+                b'\n' => return Some((i, LineEnding::Lf)),
+                b'\r' => {
+                    return match buf.get(i + 1) {
+                        Some(b'\n') => Some((i + 1, LineEnding::Lf)),
+                        Some(_) => Some((i, LineEnding::Cr)),
+                        None => None,
+                    };
+                }
+                _ => {}
+            }
         }
+        at_start = !quoted && DELIMITERS.contains(&b);
+        i += 1;
     }
     None
 }
 
-/// The delimiter among `,` `;` tab `|` that occurs most often in the first
-/// line outside quotes; `,` when none does.
-pub fn detect_delimiter(head: &[u8]) -> u8 {
-    let line = &head[..first_line_end(head).map_or(head.len(), |(i, _)| i)];
-    let candidates = [b',', b';', b'\t', b'|'];
-    let mut counts = [0usize; 4];
-    let mut quoted = false;
-    for &b in line {
-        if b == b'"' {
-            quoted = !quoted;
-        } else if !quoted && let Some(i) = candidates.iter().position(|&c| c == b) {
-            counts[i] += 1;
+/// Field counts of the first `max` lines of `buf` read with `delimiter`
+/// (line ends `\n`, `\r\n` or `\r`; a quote opens a quoted field only at a
+/// field's start); a last line without its end counts too.
+fn field_counts(buf: &[u8], delimiter: u8, max: usize) -> Vec<usize> {
+    let mut counts = Vec::new();
+    let (mut fields, mut quoted, mut at_start, mut empty) = (1, false, true, true);
+    let mut i = 0;
+    while i < buf.len() && counts.len() < max {
+        let b = buf[i];
+        i += 1;
+        empty = false;
+        if quoted {
+            if b == b'"' {
+                if buf.get(i) == Some(&b'"') {
+                    i += 1;
+                } else {
+                    quoted = false;
+                }
+            }
+            continue;
         }
+        at_start = match b {
+            b'"' if at_start => {
+                quoted = true;
+                false
+            }
+            b'\n' | b'\r' => {
+                if b == b'\r' && buf.get(i) == Some(&b'\n') {
+                    i += 1;
+                }
+                counts.push(fields);
+                (fields, empty) = (1, true);
+                true
+            }
+            _ if b == delimiter => {
+                fields += 1;
+                true
+            }
+            _ => false,
+        };
     }
-    let (best, n) = counts
+    if !empty && counts.len() < max {
+        counts.push(fields);
+    }
+    counts
+}
+
+/// The delimiter among `,` `;` tab `|` of the header line (`,` when none
+/// splits it): the one whose next lines (those in `head`) most often have
+/// as many fields as the header, then the one splitting the header most,
+/// then the earlier in that list. So `Deal;Amount (EUR, net)` over `A;5`
+/// rows is `;`-separated, and a stray quote inside a field (`Size 5"`)
+/// hides nothing.
+pub fn detect_delimiter(head: &[u8]) -> u8 {
+    DELIMITERS
         .iter()
         .enumerate()
-        .max_by_key(|&(i, n)| (*n, std::cmp::Reverse(i)))
-        .map(|(i, n)| (candidates[i], *n))
-        .unwrap_or((b',', 0));
-    if n == 0 { b',' } else { best }
+        .filter_map(|(i, &d)| {
+            let counts = field_counts(head, d, 11);
+            let header = *counts.first()?;
+            let consistent = counts[1..].iter().filter(|&&n| n == header).count();
+            // A delimiter absent from the header only serves a one-column
+            // file (the one most rows agree with).
+            Some(((header > 1, consistent, header, std::cmp::Reverse(i)), d))
+        })
+        .max_by_key(|(key, _)| *key)
+        .map_or(b',', |(_, d)| d)
 }
 
 /// NUL bytes or a known binary signature in the first bytes.
@@ -1126,6 +1193,37 @@ mod tests {
         assert_eq!(detect_delimiter(b"a|b|c\n1,2"), b'|');
         assert_eq!(detect_delimiter(b"single\n"), b',');
         assert_eq!(detect_delimiter(b"a\tb\n"), b'\t');
+    }
+
+    #[test]
+    fn delimiter_follows_the_rows_and_the_readers_quote_rule() {
+        // A stray quote inside a field is text, as the reader has it.
+        assert_eq!(detect_delimiter(b"Screen 15\";Name;Price\nA;B;1,5\n"), b';');
+        assert_eq!(
+            first_line_end(b"Size 5\",v\rA,1\rB,2\r"),
+            Some((9, LineEnding::Cr))
+        );
+        let csv = b"Screen 15\";Name;Price\rA;B;1,5\r".to_vec();
+        let (h, rows) = rt().block_on(read_all(csv)).unwrap();
+        assert_eq!(h, vec!["Screen 15\"", "Name", "Price"]);
+        assert_eq!(rows, vec![(2, vec!["A".into(), "B".into(), "1,5".into()])]);
+        // A tie in the header is broken by the rows below it.
+        assert_eq!(
+            detect_delimiter(b"Deal;Amount (EUR, net)\nA;5\nB;6\n"),
+            b';'
+        );
+        assert_eq!(
+            detect_delimiter(b"Deal;Amount (EUR, net, gross)\nA;5\nB;6\n"),
+            b';'
+        );
+        assert_eq!(detect_delimiter(b"a,b;c\n1,2;3\n"), b',');
+        // A one-column file: the delimiter its rows do not contain.
+        assert_eq!(detect_delimiter(b"Name\nAcme, Inc\nFoo, Ltd\n"), b';');
+        // Quoted fields, `""` escapes and line breaks inside quotes.
+        assert_eq!(
+            detect_delimiter(b"\"a \"\"x\"\", b\"|c\n\"1\n2\"|3\n4|5\n"),
+            b'|'
+        );
     }
 
     #[test]
