@@ -124,6 +124,7 @@ struct RawNotify {
     retry_min_delay_ms: u64,
     retry_max_delay_ms: u64,
     redeliver_after_seconds: u64,
+    rescue_grace_seconds: u64,
     max_rounds: u32,
 }
 
@@ -321,6 +322,8 @@ pub struct NotifySettings {
     pub redeliver_after: Duration,
     /// Rounds before the failure is final.
     pub max_rounds: u32,
+    /// Wait before a round whose sender went quiet is claimed again.
+    pub rescue_grace: Duration,
 }
 
 /// HTTP listener.
@@ -590,6 +593,7 @@ impl Settings {
                 retry_min_delay: Duration::from_millis(raw.notify.retry_min_delay_ms),
                 retry_max_delay: Duration::from_millis(raw.notify.retry_max_delay_ms),
                 redeliver_after: Duration::from_secs(raw.notify.redeliver_after_seconds),
+                rescue_grace: Duration::from_secs(raw.notify.rescue_grace_seconds),
                 max_rounds: raw.notify.max_rounds.max(1),
             },
             http: HttpSettings {
@@ -669,6 +673,7 @@ retry_min_delay_ms = {n_min}
 retry_max_delay_ms = {n_max}
 redeliver_after_seconds = {n_redeliver}
 max_rounds = {n_rounds}
+rescue_grace_seconds = {n_grace}
 
 [http]
 enabled = {http_enabled}
@@ -732,6 +737,7 @@ filter = "{log_filter}"
             n_min = self.notify.retry_min_delay.as_millis(),
             n_max = self.notify.retry_max_delay.as_millis(),
             n_redeliver = self.notify.redeliver_after.as_secs(),
+            n_grace = self.notify.rescue_grace.as_secs(),
             n_rounds = self.notify.max_rounds,
             http_enabled = self.http.enabled,
             http_bind = self.http.bind,

@@ -326,8 +326,12 @@ impl Claimer {
     }
 
     /// Moves `processing` imports whose lease expired back to `pending`, so
-    /// the next claim (by any daemon) takes them. Returns how many.
-    pub async fn rescue_expired(&self) -> Result<u64> {
+    /// the next claim (by any daemon) takes them, and does the same for
+    /// delivery rounds whose sender went quiet: due again after `grace`
+    /// (time for a sender cut off from the database after its delivery to
+    /// record `sent`), or `failed` once `max_rounds` rounds were tried.
+    /// Returns how many imports.
+    pub async fn rescue_expired(&self, max_rounds: u32, grace: Duration) -> Result<u64> {
         let now = DateTime::now();
         let r = self
             .queues
@@ -359,12 +363,37 @@ impl Claimer {
             // The next rescue tick retries; the rounds below still run.
             tracing::warn!(error = %e, "Could not clear the backoff of cancelled imports");
         }
-        // A delivery whose sender died goes back to pending.
         for channel in [Channel::Email, Channel::Webhook, Channel::UndoEmail] {
+            let quiet = |last: bool| {
+                doc! {
+                    channel.key("state"): "sending",
+                    channel.key("expires_at"): { "$lt": now },
+                    channel.key("rounds"): { if last { "$gte" } else { "$lt" }: i64::from(max_rounds) },
+                }
+            };
             self.queues
                 .update_many(
-                    doc! { channel.key("state"): "sending", channel.key("expires_at"): { "$lt": now } },
-                    doc! { "$set": { channel.key("state"): "pending" } },
+                    quiet(true),
+                    doc! {
+                        "$set": {
+                            channel.key("state"): "failed",
+                            channel.key("error"): "its last round's sender stopped before recording the result",
+                            channel.key("failed_at"): now,
+                        },
+                        "$unset": { channel.key("owner"): "", channel.key("expires_at"): "" },
+                    },
+                )
+                .await?;
+            self.queues
+                .update_many(
+                    quiet(false),
+                    doc! {
+                        "$set": {
+                            channel.key("state"): "pending",
+                            channel.key("next_attempt_at"): after(now, grace),
+                        },
+                        "$unset": { channel.key("owner"): "" },
+                    },
                 )
                 .await?;
         }
@@ -589,7 +618,9 @@ impl Channel {
 /// restart never deliver twice. A daemon that dies while `sending` leaves
 /// a lease that [`Claimer::rescue_expired`] turns back into `pending`: after
 /// a crash in the instant between the receiver's acceptance and the `sent`
-/// write, a second delivery is possible; a lost one is not.
+/// write, a second delivery is possible; a lost one is not. A sender that
+/// delivered but lost the database keeps trying to record it
+/// ([`Claimer::record_delivered`]) past its lease and the rescue's grace.
 impl Claimer {
     /// Takes the delivery on `channel` of `queue_id` (or of any final import
     /// whose delivery is due) for sending; the document returned carries the
@@ -651,6 +682,41 @@ impl Claimer {
             .update_one(
                 self.round_guard(channel, queue_id, round),
                 doc! { "$set": { channel.key("expires_at"): now_plus(lease) } },
+            )
+            .await?;
+        Ok(r.matched_count == 1)
+    }
+
+    /// Records that round `round` delivered, even after its lease ran out
+    /// (a sender cut off from the database while it delivered): as long as
+    /// no later round was claimed, the delivery stands, so no second one
+    /// follows. Returns false when a later round was claimed.
+    pub async fn record_delivered(
+        &self,
+        channel: Channel,
+        queue_id: ObjectId,
+        round: i64,
+        fields: Document,
+    ) -> Result<bool> {
+        let mut set =
+            doc! { channel.key("state"): "sent", channel.key("updated_at"): DateTime::now() };
+        set.extend(fields);
+        let r = self
+            .queues
+            .update_one(
+                doc! {
+                    "_id": queue_id,
+                    channel.key("rounds"): round,
+                    channel.key("state"): { "$in": ["sending", "pending"] },
+                },
+                doc! {
+                    "$set": set,
+                    "$unset": {
+                        channel.key("owner"): "",
+                        channel.key("expires_at"): "",
+                        channel.key("next_attempt_at"): "",
+                    },
+                },
             )
             .await?;
         Ok(r.matched_count == 1)

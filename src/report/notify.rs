@@ -264,6 +264,11 @@ impl Notifier {
         state: &str,
         fields: Document,
     ) -> bool {
+        if state == "sent" {
+            return self
+                .record_delivered(channel, queue_id, round, fields)
+                .await;
+        }
         let record = (|| {
             self.claimer
                 .finish_notification(channel, queue_id, round, state, fields.clone())
@@ -294,6 +299,51 @@ impl Notifier {
             },
             () = self.hold_round(channel, queue_id, round) => {
                 warn!(channel = channel.field(), "Round lease lost while recording");
+                false
+            }
+        }
+    }
+
+    /// Records a delivery that happened. Not bound to the round's lease: a
+    /// database outage that outlasts it must not make the rescue's next
+    /// round deliver again, so this keeps trying for minutes (the rescue
+    /// holds the round back for its grace after each expiry) and succeeds
+    /// unless a later round was claimed meanwhile.
+    async fn record_delivered(
+        &self,
+        channel: Channel,
+        queue_id: ObjectId,
+        round: i64,
+        fields: Document,
+    ) -> bool {
+        let recorded = (|| {
+            self.claimer
+                .record_delivered(channel, queue_id, round, fields.clone())
+        })
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(5))
+                .with_max_times(60)
+                .with_jitter(),
+        )
+        .when(crate::claim::Error::is_transient)
+        .notify(|e, _| warn!(error = %error_chain(e), "Recording the delivery failed; retrying"))
+        .await;
+        match recorded {
+            Ok(true) => {
+                info!(channel = channel.field(), state = "sent", "Round ended");
+                true
+            }
+            Ok(false) => {
+                warn!(
+                    channel = channel.field(),
+                    "A later round was claimed; delivered twice"
+                );
+                false
+            }
+            Err(e) => {
+                warn!(channel = channel.field(), error = %error_chain(&e), "Could not record the delivery; it may be redone");
                 false
             }
         }

@@ -80,7 +80,10 @@ async fn racing_claimers_claim_each_document_once_and_only_expired_leases_again(
     d.insert("lease", doc! { "owner": "someone", "expires_at": future });
     app.queues().insert_one(d).await.unwrap();
 
-    assert_eq!(claimers[0].rescue_expired().await.unwrap(), 1);
+    assert_eq!(
+        claimers[0].rescue_expired(6, Duration::ZERO).await.unwrap(),
+        1
+    );
     let mut reclaimed = Vec::new();
     for c in &claimers {
         while let Some(job) = c.claim_next().await.unwrap() {
@@ -121,7 +124,7 @@ async fn a_stale_owner_is_fenced_off() {
         )
         .await
         .unwrap();
-    a.rescue_expired().await.unwrap();
+    a.rescue_expired(6, Duration::ZERO).await.unwrap();
     let second = b.claim_next().await.unwrap().unwrap();
     assert_eq!(second.lease.attempt, 2);
     for result in [
@@ -266,5 +269,100 @@ async fn a_daemon_claims_within_a_tick_and_ends_bad_requests_failed() {
         "invalid_queue_document"
     );
     assert!(!q.get_bool("in_progress").unwrap());
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_quiet_delivery_round_waits_out_the_grace_or_fails_at_the_last_round_and_a_late_sent_stands()
+ {
+    let app = TestApp::new().await;
+    let claimer = Claimer::new(&app.db, "a", Duration::from_secs(60));
+    let past = DateTime::from_millis(0);
+    let round = |rounds: i64| {
+        let id = ObjectId::new();
+        let d = doc! {
+            "_id": id, "source": "deals", "status": "completed",
+            "notify": { "state": "sending", "owner": "gone", "expires_at": past, "rounds": rounds },
+        };
+        (id, d)
+    };
+    let (early, early_doc) = round(2);
+    let (last, last_doc) = round(6);
+    app.queues()
+        .insert_many([early_doc, last_doc])
+        .await
+        .unwrap();
+    let before = DateTime::now().timestamp_millis();
+    claimer
+        .rescue_expired(6, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let n = app
+        .queue(early)
+        .await
+        .get_document("notify")
+        .unwrap()
+        .clone();
+    assert_eq!(n.get_str("state"), Ok("pending"), "{n}");
+    let due = n
+        .get_datetime("next_attempt_at")
+        .unwrap()
+        .timestamp_millis()
+        - before;
+    assert!((29_000..=32_000).contains(&due), "{due}");
+    // Not claimable during the grace...
+    let claimed = claimer
+        .claim_notification(claim::Channel::Email, Some(early), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(claimed.is_none());
+    // ... in which the sender that delivered records it after all.
+    assert!(
+        claimer
+            .record_delivered(
+                claim::Channel::Email,
+                early,
+                2,
+                doc! { "notify.to": "x@y.z" }
+            )
+            .await
+            .unwrap()
+    );
+    let n = app
+        .queue(early)
+        .await
+        .get_document("notify")
+        .unwrap()
+        .clone();
+    assert_eq!(n.get_str("state"), Ok("sent"), "{n}");
+    assert!(!n.contains_key("next_attempt_at"), "{n}");
+    // A later round, once claimed, fences off the late record.
+    let (later, mut later_doc) = round(3);
+    later_doc.insert(
+        "notify",
+        doc! { "state": "sending", "owner": "b", "rounds": 3_i64 },
+    );
+    app.queues().insert_one(later_doc).await.unwrap();
+    assert!(
+        !claimer
+            .record_delivered(claim::Channel::Email, later, 2, doc! {})
+            .await
+            .unwrap()
+    );
+    let n = app
+        .queue(later)
+        .await
+        .get_document("notify")
+        .unwrap()
+        .clone();
+    assert_eq!(n.get_str("state"), Ok("sending"), "{n}");
+    let n = app
+        .queue(last)
+        .await
+        .get_document("notify")
+        .unwrap()
+        .clone();
+    assert_eq!(n.get_str("state"), Ok("failed"), "{n}");
+    assert!(n.get_str("error").unwrap().contains("stopped"), "{n}");
     app.cleanup().await;
 }

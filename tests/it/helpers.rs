@@ -77,6 +77,7 @@ pub fn test_settings() -> Settings {
     s.scheduler.lease = Duration::from_secs(15);
     s.scheduler.rescue_interval = Duration::from_secs(1);
     s.import.progress_interval = Duration::from_millis(100);
+    s.notify.rescue_grace = Duration::from_secs(1);
     s
 }
 
