@@ -68,6 +68,15 @@ pub enum Error {
     Storage(#[from] crate::fetch::Error),
 }
 
+impl Error {
+    /// A permanent (5xx) answer of the SMTP server: retrying within the
+    /// round cannot help (later rounds still try: a fixed configuration, a
+    /// mailbox back).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Smtp(e) if e.is_permanent())
+    }
+}
+
 /// Sends email over the configured SMTP server.
 #[derive(Clone)]
 pub struct Mailer {
@@ -462,6 +471,7 @@ impl Notifier {
                 .send(to.clone(), &message_id, &subject, text.clone(), html.clone())
         })
         .retry(self.retry())
+        .when(|e| !e.is_permanent())
         .notify(|e, d| warn!(error = %error_chain(e), delay_ms = d.as_millis() as u64, "Sending the undo email failed; retrying"))
         .await?;
         info!("Undo email sent");
@@ -653,6 +663,7 @@ impl Notifier {
                 .send(to.clone(), &message_id, &subject, text.clone(), html.clone())
         })
             .retry(self.retry())
+            .when(|e| !e.is_permanent())
             .notify(|e, d| warn!(error = %error_chain(e), delay_ms = d.as_millis() as u64, "Sending the summary failed; retrying"))
             .await?;
         info!("Summary email sent");

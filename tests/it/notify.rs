@@ -458,3 +458,70 @@ async fn a_webhook_left_by_a_dead_daemon_is_posted_once_by_another() {
     assert!(smtp.messages().is_empty(), "no second email");
     app.cleanup().await;
 }
+
+/// A real SMTP server (aiosmtpd) that refuses every recipient with a
+/// permanent 550, logging each refusal to `refusals`.
+fn refusing_smtp(dir: &std::path::Path) -> (u16, std::process::Child) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        dir.join("refuse.py"),
+        format!(
+            "class Refuse:\n    async def handle_RCPT(self, server, session, envelope, address, options):\n        with open({:?}, 'a') as f:\n            f.write(address + '\\n')\n        return '550 5.1.1 No such user'\n",
+            dir.join("refusals").display().to_string()
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new("python3")
+        .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}")])
+        .args(["-c", "refuse.Refuse"])
+        .env("PYTHONPATH", dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("aiosmtpd (scripts/stack.sh installs it)");
+    (port, child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_smtp_refusal_is_tried_once_per_round_and_then_recorded_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, mut server) = refusing_smtp(dir.path());
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "aiosmtpd did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut settings = settings_with_smtp(port);
+    settings.notify.max_rounds = 2;
+    let mut app = TestApp::with_settings(settings).await;
+    app.spawn_daemon();
+    let id = app
+        .enqueue_csv("refused.csv", b"Name,Value,Note\nA,1,x\n", &MAPPING)
+        .await;
+    app.wait_completed(id, Duration::from_secs(30)).await;
+    let q = app
+        .wait_queue(id, Duration::from_secs(60), "with the email failed", |q| {
+            q.get_document("notify")
+                .is_ok_and(|n| n.get_str("state") == Ok("failed"))
+        })
+        .await;
+    let _ = server.kill();
+    let _ = server.wait();
+    let n = q.get_document("notify").unwrap();
+    assert!(n.get_str("error").unwrap().contains("550"), "{n}");
+    assert_eq!(q.get_str("status").unwrap(), "completed");
+    // One try per round (no retries within a round on a 5xx), two rounds.
+    let refusals = std::fs::read_to_string(dir.path().join("refusals")).unwrap();
+    assert_eq!(refusals.lines().count(), 2, "{refusals}");
+    app.cleanup().await;
+}
