@@ -274,7 +274,15 @@ pub async fn run(svc: &Services, job: ClaimedJob, shutdown: CancellationToken) -
         // written; what earlier attempts imported is reported.
         _ if job.doc.get_bool("cancel_requested") == Ok(true) => Err(Abort::Cancelled),
         _ if counted_attempts(&job.doc, lease.attempt) > i64::from(max_attempts) => {
-            Err(Abort::File(FileError::TooManyAttempts(max_attempts)))
+            Err(Abort::File(FileError::TooManyAttempts {
+                attempts: max_attempts,
+                last_error: job
+                    .doc
+                    .get_document("last_error")
+                    .and_then(|e| e.get_str("message"))
+                    .ok()
+                    .map(str::to_owned),
+            }))
         }
         Ok(spec) => import(svc, &lease, spec, &mut tracker, &stop).await,
         Err(e) => Err(Abort::File(e.clone())),
@@ -326,9 +334,9 @@ async fn conclude(
             if let Abort::Transient(e) = &reason {
                 warn!(error = %e, "Import paused on a transient error; releasing the lease");
             }
-            let why = match reason {
-                Abort::Shutdown => Release::Shutdown,
-                _ => Release::Trouble,
+            let why = match &reason {
+                Abort::Transient(e) => Release::Trouble(e),
+                _ => Release::Shutdown,
             };
             return match lease
                 .release(tracker.progress, tracker.checkpoint, why)
@@ -349,9 +357,11 @@ async fn conclude(
         Err(e) => {
             // The final write itself failed: give the import back so the
             // next attempt completes it (its lines are all idempotent).
-            warn!(error = %error_chain(&e), "Could not store the final state; releasing");
+            let e = error_chain(&e);
+            warn!(error = %e, "Could not store the final state; releasing");
+            let why = Release::Trouble(&e);
             let _ = lease
-                .release(tracker.progress, tracker.checkpoint, Release::Trouble)
+                .release(tracker.progress, tracker.checkpoint, why)
                 .await;
             RunEnd::Released
         }

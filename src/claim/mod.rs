@@ -483,7 +483,11 @@ impl Lease {
             "notify.state": "pending",
         };
         if let Final::Failed(e) = outcome {
-            set.insert("error", doc! { "code": e.code(), "message": e.to_string() });
+            let mut error = doc! { "code": e.code(), "message": e.to_string() };
+            if let Some(detail) = e.detail() {
+                error.insert("detail", detail);
+            }
+            set.insert("error", error);
         }
         set.extend(extra);
         let r = self
@@ -509,7 +513,7 @@ impl Lease {
         &self,
         progress: Progress,
         checkpoint: Checkpoint,
-        why: Release,
+        why: Release<'_>,
     ) -> Result<()> {
         let now = DateTime::now();
         let mut set = doc! {
@@ -521,8 +525,12 @@ impl Lease {
         };
         let mut unset = doc! { "lease": "" };
         match why {
-            Release::Trouble => {
+            Release::Trouble(error) => {
                 set.insert("retry_at", after(now, retry_delay(self.attempt)));
+                set.insert(
+                    "last_error",
+                    doc! { "message": error, "at": now, "attempt": self.attempt },
+                );
             }
             Release::Shutdown => {
                 unset.insert("retry_at", "");
@@ -548,13 +556,14 @@ impl Lease {
 
 /// Why a lease is given back before the import is final.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Release {
+pub enum Release<'a> {
     /// The daemon is stopping: not the import's fault, not counted towards
     /// `scheduler.max_attempts`, claimable at once.
     Shutdown,
-    /// Trouble that outlasted the retries (an outage): claimable again
-    /// after [`retry_delay`].
-    Trouble,
+    /// Trouble that outlasted the retries (an outage), described for
+    /// support (stored as `last_error`; never a cell value): claimable
+    /// again after [`retry_delay`].
+    Trouble(&'a str),
 }
 
 /// How long an import released after trouble waits before its next claim:

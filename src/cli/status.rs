@@ -75,6 +75,21 @@ impl ImportStatus {
                 e.get_str("code").unwrap_or("?"),
                 e.get_str("message").unwrap_or("?")
             ));
+            if let Ok(detail) = e.get_str("detail") {
+                out.push_str(&format!("  cause:    {detail}\n"));
+            }
+        } else if let Ok(e) = q.get_document("last_error")
+            && q.get_str("status") == Ok("pending")
+        {
+            // Waiting for its next attempt after trouble.
+            out.push_str(&format!(
+                "  retrying: after {} (attempt {} ended: {})\n",
+                q.get_datetime("retry_at")
+                    .map_or_else(|_| "-".into(), |t| t.to_string()),
+                e.get("attempt")
+                    .map_or_else(|| "-".into(), |a| a.to_string()),
+                e.get_str("message").unwrap_or("?")
+            ));
         }
         match (q.get_bool("undo_requested"), q.get_document("undo")) {
             (_, Ok(u)) if u.get_datetime("finished_at").is_ok() => {

@@ -358,11 +358,28 @@ pub enum FileError {
     )]
     PipelineNotFound,
     /// Claimed too many times without finishing.
-    #[error("The import was interrupted {0} times and has been stopped. Please contact support.")]
-    TooManyAttempts(u32),
+    #[error(
+        "The import was interrupted {attempts} times and has been stopped. Please contact support."
+    )]
+    TooManyAttempts {
+        /// `scheduler.max_attempts`.
+        attempts: u32,
+        /// The trouble that ended the last attempt, if recorded (for
+        /// support: stored as `error.detail`).
+        last_error: Option<String>,
+    },
 }
 
 impl FileError {
+    /// What support needs beyond the customer's message, stored as
+    /// `error.detail`.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            Self::TooManyAttempts { last_error, .. } => last_error.as_deref(),
+            _ => None,
+        }
+    }
+
     /// Stable machine-readable code, stored as `error.code`.
     pub fn code(&self) -> &'static str {
         match self {
@@ -377,7 +394,7 @@ impl FileError {
             Self::TooManyRows { .. } | Self::TooManyRowsKept { .. } => "too_many_rows",
             Self::MappingInvalid(_) => "mapping_invalid",
             Self::PipelineNotFound => "pipeline_not_found",
-            Self::TooManyAttempts(_) => "too_many_attempts",
+            Self::TooManyAttempts { .. } => "too_many_attempts",
         }
     }
 }

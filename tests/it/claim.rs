@@ -143,7 +143,7 @@ async fn a_stale_owner_is_fenced_off() {
             .release(
                 Default::default(),
                 Default::default(),
-                claim::Release::Trouble,
+                claim::Release::Trouble("an outage"),
             )
             .await,
     ] {
@@ -200,10 +200,14 @@ async fn release_makes_the_import_claimable_at_once_with_its_checkpoint() {
     // has passed, so a few ticks of outage do not use up its attempts.
     again
         .lease
-        .release(Default::default(), cp, claim::Release::Trouble)
+        .release(Default::default(), cp, claim::Release::Trouble("an outage"))
         .await
         .unwrap();
     let q = app.queue(id).await;
+    assert_eq!(
+        q.get_document("last_error").unwrap().get_str("message"),
+        Ok("an outage")
+    );
     let wait = q.get_datetime("retry_at").unwrap().timestamp_millis()
         - q.get_datetime("released_at").unwrap().timestamp_millis();
     assert_eq!(wait, claim::retry_delay(2).as_millis() as i64, "{q}");

@@ -182,16 +182,27 @@ async fn an_import_claimed_too_often_fails_with_too_many_attempts() {
         .await;
     let max = i64::from(app.settings().scheduler.max_attempts);
     app.queues()
-        .update_one(doc! { "_id": id }, doc! { "$set": { "attempts": max } })
+        .update_one(
+            doc! { "_id": id },
+            doc! { "$set": {
+                "attempts": max,
+                // As the release after the last attempt's trouble left it.
+                "last_error": { "message": "object storage: HTTP 403", "attempt": max },
+            } },
+        )
         .await
         .unwrap();
     app.spawn_daemon();
     let q = app.wait_final(id, Duration::from_secs(30)).await;
     assert_eq!(q.get_str("status").unwrap(), "failed");
-    assert_eq!(
-        q.get_document("error").unwrap().get_str("code").unwrap(),
-        "too_many_attempts"
-    );
+    let e = q.get_document("error").unwrap();
+    assert_eq!(e.get_str("code").unwrap(), "too_many_attempts");
+    // Support sees the cause; the customer's message stays plain.
+    assert_eq!(e.get_str("detail").unwrap(), "object storage: HTTP 403");
+    assert!(!e.get_str("message").unwrap().contains("403"));
+    let (code, out, _) = app.cli(&["status", &id.to_hex()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("cause:    object storage: HTTP 403"), "{out}");
     assert_eq!(app.count(collections::DEALS, doc! {}).await, 0);
     app.cleanup().await;
 }
