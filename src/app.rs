@@ -102,7 +102,14 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     if let Some(http) = http {
         let _ = http.await;
     }
-    services.db.client().clone().shutdown().await;
+    // Not waiting on cursors of tasks the grace period gave up on.
+    services
+        .db
+        .client()
+        .clone()
+        .shutdown()
+        .immediate(true)
+        .await;
     info!("Stopped");
     Ok(())
 }

@@ -247,8 +247,10 @@ impl Daemon {
         info!(owner = self.owner(), tick = %settings.scheduler.tick, "Scheduler started");
         self.inner.shutdown.cancelled().await;
         info!("Shutting down: no more claims; finishing batches in flight");
-        sched.shutdown().await?;
+        // The imports in flight are drained whatever the scheduler says.
+        let stopped = sched.shutdown().await;
         self.drain(settings.scheduler.shutdown_grace).await;
+        stopped?;
         Ok(())
     }
 
