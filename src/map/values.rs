@@ -6,42 +6,51 @@ use crate::config::{DateOrder, NumberLocale};
 
 const CURRENCY: [char; 6] = ['$', '€', '£', '¥', '₹', '₽'];
 
-/// Parses an amount: `5000`, `5,000.50`, `$5,000`, `-1,234.5`, `(300)`,
-/// `300-`, and with the comma locale `5.000,50` or `€ 5.000`. Grouping
-/// separators must group by three; at most one sign (a leading or trailing
-/// minus, or accounting brackets); anything else (`1,2,3`, `12abc`, `1e5`,
-/// `--5`, `(-300)`) is `None`.
+/// Parses an amount: `5000`, `5,000.50`, `$5,000`, `-1,234.5`, `+5`,
+/// `−5` (Unicode minus), `(300)`, `300-`, `5 €`, and with the comma locale
+/// `5.000,50` or `€ 5.000`. Grouping separators (one kind per number) must
+/// group by three after a first group of 1-3 digits not starting with `0`;
+/// at most one currency symbol, before or after; at most one sign (a
+/// leading `+` or minus, a trailing minus, or accounting brackets);
+/// anything else (`1,2,3`, `0,500`, `1 000,000.5`, `$$5`, `12abc`, `1e5`,
+/// `--5`, `(-300)`) is `None`. `-0` is 0.
 pub fn parse_number(s: &str, locale: NumberLocale) -> Option<f64> {
+    const MINUS: [char; 2] = ['-', '\u{2212}'];
     let mut s = s.trim();
-    let mut signs = 0u32;
+    let (mut signs, mut negative, mut symbols) = (0u32, false, 0u32);
     if let Some(inner) = s.strip_prefix('(').and_then(|r| r.strip_suffix(')')) {
-        signs += 1;
+        (signs, negative) = (1, true);
         s = inner.trim();
     }
-    if let Some(rest) = s.strip_prefix('-') {
-        signs += 1;
-        s = rest.trim_start();
+    // Signs, then a currency symbol, then signs again, on either side:
+    // `-$5`, `$-5`, `$5-`, `5 €`.
+    for round in 0..3 {
+        if round == 1 {
+            if let Some(rest) = s.strip_prefix(CURRENCY) {
+                symbols += 1;
+                s = rest.trim_start();
+            }
+            if let Some(rest) = s.strip_suffix(CURRENCY) {
+                symbols += 1;
+                s = rest.trim_end();
+            }
+            continue;
+        }
+        if let Some(rest) = s.strip_prefix(MINUS) {
+            (signs, negative) = (signs + 1, true);
+            s = rest.trim_start();
+        } else if let Some(rest) = s.strip_prefix('+') {
+            signs += 1;
+            s = rest.trim_start();
+        }
+        if let Some(rest) = s.strip_suffix(MINUS) {
+            (signs, negative) = (signs + 1, true);
+            s = rest.trim_end();
+        }
     }
-    if let Some(rest) = s.strip_suffix('-') {
-        signs += 1;
-        s = rest.trim_end();
-    }
-    s = s
-        .trim_start_matches(CURRENCY)
-        .trim_end_matches(CURRENCY)
-        .trim();
-    if let Some(rest) = s.strip_prefix('-') {
-        signs += 1;
-        s = rest.trim_start();
-    }
-    if let Some(rest) = s.strip_suffix('-') {
-        signs += 1;
-        s = rest.trim_end();
-    }
-    if signs > 1 {
+    if signs > 1 || symbols > 1 {
         return None;
     }
-    let negative = signs == 1;
     let (group, decimal) = match locale {
         NumberLocale::Dot => (',', '.'),
         NumberLocale::Comma => ('.', ','),
@@ -56,6 +65,12 @@ pub fn parse_number(s: &str, locale: NumberLocale) -> Option<f64> {
         return None;
     }
     let is_group_sep = |c: char| c == group || c == ' ' || c == '\u{a0}' || c == '\u{202f}';
+    let mut separators = int_part.chars().filter(|&c| is_group_sep(c));
+    if let Some(first) = separators.next()
+        && separators.any(|c| c != first)
+    {
+        return None;
+    }
     let groups: Vec<&str> = int_part.split(is_group_sep).collect();
     if groups
         .iter()
@@ -64,7 +79,7 @@ pub fn parse_number(s: &str, locale: NumberLocale) -> Option<f64> {
         return None;
     }
     if groups.len() > 1 {
-        let first_ok = (1..=3).contains(&groups[0].len());
+        let first_ok = (1..=3).contains(&groups[0].len()) && !groups[0].starts_with('0');
         if !first_ok || groups[1..].iter().any(|g| g.len() != 3) {
             return None;
         }
@@ -78,7 +93,9 @@ pub fn parse_number(s: &str, locale: NumberLocale) -> Option<f64> {
         None => digits,
     };
     let n: f64 = text.parse().ok()?;
-    n.is_finite().then_some(if negative { -n } else { n })
+    // `-0` is stored as 0, not as IEEE negative zero.
+    n.is_finite()
+        .then_some(if negative && n != 0.0 { -n } else { n })
 }
 
 /// Parses a date to milliseconds since the epoch, at midnight UTC of the
@@ -402,8 +419,34 @@ mod tests {
         assert_eq!(p("(300)"), Some(-300.0));
         assert_eq!(p("-$5"), Some(-5.0));
         assert_eq!(p(".5"), Some(0.5));
+        assert_eq!(p("+5"), Some(5.0));
+        assert_eq!(p("\u{2212}5"), Some(-5.0));
+        assert_eq!(p("5 €"), Some(5.0));
+        assert_eq!(p("5$"), Some(5.0));
+        assert_eq!(p("007"), Some(7.0));
+        assert_eq!(p("0.5"), Some(0.5));
+        let zero = p("-0").unwrap();
+        assert!(zero == 0.0 && zero.is_sign_positive());
         for bad in [
-            "", "abc", "12abc", "1,2,3", "1e5", "5.", "5,00", "$", "1.2.3", "NaN", "inf",
+            "",
+            "abc",
+            "12abc",
+            "1,2,3",
+            "1e5",
+            "5.",
+            "5,00",
+            "$",
+            "1.2.3",
+            "NaN",
+            "inf",
+            "$$5",
+            "$€5",
+            "$5$",
+            "0,500",
+            "1 000,000.5",
+            "+-5",
+            "++5",
+            "+5-",
         ] {
             assert_eq!(p(bad), None, "{bad:?}");
         }
