@@ -4,6 +4,9 @@ use chrono::NaiveDate;
 
 use crate::config::{DateOrder, NumberLocale};
 
+/// Years a deal's date may have.
+pub const YEARS: std::ops::RangeInclusive<i32> = 1900..=2200;
+
 const CURRENCY: [char; 6] = ['$', '€', '£', '¥', '₹', '₽'];
 
 /// Parses an amount: `5000`, `5,000.50`, `$5,000`, `-1,234.5`, `+5`,
@@ -101,12 +104,14 @@ pub fn parse_number(s: &str, locale: NumberLocale) -> Option<f64> {
 /// Parses a date to milliseconds since the epoch, at midnight UTC of the
 /// date as written: ISO (`2025-12-31`, `2025/12/31`, `2025.12.31`), numeric
 /// day/month forms in the configured order only (`12/31/2025` or
-/// `31/12/2025`, also with `.` or `-`), and English month names (`Dec 31, 2025`, `Dec 31 2025`,
-/// `December 31, 2025`, `31 December 2025`, `31-Dec-2025`). Any of them may
-/// be followed by a time (`2025-12-31T10:00:00+01:00`, `12/31/2025 10:00`,
-/// `2025-12-31 10:00:00`, `12/31/2025 10:00 PM`): the time is checked, then
-/// dropped; an offset never moves the date to another day. Two-digit years
-/// are refused.
+/// `31/12/2025`, also with `.` or `-`), and English month names
+/// (`Dec 31, 2025`, `Dec 31 2025`, `December 31, 2025`, `31 December 2025`,
+/// `31-Dec-2025`). Any of them may be followed by a time
+/// (`2025-12-31T10:00:00+01:00`, `12/31/2025 10:00`, `2025-12-31 10:00:00`,
+/// `12/31/2025 10:00 PM`): the time is checked, then dropped; an offset
+/// never moves the date to another day. Two-digit years, and years before
+/// [`YEARS`] starts or after it ends (`0000-01-01`, a typo `20255`), are
+/// refused.
 pub fn parse_date(s: &str, order: DateOrder) -> Option<i64> {
     let s = s.trim();
     let date = match split_time(s) {
@@ -114,7 +119,8 @@ pub fn parse_date(s: &str, order: DateOrder) -> Option<i64> {
         Some(_) => return None,
         None => s,
     };
-    parse_day(date, order)?
+    parse_day(date, order)
+        .filter(|d| YEARS.contains(&chrono::Datelike::year(d)))?
         .and_hms_opt(0, 0, 0)
         .map(|t| t.and_utc().timestamp_millis())
 }
@@ -551,6 +557,9 @@ mod tests {
             "31 Dec 2025 2026",
             "Dec 31, 2025 Wed",
             "2025-12-31 10:00 +1€",
+            "0000-01-01",
+            "1899-12-31",
+            "2201-01-01",
             "2025-12-31 10:00 -é1",
         ] {
             assert_eq!(parse_date(bad, DateOrder::Mdy), None, "{bad:?}");
