@@ -563,12 +563,13 @@ async fn import(
     };
     let plan = Plan::new(spec.kind, &headers, &spec.mappings, rules).map_err(Abort::File)?;
     if spec.dry_run
-        && spec.duplicate_strategy != DuplicateStrategy::Create
+        && (spec.duplicate_strategy != DuplicateStrategy::Create || plan.maps_stages())
         && tracker.checkpoint.line > 0
     {
-        // A check matches rows against the file's earlier rows too, which
-        // a resumed run would not have read: it starts over (it writes only
-        // outcomes, which a replay rewrites alike).
+        // A check matches rows against the file's earlier rows too (names,
+        // stages it would create), which a resumed run would not have read:
+        // it starts over (it writes only outcomes, which a replay rewrites
+        // alike).
         tracker.checkpoint = Checkpoint {
             batch_size: tracker.checkpoint.batch_size,
             ..Checkpoint::default()
@@ -640,19 +641,24 @@ async fn import(
     if spec.dry_run {
         // Every line checked, its outcome recorded; no record, stage or
         // contact written.
-        let mut sink = CheckSink::new(svc, spec).await?;
+        let mut sink = CheckSink::new(svc, spec, &plan).await?;
         let writers = settings.import.writers.get();
-        return match spec.kind {
+        match spec.kind {
             RecordKind::Deals => {
                 let map = move |line, fields: &csv_async::ByteRecord| plan.map_deal(line, fields);
-                run.drive(tracker, source, map, writers, &mut sink).await
+                run.drive(tracker, source, map, writers, &mut sink).await?;
             }
             RecordKind::Contacts => {
                 let map =
                     move |line, fields: &csv_async::ByteRecord| plan.map_contact(line, fields);
-                run.drive(tracker, source, map, writers, &mut sink).await
+                run.drive(tracker, source, map, writers, &mut sink).await?;
             }
-        };
+        }
+        // The stages it would create, for the summary.
+        if let Some(stages) = &sink.stages {
+            record_stages(lease, stages).await?;
+        }
+        return Ok(());
     }
     match pipeline_id {
         Some(pipeline_id) => {
@@ -664,18 +670,7 @@ async fn import(
             };
             let map = move |line, fields: &csv_async::ByteRecord| plan.map_deal(line, fields);
             run.drive(tracker, source, map, writers, &mut sink).await?;
-            if !sink.stages.created().is_empty() {
-                lease
-                    // At most `max_new_stages` labels, each cut short:
-                    // far below 16 MB.
-                    .set_fields(doc! { "stages_created": sink
-                    .stages
-                    .created()
-                    .iter()
-                    .map(|l| crate::domain::truncate_value(l))
-                    .collect::<Vec<_>>() })
-                    .await?;
-            }
+            record_stages(lease, &sink.stages).await?;
         }
         None => {
             let mut sink = ContactSink {
@@ -938,6 +933,9 @@ struct CheckSink {
     db: Database,
     queue_id: ObjectId,
     dupes: Option<CheckDupes>,
+    /// Deals naming stages: the pipeline's, and those the import would
+    /// create.
+    stages: Option<StageCache>,
 }
 
 /// Duplicate matching of a dry run (see [`CheckSink`]).
@@ -952,7 +950,21 @@ struct CheckDupes {
 }
 
 impl CheckSink {
-    async fn new(svc: &Services, spec: &ImportSpec) -> Result<Self, Abort> {
+    async fn new(svc: &Services, spec: &ImportSpec, plan: &Plan) -> Result<Self, Abort> {
+        let stages = match spec.pipeline_id {
+            Some(pipeline_id) if plan.maps_stages() => Some(
+                StageCache::load(
+                    &svc.db,
+                    spec.account_id,
+                    pipeline_id,
+                    spec.user_id,
+                    spec.queue_id,
+                    svc.settings.import.max_new_stages,
+                )
+                .await?,
+            ),
+            _ => None,
+        };
         let names = match (spec.kind, spec.duplicate_strategy, spec.pipeline_id) {
             (_, DuplicateStrategy::Create, _) => None,
             (RecordKind::Deals, _, Some(pipeline_id)) => {
@@ -968,6 +980,7 @@ impl CheckSink {
                 names,
                 contacts_of: (spec.kind == RecordKind::Contacts).then_some(spec.account_id),
             }),
+            stages,
         })
     }
 
@@ -977,13 +990,32 @@ impl CheckSink {
         rows: &[R],
         outcome: &mut BatchOutcome,
     ) -> Result<(), Abort> {
+        // Rows whose stage would be one new stage too many fail, as they
+        // would in a real run.
+        let mut refused = std::collections::HashSet::new();
+        if let Some(stages) = self.stages.as_mut() {
+            for r in rows {
+                if let Some(stage) = r.stage()
+                    && let Err(crate::stages::Error::Limit(limit)) = stages.preview(stage)
+                {
+                    refused.insert(r.line());
+                    outcome
+                        .failed
+                        .push(stage_limit_row(r.line(), stage, r.cells(), limit));
+                }
+            }
+            if !refused.is_empty() {
+                outcome.failed.sort_by_key(|f| f.error.line);
+            }
+        }
+        let rows = rows.iter().filter(|r| !refused.contains(&r.line()));
         let Some(d) = self.dupes.as_mut() else {
-            outcome.imported = rows.iter().map(Mapped::line).collect();
+            outcome.imported = rows.map(Mapped::line).collect();
             return Ok(());
         };
         if let Some(account_id) = d.contacts_of {
             let coll = self.db.collection(collections::CONTACTS);
-            let emails: Vec<&str> = rows.iter().map(Mapped::match_key).collect();
+            let emails: Vec<&str> = rows.clone().map(Mapped::match_key).collect();
             let found = (|| crate::contacts::contact_ids(&coll, account_id, &emails))
                 .retry(write_retry())
                 .when(crate::db::is_transient)
@@ -1337,7 +1369,8 @@ async fn prepare(
                             if let Some(names) = dedupe.names.as_mut() {
                                 names.forget(deal.line, &deal.name);
                             }
-                            failed.push(stage_limit_row(&mut deal, limit));
+                            let cells = std::mem::take(&mut deal.raw).to_cells();
+                            failed.push(stage_limit_row(deal.line, stage, cells, limit));
                             continue;
                         }
                     },
@@ -1409,25 +1442,43 @@ async fn resolve_stage(
     }
 }
 
+/// Lists the stages the import created (or, a dry run, would create) on
+/// its queue document: at most `max_new_stages` labels, each cut short, so
+/// far below 16 MB.
+async fn record_stages(lease: &Lease, stages: &StageCache) -> Result<(), Abort> {
+    if stages.created().is_empty() {
+        return Ok(());
+    }
+    let labels: Vec<String> = stages
+        .created()
+        .iter()
+        .map(|l| crate::domain::truncate_value(l))
+        .collect();
+    lease.set_fields(doc! { "stages_created": labels }).await?;
+    Ok(())
+}
+
 /// The failed line of a deal whose stage would be new past the import's
 /// limit of `limit` new stages.
-fn stage_limit_row(deal: &mut MappedDeal, limit: usize) -> FailedRow {
+fn stage_limit_row(
+    line: LineNo,
+    stage: &crate::map::StageName,
+    cells: Vec<String>,
+    limit: usize,
+) -> FailedRow {
     FailedRow {
         error: crate::domain::RowError {
-            line: deal.line,
+            line,
             code: crate::domain::RowCode::TooManyStages,
             field: Some("stage_id".into()),
-            value: deal
-                .stage
-                .as_ref()
-                .map(|s| crate::domain::truncate_value(&s.label)),
+            value: Some(crate::domain::truncate_value(&stage.label)),
             message: format!(
-                "Not imported: its stage would be new, and this import already created \
-                 {limit} stages, as many as one import may. Is the right column mapped to \
+                "Not imported: its stage would be new, and this import already has {limit} \
+                 new stages, as many as one import may create. Is the right column mapped to \
                  the stage?"
             ),
         },
-        cells: std::mem::take(&mut deal.raw).to_cells(),
+        cells,
     }
 }
 

@@ -126,6 +126,12 @@ pub trait Mapped {
     /// What `duplicate_strategy` matches it on: a deal's name, a contact's
     /// email.
     fn match_key(&self) -> &str;
+    /// The pipeline stage it names (deals).
+    fn stage(&self) -> Option<&StageName> {
+        None
+    }
+    /// Its cells, for the error report of a line that fails after mapping.
+    fn cells(&self) -> Vec<String>;
 }
 
 impl Mapped for MappedDeal {
@@ -135,6 +141,12 @@ impl Mapped for MappedDeal {
     fn match_key(&self) -> &str {
         &self.name
     }
+    fn stage(&self) -> Option<&StageName> {
+        self.stage.as_ref()
+    }
+    fn cells(&self) -> Vec<String> {
+        self.raw.to_cells()
+    }
 }
 
 impl Mapped for MappedContact {
@@ -143,6 +155,9 @@ impl Mapped for MappedContact {
     }
     fn match_key(&self) -> &str {
         &self.email
+    }
+    fn cells(&self) -> Vec<String> {
+        self.raw.to_cells()
     }
 }
 
@@ -411,6 +426,13 @@ impl Plan {
             FieldTarget::Custom(id) => Some(id.as_str()),
             _ => None,
         })
+    }
+
+    /// Whether deals of this plan name a pipeline stage.
+    pub fn maps_stages(&self) -> bool {
+        self.columns
+            .iter()
+            .any(|c| c.target == FieldTarget::Standard(DealField::StageId))
     }
 
     /// Whether deals of this plan name contacts (a `contact_email` column).

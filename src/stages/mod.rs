@@ -129,9 +129,25 @@ impl StageCache {
         })
     }
 
-    /// Labels of the stages this import created (in any of its runs).
+    /// Labels of the stages this import created (in any of its runs), or
+    /// would create (a dry run, see [`StageCache::preview`]).
     pub fn created(&self) -> &[String] {
         &self.created
+    }
+
+    /// A dry run's [`StageCache::resolve`]: decides as a real run would,
+    /// creating nothing (a stage it would create is remembered by name, so
+    /// later rows of that name do not count it twice).
+    pub fn preview(&mut self, stage: &StageName) -> Result<()> {
+        if self.by_key.contains_key(&stage.key) {
+            return Ok(());
+        }
+        if self.created.len() >= self.limit {
+            return Err(Error::Limit(self.limit));
+        }
+        self.by_key.insert(stage.key.clone(), ObjectId::new());
+        self.created.push(stage.label.clone());
+        Ok(())
     }
 
     /// The id of the stage `stage`, creating it if the pipeline lacks it

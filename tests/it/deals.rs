@@ -957,7 +957,7 @@ async fn rows_past_the_new_stage_limit_fail_and_name_the_limit() {
         match outcomes::line_outcome(&app.db, id, line).await.unwrap() {
             Some(LineOutcome::Failed(e)) => {
                 assert_eq!(e.code.as_str(), "too_many_stages", "{e:?}");
-                assert!(e.message.contains("already created 2 stages"), "{e:?}");
+                assert!(e.message.contains("already has 2 new stages"), "{e:?}");
             }
             other => panic!("line {line}: {other:?}"),
         }

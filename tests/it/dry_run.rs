@@ -71,6 +71,56 @@ async fn a_dry_run_checks_every_line_and_writes_no_record() {
         mails[0].text
     );
     assert!(mails[0].text.contains("errors.csv"), "{}", mails[0].text);
+    // The stages it would create (line 3's failed, so line 4 is the first
+    // to name "qualified"), none created.
+    let stages: Vec<&str> = q
+        .get_array("stages_created")
+        .unwrap()
+        .iter()
+        .filter_map(|b| b.as_str())
+        .collect();
+    assert_eq!(stages, ["Brand New Stage", "qualified"]);
+    assert!(
+        mails[0]
+            .text
+            .contains("Stages it would create: Brand New Stage, qualified"),
+        "{}",
+        mails[0].text
+    );
+    app.cleanup().await;
+}
+
+/// A check applies the limit of new stages per import as a real run does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_fails_the_rows_past_the_new_stage_limit() {
+    let mut settings = crate::helpers::test_settings();
+    settings.import.max_new_stages = 1;
+    let mut app = TestApp::with_settings(settings).await;
+    app.coll(collections::PIPELINE_STAGES)
+        .insert_one(doc! { "account_id": app.account_id, "pipeline_id": app.pipeline_id, "name": "won", "label": "Won", "order": 1 })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let id = app
+        .enqueue_with(
+            "stages.csv",
+            b"Name,Stage\nA,Lead\nB,Demo\nC,lead\nD,WON\n",
+            &[("Name", "name"), ("Stage", "stage_id")],
+            doc! { "additional_data": { "pipeline_id": app.pipeline_id, "dry_run": true } },
+        )
+        .await;
+    let q = app.wait_completed(id, Duration::from_secs(60)).await;
+    assert_eq!(get_i64(&q, "progress.imported_rows"), 3, "{q}");
+    assert_eq!(get_i64(&q, "progress.failed_rows"), 1, "{q}");
+    match outcomes::line_outcome(&app.db, id, 3).await.unwrap() {
+        Some(LineOutcome::Failed(f)) => assert_eq!(f.code, "too_many_stages"),
+        other => panic!("line 3: {other:?}"),
+    }
+    assert_eq!(
+        app.count(collections::PIPELINE_STAGES, doc! {}).await,
+        1,
+        "nothing created"
+    );
     app.cleanup().await;
 }
 
