@@ -810,25 +810,33 @@ fn secret_option(key: &str) -> bool {
     .any(|s| key.contains(s))
 }
 
+/// `scheme://userinfo@rest` split in three, if the URI has a userinfo.
+fn userinfo(uri: &str) -> Option<(&str, &str, &str)> {
+    let (scheme, rest) = uri.split_once("://")?;
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let at = rest[..authority_end].rfind('@')?;
+    Some((scheme, &rest[..at], &rest[at + 1..]))
+}
+
 /// `scheme://user:password@rest` with the password masked.
 fn mask_userinfo(uri: &str) -> String {
-    let Some((scheme, rest)) = uri.split_once("://") else {
-        return uri.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let user = rest[..at].split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:********@{}", &rest[at + 1..])
+    match userinfo(uri) {
+        Some((scheme, info, rest)) => {
+            let user = info.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:********@{rest}")
         }
         None => uri.to_owned(),
     }
 }
 
-/// Webhook URLs may carry a token in their query string or userinfo: the
-/// query is left out, the password masked.
+/// Webhook URLs may carry a token in their query string or userinfo (as
+/// user name or password): the query is left out, the userinfo masked.
 fn mask_url(url: &str) -> String {
-    mask_userinfo(url.split('?').next().unwrap_or(url))
+    let url = url.split('?').next().unwrap_or(url);
+    match userinfo(url) {
+        Some((scheme, _, rest)) => format!("{scheme}://********@{rest}"),
+        None => url.to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -859,7 +867,7 @@ mod tests {
     fn webhook_url_credentials_are_masked() {
         assert_eq!(
             mask_url("https://hook:pa55@crm.example.com/import-done?token=t0ken"),
-            "https://hook:********@crm.example.com/import-done"
+            "https://********@crm.example.com/import-done"
         );
         assert_eq!(
             mask_url("https://crm.example.com/x"),

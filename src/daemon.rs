@@ -195,13 +195,8 @@ impl Daemon {
     }
 
     async fn rescue_logged(&self) {
-        let notify = &self.inner.services.settings.notify;
-        match self
-            .inner
-            .claimer
-            .rescue_expired(notify.max_rounds, notify.rescue_grace)
-            .await
-        {
+        let grace = self.inner.services.settings.notify.rescue_grace;
+        match self.inner.claimer.rescue_expired(grace).await {
             Ok(0) => {}
             Ok(n) => info!(imports = n, "Rescued imports whose lease expired"),
             Err(e) => warn!(error = %error_chain(&e), "Lease rescue failed"),

@@ -276,12 +276,11 @@ pub async fn run(svc: &Services, job: ClaimedJob, shutdown: CancellationToken) -
         _ if counted_attempts(&job.doc, lease.attempt) > i64::from(max_attempts) => {
             Err(Abort::File(FileError::TooManyAttempts {
                 attempts: max_attempts,
-                last_error: job
-                    .doc
-                    .get_document("last_error")
-                    .and_then(|e| e.get_str("message"))
-                    .ok()
-                    .map(str::to_owned),
+                last_error: Some(last_error(&job.doc, lease.attempt - 1).unwrap_or_else(|| {
+                    "the last attempt stopped without recording why (its daemon died or lost \
+                     its lease)"
+                        .into()
+                })),
             }))
         }
         Ok(spec) => import(svc, &lease, spec, &mut tracker, &stop).await,
@@ -292,6 +291,20 @@ pub async fn run(svc: &Services, job: ClaimedJob, shutdown: CancellationToken) -
     drop(heartbeat);
     info!(outcome = ?end, "Import run ended");
     end
+}
+
+/// What ended attempt `attempt`, if its release recorded it (a
+/// `last_error` of an earlier attempt says nothing about a later one).
+pub fn last_error(doc: &Document, attempt: i64) -> Option<String> {
+    let e = doc.get_document("last_error").ok()?;
+    let of = match e.get("attempt") {
+        Some(bson::Bson::Int64(n)) => *n,
+        Some(bson::Bson::Int32(n)) => i64::from(*n),
+        _ => return None,
+    };
+    (of == attempt)
+        .then(|| e.get_str("message").ok().map(str::to_owned))
+        .flatten()
 }
 
 /// Claims that count towards `scheduler.max_attempts`: all but those that

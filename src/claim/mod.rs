@@ -329,9 +329,9 @@ impl Claimer {
     /// the next claim (by any daemon) takes them, and does the same for
     /// delivery rounds whose sender went quiet: due again after `grace`
     /// (time for a sender cut off from the database after its delivery to
-    /// record `sent`), or `failed` once `max_rounds` rounds were tried.
-    /// Returns how many imports.
-    pub async fn rescue_expired(&self, max_rounds: u32, grace: Duration) -> Result<u64> {
+    /// record `sent`; a round claimed past the last one records the
+    /// failure). Returns how many imports.
+    pub async fn rescue_expired(&self, grace: Duration) -> Result<u64> {
         let now = DateTime::now();
         let r = self
             .queues
@@ -364,29 +364,9 @@ impl Claimer {
             tracing::warn!(error = %e, "Could not clear the backoff of cancelled imports");
         }
         for channel in [Channel::Email, Channel::Webhook, Channel::UndoEmail] {
-            let quiet = |last: bool| {
-                doc! {
-                    channel.key("state"): "sending",
-                    channel.key("expires_at"): { "$lt": now },
-                    channel.key("rounds"): { if last { "$gte" } else { "$lt" }: i64::from(max_rounds) },
-                }
-            };
             self.queues
                 .update_many(
-                    quiet(true),
-                    doc! {
-                        "$set": {
-                            channel.key("state"): "failed",
-                            channel.key("error"): "its last round's sender stopped before recording the result",
-                            channel.key("failed_at"): now,
-                        },
-                        "$unset": { channel.key("owner"): "", channel.key("expires_at"): "" },
-                    },
-                )
-                .await?;
-            self.queues
-                .update_many(
-                    quiet(false),
+                    doc! { channel.key("state"): "sending", channel.key("expires_at"): { "$lt": now } },
                     doc! {
                         "$set": {
                             channel.key("state"): "pending",
@@ -716,7 +696,9 @@ impl Claimer {
                 doc! {
                     "_id": queue_id,
                     channel.key("rounds"): round,
-                    channel.key("state"): { "$in": ["sending", "pending"] },
+                    // `failed`: by a round claimed after this one's
+                    // lease ran out, past the last round.
+                    channel.key("state"): { "$in": ["sending", "pending", "failed"] },
                 },
                 doc! {
                     "$set": set,

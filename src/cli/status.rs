@@ -78,17 +78,17 @@ impl ImportStatus {
             if let Ok(detail) = e.get_str("detail") {
                 out.push_str(&format!("  cause:    {detail}\n"));
             }
-        } else if let Ok(e) = q.get_document("last_error")
-            && q.get_str("status") == Ok("pending")
+        } else if q.get_str("status") == Ok("pending")
+            && let Some(attempts) = q
+                .get("attempts")
+                .and_then(|a| a.as_i64().or(a.as_i32().map(i64::from)))
+            && let Some(e) = crate::pipeline::last_error(q, attempts)
         {
             // Waiting for its next attempt after trouble.
             out.push_str(&format!(
-                "  retrying: after {} (attempt {} ended: {})\n",
+                "  retrying: after {} (attempt {attempts} ended: {e})\n",
                 q.get_datetime("retry_at")
                     .map_or_else(|_| "-".into(), |t| t.to_string()),
-                e.get("attempt")
-                    .map_or_else(|| "-".into(), |a| a.to_string()),
-                e.get_str("message").unwrap_or("?")
             ));
         }
         match (q.get_bool("undo_requested"), q.get_document("undo")) {

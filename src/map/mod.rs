@@ -18,7 +18,7 @@ use crate::domain::{
 
 mod values;
 
-pub use values::{normalise_email, parse_date, parse_number, valid_email};
+pub use values::{nfkc_email, normalise_email, parse_date, parse_number, valid_email};
 
 /// Targets that are never accepted, even though they are plain names: the
 /// daemon owns them, and a CSV must not set them.
@@ -318,7 +318,9 @@ impl Plan {
         mappings: &[(String, String)],
         rules: Rules,
     ) -> Result<Self, FileError> {
-        let invalid = |m: String| Err(FileError::MappingInvalid(m));
+        // Headers and targets come from the file and the dashboard, of any
+        // length: the message (stored on the queue document) is cut short.
+        let invalid = |m: String| Err(FileError::MappingInvalid(truncate_value(&m)));
         // Per loose key: the first column, and how many share the key.
         let mut by_key: HashMap<String, (usize, usize)> = HashMap::new();
         for (i, h) in headers.iter().enumerate() {
@@ -380,7 +382,9 @@ impl Plan {
             }
             columns.push(Column {
                 index,
-                header: headers[index].clone(),
+                // Quoted in row messages, of which a batch holds up to
+                // 10,000: cut short like a value.
+                header: truncate_value(&headers[index]),
                 target,
             });
         }
@@ -680,9 +684,9 @@ impl Plan {
 
 /// An email cell, validated and lower-cased.
 fn checked_email(col: &Column, value: &str) -> Result<String, CellError> {
-    let email = normalise_email(value);
+    let email = nfkc_email(value);
     if valid_email(&email) {
-        Ok(email)
+        Ok(email.to_lowercase())
     } else {
         Err((
             RowCode::InvalidEmail,
@@ -848,6 +852,28 @@ mod tests {
             assert_eq!(e.code(), "mapping_invalid", "{target}");
             assert!(e.to_string().contains("\"B\""), "{e}");
         }
+    }
+
+    #[test]
+    fn messages_quote_long_headers_cut_short() {
+        let long = "H".repeat(20_000);
+        let p = Plan::new(
+            RecordKind::Deals,
+            &headers(&["Name", &long]),
+            &mapping(&[("Name", "name"), (&long, "value")]),
+            rules(),
+        )
+        .unwrap();
+        let f = p.map_deal(2, &["A", "lots"][..]).unwrap_err();
+        assert!(f.error.message.len() < 1_000, "{}", f.error.message.len());
+        let e = Plan::new(
+            RecordKind::Deals,
+            &headers(&["Name"]),
+            &mapping(&[("Name", "name"), (&long, "value")]),
+            rules(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().len() < 1_000);
     }
 
     #[test]

@@ -394,6 +394,19 @@ where
         },
     );
     let headers = match records.next().await? {
+        // The header row is kept (the queue document lists the columns, the
+        // error report repeats them): one far beyond any real one is no
+        // header.
+        Some(r) if r.fields.as_slice().len() > MAX_HEADER_BYTES => {
+            return Err(FileError::Malformed {
+                line: r.line,
+                detail: format!(
+                    "its first line, taken for the header row, is over {} KiB",
+                    MAX_HEADER_BYTES / 1024
+                ),
+            }
+            .into());
+        }
         Some(r) => (0..r.fields.len())
             .map(|i| decode_cell(field_text(r.fields, i).unwrap_or_default()).into_owned())
             .collect::<Vec<_>>(),
@@ -562,9 +575,9 @@ struct Blank {
 }
 
 /// Reads past the whitespace-only lines at the start of the text (each
-/// ended by `\n`, `\r\n` or a lone `\r`), then like [`peek`]: up to
-/// [`SNIFF_BYTES`], stopping once the first line that is not blank is in
-/// the buffer. Returns what was skipped, the bytes read after it, and the
+/// ended by `\n`, `\r\n` or a lone `\r`), then up to [`SNIFF_BYTES`],
+/// stopping once the first line that is not blank and the delimiter's
+/// [`sample`] are in the buffer (or the file ends). Returns what was skipped, the bytes read after it, and the
 /// reader of the rest.
 async fn skip_blank_lines(mut reader: BoxRead) -> Result<(Blank, Vec<u8>, BoxRead)> {
     let mut blank = Blank::default();
@@ -583,7 +596,11 @@ async fn skip_blank_lines(mut reader: BoxRead) -> Result<(Blank, Vec<u8>, BoxRea
             buf.drain(..cut);
             blank.bytes += cut as u64;
         }
-        if buf.len() >= SNIFF_BYTES || first_line_end(&buf).is_some() {
+        // The whole sample the delimiter is told from, whatever the reads.
+        if first_line_end(&buf).is_some() && holds_sample(&buf) {
+            break;
+        }
+        if buf.len() >= SNIFF_BYTES {
             break;
         }
         let n = reader.read(&mut chunk).await.map_err(|source| Error::Io {
@@ -619,6 +636,9 @@ async fn peek(mut reader: BoxRead, limit: usize) -> Result<(Vec<u8>, BoxRead)> {
     }
     Ok((buf, reader))
 }
+
+/// Longest header row accepted (its fields' bytes).
+const MAX_HEADER_BYTES: usize = 256 * 1024;
 
 /// The candidate delimiters, in order of preference on a tie.
 const DELIMITERS: [u8; 4] = [b',', b';', b'\t', b'|'];
@@ -663,14 +683,44 @@ fn first_line_end(buf: &[u8]) -> Option<(usize, LineEnding)> {
     None
 }
 
-/// Field counts of the first `max` lines of `buf` read with `delimiter`
-/// (line ends `\n`, `\r\n` or `\r`; a quote opens a quoted field only at a
-/// field's start); a last line without its end counts too.
-fn field_counts(buf: &[u8], delimiter: u8, max: usize) -> Vec<usize> {
+/// Line-break bytes in the delimiter's [`sample`] (the header and about a
+/// dozen rows after it; a `\r\n` counts two).
+const SAMPLE_BREAKS: usize = 24;
+
+/// The part of `head` the delimiter is told from: up to its
+/// [`SAMPLE_BREAKS`]th line-break byte, at most [`SNIFF_BYTES`]. Defined by
+/// the file's content alone (never by how reads happened to cut it), so
+/// every attempt of an import reads the file alike.
+fn sample(head: &[u8]) -> &[u8] {
+    let head = &head[..head.len().min(SNIFF_BYTES)];
+    match head
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| matches!(b, b'\n' | b'\r'))
+        .nth(SAMPLE_BREAKS - 1)
+    {
+        Some((i, _)) => &head[..=i],
+        None => head,
+    }
+}
+
+/// Whether `buf` holds a whole [`sample`] (or the file ends first).
+fn holds_sample(buf: &[u8]) -> bool {
+    buf.len() >= SNIFF_BYTES
+        || buf.iter().filter(|b| matches!(b, b'\n' | b'\r')).count() >= SAMPLE_BREAKS
+}
+
+/// How `buf` splits with `delimiter`: the field counts of its lines (line
+/// ends `\n`, `\r\n` or `\r`; a quote opens a quoted field only at a
+/// field's start; a last line without its end counts only if it is the
+/// first), and how often the delimiter stands between two digits (`5,50`,
+/// a decimal comma rather than a separator).
+fn field_counts(buf: &[u8], delimiter: u8) -> (Vec<usize>, usize) {
     let mut counts = Vec::new();
     let (mut fields, mut quoted, mut at_start, mut empty) = (1, false, true, true);
+    let mut between_digits = 0;
     let mut i = 0;
-    while i < buf.len() && counts.len() < max {
+    while i < buf.len() {
         let b = buf[i];
         i += 1;
         empty = false;
@@ -699,34 +749,47 @@ fn field_counts(buf: &[u8], delimiter: u8, max: usize) -> Vec<usize> {
             }
             _ if b == delimiter => {
                 fields += 1;
+                let digit = |k: usize| buf.get(k).is_some_and(u8::is_ascii_digit);
+                if i >= 2 && digit(i - 2) && digit(i) {
+                    between_digits += 1;
+                }
                 true
             }
             _ => false,
         };
     }
-    if !empty && counts.len() < max {
+    if !empty && counts.is_empty() {
         counts.push(fields);
     }
-    counts
+    (counts, between_digits)
 }
 
 /// The delimiter among `,` `;` tab `|` of the header line (`,` when none
-/// splits it): the one whose next lines (those in `head`) most often have
-/// as many fields as the header, then the one splitting the header most,
-/// then the earlier in that list. So `Deal;Amount (EUR, net)` over `A;5`
+/// splits it), told from the file's [`sample`]: the one whose rows most
+/// often have as many fields as the header, then the one splitting the
+/// header most, then the one less often between two digits, then the
+/// earlier in that list. So `Deal;Amount (EUR, net)` over `A;5` or `A;5,50`
 /// rows is `;`-separated, and a stray quote inside a field (`Size 5"`)
 /// hides nothing.
 pub fn detect_delimiter(head: &[u8]) -> u8 {
+    let sample = sample(head);
     DELIMITERS
         .iter()
         .enumerate()
         .filter_map(|(i, &d)| {
-            let counts = field_counts(head, d, 11);
+            let (counts, between_digits) = field_counts(sample, d);
             let header = *counts.first()?;
             let consistent = counts[1..].iter().filter(|&&n| n == header).count();
             // A delimiter absent from the header only serves a one-column
             // file (the one most rows agree with).
-            Some(((header > 1, consistent, header, std::cmp::Reverse(i)), d))
+            let key = (
+                header > 1,
+                consistent,
+                header,
+                std::cmp::Reverse(between_digits),
+                std::cmp::Reverse(i),
+            );
+            Some((key, d))
         })
         .max_by_key(|(key, _)| *key)
         .map_or(b',', |(_, d)| d)
@@ -1185,6 +1248,9 @@ mod tests {
         assert_eq!(code(b"PK\x03\x04binary"), "not_csv");
         assert_eq!(code(b"a,b\x00c\n"), "not_csv");
         assert_eq!(code(b",,\n1,2,3\n"), "no_header");
+        let mut huge = "h,".repeat(MAX_HEADER_BYTES / 2 + 1).into_bytes();
+        huge.extend_from_slice(b"\n1\n");
+        assert_eq!(code(&huge), "malformed_csv");
     }
 
     #[test]
@@ -1193,6 +1259,20 @@ mod tests {
         assert_eq!(detect_delimiter(b"a|b|c\n1,2"), b'|');
         assert_eq!(detect_delimiter(b"single\n"), b',');
         assert_eq!(detect_delimiter(b"a\tb\n"), b'\t');
+    }
+
+    #[test]
+    fn the_delimiter_does_not_depend_on_where_reads_cut_the_file() {
+        let mut csv = b"Deal;Amount (EUR, net);Stage\n".to_vec();
+        for i in 0..40 {
+            csv.extend_from_slice(format!("Deal {i};{i},5;Won\n").as_bytes());
+        }
+        let cut = sample(&csv).len();
+        assert!(cut < csv.len());
+        for end in cut..=csv.len() {
+            assert_eq!(detect_delimiter(&csv[..end]), b';', "cut at {end}");
+        }
+        assert!(holds_sample(&csv[..cut]) && !holds_sample(&csv[..cut - 1]));
     }
 
     #[test]
@@ -1217,6 +1297,11 @@ mod tests {
             b';'
         );
         assert_eq!(detect_delimiter(b"a,b;c\n1,2;3\n"), b',');
+        // Decimal commas in the rows do not make `,` the separator.
+        assert_eq!(
+            detect_delimiter(b"Deal;Amount (EUR, net)\nA;5,50\nB;6,75\n"),
+            b';'
+        );
         // A one-column file: the delimiter its rows do not contain.
         assert_eq!(detect_delimiter(b"Name\nAcme, Inc\nFoo, Ltd\n"), b';');
         // Quoted fields, `""` escapes and line breaks inside quotes.

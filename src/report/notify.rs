@@ -66,6 +66,10 @@ pub enum Error {
     /// Presigning the report link failed.
     #[error(transparent)]
     Storage(#[from] crate::fetch::Error),
+    /// A round claimed past `notify.max_rounds` (the last one's sender
+    /// stopped before recording its result): nothing is sent.
+    #[error("the last round's sender stopped before recording its result; no rounds are left")]
+    NoRoundsLeft,
 }
 
 impl Error {
@@ -383,6 +387,13 @@ impl Notifier {
         (if last { "failed" } else { "pending" }, fields)
     }
 
+    /// Whether `round` was claimed past `notify.max_rounds`: the last
+    /// round went quiet (its sender stopped before recording a result, and
+    /// the rescue's grace passed); this one only records the failure.
+    fn past_last(&self, round: i64) -> bool {
+        round > i64::from(self.services.settings.notify.max_rounds)
+    }
+
     /// The importing user's address, if usable.
     async fn recipient(&self, q: &Document) -> Result<Option<(Mailbox, Option<String>)>, Error> {
         let user = match q.get_object_id("user_id") {
@@ -419,11 +430,15 @@ impl Notifier {
         let round = Channel::UndoEmail.round_of(&doc);
         let span = info_span!("undo_notify", queue_id = %queue_id);
         async {
-            let sent = tokio::select! {
-                sent = self.send_undo_summary(queue_id, &doc) => sent,
-                () = self.hold_round(Channel::UndoEmail, queue_id, round) => {
-                    warn!("Undo email round lease lost; stopped");
-                    return;
+            let sent = if self.past_last(round) {
+                Err(Error::NoRoundsLeft)
+            } else {
+                tokio::select! {
+                    sent = self.send_undo_summary(queue_id, &doc) => sent,
+                    () = self.hold_round(Channel::UndoEmail, queue_id, round) => {
+                        warn!("Undo email round lease lost; stopped");
+                        return;
+                    }
                 }
             };
             let (state, fields) = match sent {
@@ -493,13 +508,17 @@ impl Notifier {
         let round = Channel::Email.round_of(&doc);
         let span = info_span!("notify", queue_id = %queue_id);
         async {
-            let sent = tokio::select! {
-                sent = self.send_summary(queue_id, &doc) => sent,
-                () = self.hold_round(Channel::Email, queue_id, round) => {
-                    // Another daemon may take the round from here on: stop
-                    // before it could send a second email.
-                    warn!("Notification round lease lost; stopped");
-                    return None;
+            let sent = if self.past_last(round) {
+                Err(Error::NoRoundsLeft)
+            } else {
+                tokio::select! {
+                    sent = self.send_summary(queue_id, &doc) => sent,
+                    () = self.hold_round(Channel::Email, queue_id, round) => {
+                        // Another daemon may take the round from here on: stop
+                        // before it could send a second email.
+                        warn!("Notification round lease lost; stopped");
+                        return None;
+                    }
                 }
             };
             let (state, mut fields) = match sent {
@@ -683,11 +702,15 @@ impl Notifier {
         let round = Channel::Webhook.round_of(&doc);
         let span = info_span!("webhook", queue_id = %queue_id);
         async {
-            let posted = tokio::select! {
-                posted = self.post_webhook(queue_id, &doc) => posted,
-                () = self.hold_round(Channel::Webhook, queue_id, round) => {
-                    warn!("Webhook round lease lost; stopped");
-                    return;
+            let posted = if self.past_last(round) {
+                Some(Err(webhook::Error::NoRoundsLeft))
+            } else {
+                tokio::select! {
+                    posted = self.post_webhook(queue_id, &doc) => posted,
+                    () = self.hold_round(Channel::Webhook, queue_id, round) => {
+                        warn!("Webhook round lease lost; stopped");
+                        return;
+                    }
                 }
             };
             let Some(result) = posted else { return };

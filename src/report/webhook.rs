@@ -66,6 +66,9 @@ pub enum Error {
     /// The import's totals could not be read.
     #[error("reading the totals: {0}")]
     Totals(String),
+    /// A round claimed past `notify.max_rounds`: nothing is posted.
+    #[error("the last round's sender stopped before recording its result; no rounds are left")]
+    NoRoundsLeft,
 }
 
 impl From<reqwest::Error> for Error {
@@ -78,7 +81,7 @@ impl Error {
     /// 4xx other than 408/429 is the endpoint refusing: not retried.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Jwt(_) => false,
+            Self::Jwt(_) | Self::NoRoundsLeft => false,
             Self::Http(_) | Self::Totals(_) => true,
             Self::Status(s) => *s >= 500 || *s == 408 || *s == 429,
         }

@@ -80,10 +80,7 @@ async fn racing_claimers_claim_each_document_once_and_only_expired_leases_again(
     d.insert("lease", doc! { "owner": "someone", "expires_at": future });
     app.queues().insert_one(d).await.unwrap();
 
-    assert_eq!(
-        claimers[0].rescue_expired(6, Duration::ZERO).await.unwrap(),
-        1
-    );
+    assert_eq!(claimers[0].rescue_expired(Duration::ZERO).await.unwrap(), 1);
     let mut reclaimed = Vec::new();
     for c in &claimers {
         while let Some(job) = c.claim_next().await.unwrap() {
@@ -124,7 +121,7 @@ async fn a_stale_owner_is_fenced_off() {
         )
         .await
         .unwrap();
-    a.rescue_expired(6, Duration::ZERO).await.unwrap();
+    a.rescue_expired(Duration::ZERO).await.unwrap();
     let second = b.claim_next().await.unwrap().unwrap();
     assert_eq!(second.lease.attempt, 2);
     for result in [
@@ -277,8 +274,7 @@ async fn a_daemon_claims_within_a_tick_and_ends_bad_requests_failed() {
 }
 
 #[tokio::test]
-async fn a_quiet_delivery_round_waits_out_the_grace_or_fails_at_the_last_round_and_a_late_sent_stands()
- {
+async fn a_quiet_delivery_round_waits_out_the_grace_and_a_late_sent_stands() {
     let app = TestApp::new().await;
     let claimer = Claimer::new(&app.db, "a", Duration::from_secs(60));
     let past = DateTime::from_millis(0);
@@ -291,14 +287,10 @@ async fn a_quiet_delivery_round_waits_out_the_grace_or_fails_at_the_last_round_a
         (id, d)
     };
     let (early, early_doc) = round(2);
-    let (last, last_doc) = round(6);
-    app.queues()
-        .insert_many([early_doc, last_doc])
-        .await
-        .unwrap();
+    app.queues().insert_one(early_doc).await.unwrap();
     let before = DateTime::now().timestamp_millis();
     claimer
-        .rescue_expired(6, Duration::from_secs(30))
+        .rescue_expired(Duration::from_secs(30))
         .await
         .unwrap();
     let n = app
@@ -360,13 +352,5 @@ async fn a_quiet_delivery_round_waits_out_the_grace_or_fails_at_the_last_round_a
         .unwrap()
         .clone();
     assert_eq!(n.get_str("state"), Ok("sending"), "{n}");
-    let n = app
-        .queue(last)
-        .await
-        .get_document("notify")
-        .unwrap()
-        .clone();
-    assert_eq!(n.get_str("state"), Ok("failed"), "{n}");
-    assert!(n.get_str("error").unwrap().contains("stopped"), "{n}");
     app.cleanup().await;
 }

@@ -525,3 +525,48 @@ async fn a_permanent_smtp_refusal_is_tried_once_per_round_and_then_recorded_fail
     assert_eq!(refusals.lines().count(), 2, "{refusals}");
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_round_gone_quiet_ends_failed_without_a_send_and_makes_the_webhook_due() {
+    let smtp = SmtpCatcher::start().await;
+    let (url, seen) = listener().await;
+    let mut settings = settings_with_smtp(smtp.port);
+    settings.crm.webhook_url = Some(url);
+    let max_rounds = settings.notify.max_rounds;
+    let mut app = TestApp::with_settings(settings).await;
+    // The last email round's sender stopped before recording its result.
+    let id = ObjectId::new();
+    app.queues()
+        .insert_one(doc! {
+            "_id": id, "source": "deals", "status": "completed", "in_progress": false,
+            "user_id": app.user_id, "account_id": app.account_id,
+            "parent_account": app.account_id, "client_id": app.account_id,
+            "csv": [{ "key": "k", "name": "quiet.csv" }],
+            "notify": {
+                "state": "sending", "owner": "a-dead-daemon",
+                "expires_at": DateTime::from_millis(0), "rounds": i64::from(max_rounds),
+            },
+        })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let q = app
+        .wait_queue(id, Duration::from_secs(30), "with the webhook sent", |q| {
+            q.get_document("webhook")
+                .is_ok_and(|w| w.get_str("state") == Ok("sent"))
+        })
+        .await;
+    let n = q.get_document("notify").unwrap();
+    assert_eq!(n.get_str("state"), Ok("failed"), "{n}");
+    assert!(
+        n.get_str("error").unwrap().contains("no rounds are left"),
+        "{n}"
+    );
+    assert_eq!(n.get_i64("rounds").unwrap(), i64::from(max_rounds) + 1);
+    assert!(
+        smtp.messages().is_empty(),
+        "nothing sent past the last round"
+    );
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    app.cleanup().await;
+}
