@@ -1003,32 +1003,11 @@ impl CheckSink {
         rows: &[R],
         outcome: &mut BatchOutcome,
     ) -> Result<(), Abort> {
-        // Rows whose stage would be one new stage too many fail, as they
-        // would in a real run.
-        let mut refused = std::collections::HashSet::new();
-        if let Some(stages) = self.stages.as_mut() {
-            for r in rows {
-                if let Some(stage) = r.stage()
-                    && let Err(crate::stages::Error::Limit(limit)) = stages.preview(stage)
-                {
-                    refused.insert(r.line());
-                    outcome
-                        .failed
-                        .push(stage_limit_row(r.line(), stage, r.cells(), limit));
-                }
-            }
-            if !refused.is_empty() {
-                outcome.failed.sort_by_key(|f| f.error.line);
-            }
-        }
-        let rows = rows.iter().filter(|r| !refused.contains(&r.line()));
-        let Some(d) = self.dupes.as_mut() else {
-            outcome.imported = rows.map(Mapped::line).collect();
-            return Ok(());
-        };
-        if let Some(account_id) = d.contacts_of {
+        if let Some(d) = self.dupes.as_mut()
+            && let Some(account_id) = d.contacts_of
+        {
             let coll = self.db.collection(collections::CONTACTS);
-            let emails: Vec<&str> = rows.clone().map(Mapped::match_key).collect();
+            let emails: Vec<&str> = rows.iter().map(Mapped::match_key).collect();
             let found = (|| crate::contacts::contact_ids(&coll, account_id, &emails))
                 .retry(write_retry())
                 .when(crate::db::is_transient)
@@ -1037,14 +1016,41 @@ impl CheckSink {
                 d.names.remember(email, *id);
             }
         }
+        let mut refused = false;
         for r in rows {
-            match (d.names.decide(r.line(), r.match_key()), d.strategy) {
-                (Match::Create, _) => outcome.imported.push(r.line()),
-                (Match::Existing(id), DuplicateStrategy::Update) => {
-                    outcome.updated.push((r.line(), id));
+            // As a real run: the duplicate decision first (a row to skip
+            // names no stage), then the stage of a row to create or update.
+            let decided = match self.dupes.as_mut() {
+                None => Match::Create,
+                Some(d) => match (d.names.decide(r.line(), r.match_key()), d.strategy) {
+                    (Match::Existing(id), DuplicateStrategy::Skip) => {
+                        outcome.skipped.push((r.line(), id));
+                        continue;
+                    }
+                    (decided, _) => decided,
+                },
+            };
+            if let (Some(stages), Some(stage)) = (self.stages.as_mut(), r.stage())
+                && let Err(crate::stages::Error::Limit(limit)) = stages.preview(stage)
+            {
+                // One new stage too many: the row fails, and creates no
+                // deal later rows of its name could match.
+                if let Some(d) = self.dupes.as_mut() {
+                    d.names.forget(r.line(), r.match_key());
                 }
-                (Match::Existing(id), _) => outcome.skipped.push((r.line(), id)),
+                outcome
+                    .failed
+                    .push(stage_limit_row(r.line(), stage, r.cells(), limit));
+                refused = true;
+                continue;
             }
+            match decided {
+                Match::Create => outcome.imported.push(r.line()),
+                Match::Existing(id) => outcome.updated.push((r.line(), id)),
+            }
+        }
+        if refused {
+            outcome.failed.sort_by_key(|f| f.error.line);
         }
         Ok(())
     }

@@ -329,11 +329,10 @@ pub async fn line_outcome(
 ) -> Result<Option<LineOutcome>> {
     let Some(d) = db
         .collection::<Document>(collections::IMPORT_LINES)
-        .find_one(doc! {
-            "queue_id": queue_id,
-            "first_line": { "$lte": line as i64 },
-            "last_line": { "$gte": line as i64 },
-        })
+        // The batch starting last at or before `line` (one index step;
+        // testing `last_line` in the query would scan every earlier batch
+        // of the import for a line past the end).
+        .find_one(doc! { "queue_id": queue_id, "first_line": { "$lte": line as i64 } })
         .sort(doc! { "queue_id": 1, "first_line": -1 })
         .projection(doc! { "failed.row": 0 })
         .await?
@@ -341,6 +340,9 @@ pub async fn line_outcome(
         return Ok(None);
     };
     let l = line as i64;
+    if d.get_i64("last_line").is_ok_and(|last| last < l) {
+        return Ok(None);
+    }
     if let Ok(failed) = d.get_array("failed")
         && let Some(f) = failed
             .iter()

@@ -121,6 +121,35 @@ async fn a_dry_run_fails_the_rows_past_the_new_stage_limit() {
         1,
         "nothing created"
     );
+    // Under `skip`, a row matching an existing deal names no stage (a real
+    // run resolves none for it), so the next row's new stage still fits.
+    app.coll(collections::DEALS)
+        .insert_one(doc! {
+            "name": "Acme", "account_id": app.account_id, "pipeline_id": app.pipeline_id,
+        })
+        .await
+        .unwrap();
+    let id = app
+        .enqueue_with(
+            "skip.csv",
+            b"Name,Stage\nacme,First\nBeta,Second\n",
+            &[("Name", "name"), ("Stage", "stage_id")],
+            doc! { "additional_data": {
+                "pipeline_id": app.pipeline_id, "dry_run": true, "duplicate_strategy": "skip",
+            } },
+        )
+        .await;
+    let q = app.wait_completed(id, Duration::from_secs(60)).await;
+    assert_eq!(get_i64(&q, "progress.skipped_rows"), 1, "{q}");
+    assert_eq!(get_i64(&q, "progress.imported_rows"), 1, "{q}");
+    assert_eq!(get_i64(&q, "progress.failed_rows"), 0, "{q}");
+    let stages: Vec<&str> = q
+        .get_array("stages_created")
+        .unwrap()
+        .iter()
+        .filter_map(|b| b.as_str())
+        .collect();
+    assert_eq!(stages, ["Second"]);
     app.cleanup().await;
 }
 
