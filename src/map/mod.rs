@@ -247,6 +247,10 @@ pub struct FailedRow {
     pub cells: Vec<String>,
 }
 
+/// Most bytes of mapped values one row may carry: its record (plus field
+/// names and the daemon's fields) stays far below MongoDB's 16 MB.
+pub const MAX_RECORD_VALUE_BYTES: usize = 8 << 20;
+
 /// Longest cell kept for the error report.
 pub const MAX_REPORT_CELL_CHARS: usize = 1000;
 
@@ -470,11 +474,28 @@ impl Plan {
                 ),
             ));
         }
+        let mut mapped_bytes = 0;
         for col in &self.columns {
             let raw = decode_cell(fields.field(col.index).unwrap_or_default());
             let value = raw.trim();
             if value.is_empty() {
                 continue;
+            }
+            mapped_bytes += value.len();
+            if mapped_bytes > MAX_RECORD_VALUE_BYTES {
+                // Its record could not be stored (MongoDB's 16 MB), and
+                // would take its whole batch down with it.
+                return Err(self.failed_row(
+                    line,
+                    fields,
+                    RowCode::TooLong,
+                    None,
+                    None,
+                    format!(
+                        "The row's values add up to more than {} MiB, too large for one record.",
+                        MAX_RECORD_VALUE_BYTES >> 20
+                    ),
+                ));
             }
             let refused = if value.chars().count() > self.rules.max_field_chars {
                 Err((
@@ -852,6 +873,23 @@ mod tests {
             assert_eq!(e.code(), "mapping_invalid", "{target}");
             assert!(e.to_string().contains("\"B\""), "{e}");
         }
+    }
+
+    #[test]
+    fn a_row_too_large_for_one_record_fails_alone() {
+        let h: Vec<String> = (0..1_000).map(|i| format!("c{i}")).collect();
+        let mut m = vec![("c0".to_owned(), "name".to_owned())];
+        m.extend((1..1_000).map(|i| (format!("c{i}"), format!("{i:024x}"))));
+        let mut r = rules();
+        r.max_field_chars = 10_000;
+        let p = Plan::new(RecordKind::Deals, &h, &m, r).unwrap();
+        let big = "x".repeat(9_000);
+        let cells: Vec<&str> = (0..1_000).map(|_| big.as_str()).collect();
+        let f = p.map_deal(2, &cells[..]).unwrap_err();
+        assert_eq!(f.error.code, RowCode::TooLong);
+        assert!(f.error.message.contains("8 MiB"), "{}", f.error.message);
+        let small: Vec<&str> = (0..1_000).map(|_| "x").collect();
+        assert!(p.map_deal(3, &small[..]).is_ok());
     }
 
     #[test]
