@@ -175,8 +175,9 @@ impl Daemon {
                     // Given back so that a later tick resumes it soon (if
                     // MongoDB is still away, the lease expires instead).
                     Err(e) => {
-                        warn!(error = %error_chain(&e), "Undo stopped; a later claim resumes it");
-                        if let Err(e) = lease.release_after_error().await {
+                        let e = error_chain(&e);
+                        warn!(error = %e, "Undo stopped; a later claim resumes it");
+                        if let Err(e) = lease.release_after_error(&e).await {
                             warn!(error = %error_chain(&e), "Releasing the undo failed; its lease expires");
                         }
                     }

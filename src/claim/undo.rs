@@ -176,11 +176,16 @@ impl UndoLease {
     /// Gives the undo back after an error: claimable again after a pause
     /// that doubles with each attempt (5 s, 10 s, ... up to the lease), so
     /// an undo that keeps failing does not come back on every tick.
-    pub async fn release_after_error(&self) -> Result<()> {
+    /// `error` (never a cell value) is kept as `undo.last_error`.
+    pub async fn release_after_error(&self, error: &str) -> Result<()> {
         let doublings = self.attempt.saturating_sub(1).clamp(0, 16) as u32;
         let pause = (Duration::from_secs(5) * 2_u32.pow(doublings)).min(self.duration);
         self.give_back(doc! {
-            "$set": { "undo.state": "pending", "undo.expires_at": now_plus(pause) },
+            "$set": {
+                "undo.state": "pending",
+                "undo.expires_at": now_plus(pause),
+                "undo.last_error": error,
+            },
             "$unset": { "undo.owner": "" },
         })
         .await

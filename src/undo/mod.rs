@@ -54,6 +54,10 @@ use crate::telemetry::error_chain;
 /// than the import's `completed_at` by more than this.
 pub const CLOCK_SLACK: Duration = Duration::from_secs(60);
 
+/// Claims of one undo before it gives up (each after an error past the
+/// retries, or a holder that died), with its last error as the reason.
+pub const MAX_ATTEMPTS: i64 = 10;
+
 /// How often a running undo saves its checkpoint (which renews its lease).
 const SAVE_EVERY: Duration = Duration::from_secs(1);
 
@@ -291,6 +295,15 @@ pub async fn run(
         .await;
     };
     let undo = q.get_document("undo").cloned().unwrap_or_default();
+    if lease.attempt > MAX_ATTEMPTS {
+        // What it removed so far stays removed.
+        let last = undo.get_str("last_error").unwrap_or("its holders stopped");
+        let reason = format!(
+            "it did not finish in {MAX_ATTEMPTS} attempts (last: {last}); what it removed so far \
+             stays removed; please contact support"
+        );
+        return refuse(lease, &reason).await;
+    }
     let mut tally = Tally::from_doc(&undo);
     let records = db.collection::<Document>(match kind {
         RecordKind::Deals => collections::DEALS,

@@ -386,16 +386,54 @@ async fn an_undo_given_back_after_an_error_pauses_before_the_next_claim() {
         let lease = claimer.claim_undo(Some(id)).await.unwrap().unwrap();
         assert_eq!(lease.attempt, attempt);
         let before = DateTime::now().timestamp_millis();
-        lease.release_after_error().await.unwrap();
+        lease.release_after_error("a database error").await.unwrap();
         assert!(other.claim_undo(None).await.unwrap().is_none());
         let u = app.queue(id).await.get_document("undo").unwrap().clone();
         assert_eq!(u.get_str("state"), Ok("pending"));
         assert!(!u.contains_key("owner"), "{u}");
+        assert_eq!(u.get_str("last_error"), Ok("a database error"));
         let until = u.get_datetime("expires_at").unwrap().timestamp_millis() - before;
         assert!(
             (pause * 1_000 - 500..=pause * 1_000 + 2_000).contains(&until),
             "attempt {attempt}: {until} ms"
         );
     }
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undo_that_keeps_failing_gives_up_with_its_last_error() {
+    let mut app = TestApp::new().await;
+    app.spawn_daemon();
+    let id = app
+        .enqueue_csv("x.csv", b"Name\nAcme\n", &[("Name", "name")])
+        .await;
+    app.wait_completed(id, LONG).await;
+    app.queues()
+        .update_one(
+            doc! { "_id": id },
+            doc! { "$set": {
+                "undo_requested": true,
+                "undo": {
+                    "state": "pending", "attempts": importd::undo::MAX_ATTEMPTS,
+                    "last_error": "a database error",
+                },
+            } },
+        )
+        .await
+        .unwrap();
+    let q = app
+        .wait_queue(id, LONG, "with the undo ended", |q| {
+            q.get_document("undo")
+                .is_ok_and(|u| u.get_datetime("finished_at").is_ok())
+        })
+        .await;
+    let u = q.get_document("undo").unwrap();
+    assert_eq!(u.get_str("state"), Ok("refused"), "{u}");
+    let reason = u.get_str("reason").unwrap();
+    assert!(
+        reason.contains("10 attempts") && reason.contains("a database error"),
+        "{reason}"
+    );
     app.cleanup().await;
 }
