@@ -267,6 +267,36 @@ pub struct DealBuilder {
     tags: RawArrayBuf,
 }
 
+/// Where a run of update statements (`(id, bytes)` each, in file order) is
+/// cut into commands: before a second statement on one id (an unordered
+/// command may apply its statements in any order, so a later line of the
+/// file must come in a later command), and after the statement that brings
+/// a command to `limit` bytes. Consecutive ranges covering every statement.
+/// Pure.
+fn command_cuts(statements: &[(ObjectId, usize)], limit: usize) -> Vec<std::ops::Range<usize>> {
+    let mut cuts = Vec::new();
+    let (mut first, mut bytes) = (0, 0);
+    let mut ids = std::collections::HashSet::new();
+    for (i, (id, size)) in statements.iter().enumerate() {
+        if !ids.insert(*id) {
+            cuts.push(first..i);
+            (first, bytes) = (i, 0);
+            ids.clear();
+            ids.insert(*id);
+        }
+        bytes += size;
+        if bytes >= limit {
+            cuts.push(first..i + 1);
+            (first, bytes) = (i + 1, 0);
+            ids.clear();
+        }
+    }
+    if first < statements.len() {
+        cuts.push(first..statements.len());
+    }
+    cuts
+}
+
 /// Inserts and updates deal documents for one import.
 #[derive(Clone)]
 pub struct DealWriter {
@@ -424,25 +454,30 @@ impl DealWriter {
     }
 
     async fn update_all(&self, updates: &[(ObjectId, &RawDocumentBuf)]) -> Result<Vec<LineWrite>> {
+        let statements: Vec<RawDocumentBuf> = updates
+            .iter()
+            .map(|(id, set)| {
+                let mut statement = RawDocumentBuf::new();
+                statement.append("q", self.deal_filter(*id));
+                let mut u = raw_with_capacity(set.as_bytes().len() + 16);
+                u.append_ref("$set", &**set);
+                statement.append("u", u);
+                statement
+            })
+            .collect();
+        let sizes: Vec<(ObjectId, usize)> = updates
+            .iter()
+            .zip(&statements)
+            .map(|((id, _), s)| (*id, s.as_bytes().len()))
+            .collect();
         let mut results = Vec::with_capacity(updates.len());
-        let mut statements = RawArrayBuf::new();
-        let mut bytes = 0;
-        let mut first = 0;
-        for (i, (id, set)) in updates.iter().enumerate() {
-            let mut statement = RawDocumentBuf::new();
-            statement.append("q", self.deal_filter(*id));
-            let mut u = raw_with_capacity(set.as_bytes().len() + 16);
-            u.append_ref("$set", &**set);
-            statement.append("u", u);
-            bytes += statement.as_bytes().len();
-            statements.push(statement);
-            if bytes >= UPDATE_COMMAND_BYTES || i + 1 == updates.len() {
-                let chunk = &updates[first..=i];
-                let sent = std::mem::take(&mut statements);
-                results.extend(self.update_chunk(chunk, sent).await?);
-                first = i + 1;
-                bytes = 0;
+        let mut statements = statements.into_iter();
+        for range in command_cuts(&sizes, UPDATE_COMMAND_BYTES) {
+            let mut sent = RawArrayBuf::new();
+            for statement in statements.by_ref().take(range.len()) {
+                sent.push(statement);
             }
+            results.extend(self.update_chunk(&updates[range], sent).await?);
         }
         Ok(results)
     }
@@ -581,6 +616,44 @@ impl DealWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commands_are_cut_before_a_repeated_deal_and_at_the_size_limit() {
+        let (a, b, c) = (ObjectId::new(), ObjectId::new(), ObjectId::new());
+        let cuts = command_cuts(&[(a, 10), (b, 10), (a, 10), (c, 10)], 100);
+        assert_eq!(cuts, [0..2, 2..4]);
+        let cuts = command_cuts(&[(a, 60), (b, 60), (c, 10), (a, 10)], 100);
+        assert_eq!(cuts, [0..2, 2..4]);
+        assert_eq!(
+            command_cuts(&[(a, 1), (a, 1), (a, 1)], 100),
+            [0..1, 1..2, 2..3]
+        );
+        assert!(command_cuts(&[], 100).is_empty());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn command_cuts_cover_every_statement_once_with_no_repeat_inside(
+            picks in proptest::collection::vec((0usize..5, 1usize..50), 0..60),
+        ) {
+            let ids: Vec<ObjectId> = (0..5).map(|_| ObjectId::new()).collect();
+            let statements: Vec<(ObjectId, usize)> =
+                picks.iter().map(|&(k, n)| (ids[k], n)).collect();
+            let cuts = command_cuts(&statements, 100);
+            let mut next = 0;
+            for r in &cuts {
+                proptest::prop_assert_eq!(r.start, next);
+                proptest::prop_assert!(!r.is_empty());
+                let mut seen = std::collections::HashSet::new();
+                proptest::prop_assert!(statements[r.clone()].iter().all(|(id, _)| seen.insert(*id)));
+                let bytes: usize = statements[r.clone()].iter().map(|s| s.1).sum();
+                let without_last = bytes - statements[r.end - 1].1;
+                proptest::prop_assert!(without_last < 100);
+                next = r.end;
+            }
+            proptest::prop_assert_eq!(next, statements.len());
+        }
+    }
 
     #[test]
     fn only_a_newer_line_of_the_same_import_supersedes() {

@@ -748,6 +748,22 @@ async fn bulk_updates_report_each_line() {
         .unwrap()
         .unwrap();
     assert_eq!(d.get_str("name").unwrap(), "line 1500");
+
+    // Lines updating one deal twice in a batch apply in file order (the
+    // second goes into a later command).
+    let (first, second) = (by_line(2_000, "first"), by_line(2_001, "second"));
+    let other = by_line(2_000, "other");
+    let r = writer
+        .update(&[(ids[1], &first), (ids[2], &other), (ids[1], &second)])
+        .await
+        .unwrap();
+    assert_eq!(r, vec![importd::write::LineWrite::Updated; 3]);
+    let d = deals
+        .find_one(doc! { "_id": ids[1] })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.get_str("name").unwrap(), "second");
     app.cleanup().await;
 }
 
