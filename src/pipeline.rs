@@ -1763,10 +1763,15 @@ async fn commit(
 }
 
 async fn save(lease: &Lease, tracker: &mut Tracker, stop: &Stop) -> Result<(), Abort> {
-    match lease
-        .save_progress(tracker.progress, tracker.checkpoint)
-        .await
-    {
+    // Bounded like a heartbeat: a database that does not answer must not
+    // hold the run (and its writers) past the point its lease is lost.
+    let saved = tokio::time::timeout(
+        lease.duration() / 3,
+        lease.save_progress(tracker.progress, tracker.checkpoint),
+    )
+    .await
+    .unwrap_or(Err(claim::Error::Timeout));
+    match saved {
         Ok(hb) => {
             tracker.last_save = Instant::now();
             if hb.cancel_requested {
