@@ -232,6 +232,8 @@ const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 struct Tracker {
     progress: Progress,
     checkpoint: Checkpoint,
+    /// The checkpoint's line when this run began.
+    start_line: LineNo,
     size: u64,
     last_save: Instant,
 }
@@ -260,9 +262,11 @@ pub async fn run(svc: &Services, job: ClaimedJob, shutdown: CancellationToken) -
     let heartbeat = AbortOnDropHandle::new(tokio::spawn(
         heartbeat(lease.clone(), stop.clone(), shutdown).in_current_span(),
     ));
+    let checkpoint = Checkpoint::from_queue_doc(&job.doc);
     let mut tracker = Tracker {
         progress: progress_from_doc(&job.doc),
-        checkpoint: Checkpoint::from_queue_doc(&job.doc),
+        checkpoint,
+        start_line: checkpoint.line,
         size: 0,
         last_save: Instant::now(),
     };
@@ -308,14 +312,16 @@ pub fn last_error(doc: &Document, attempt: i64) -> Option<String> {
 }
 
 /// Claims that count towards `scheduler.max_attempts`: all but those that
-/// ended in a release on shutdown.
+/// ended in a release on shutdown, or in a release after trouble once the
+/// run had moved the checkpoint on (a long import meeting several outages
+/// is not stuck; one that fails where it stands is).
 fn counted_attempts(doc: &Document, attempt: i64) -> i64 {
-    let clean = match doc.get("shutdown_releases") {
-        Some(bson::Bson::Int64(n)) => *n,
-        Some(bson::Bson::Int32(n)) => i64::from(*n),
+    let n = |key: &str| match doc.get(key) {
+        Some(bson::Bson::Int64(n)) => (*n).max(0),
+        Some(bson::Bson::Int32(n)) => i64::from(*n).max(0),
         _ => 0,
     };
-    attempt - clean.max(0)
+    attempt - n("shutdown_releases") - n("progress_releases")
 }
 
 /// Writes the end of a run: final state, or release, or nothing.
@@ -348,7 +354,10 @@ async fn conclude(
                 warn!(error = %e, "Import paused on a transient error; releasing the lease");
             }
             let why = match &reason {
-                Abort::Transient(e) => Release::Trouble(e),
+                Abort::Transient(e) => Release::Trouble {
+                    error: e,
+                    advanced: tracker.checkpoint.line > tracker.start_line,
+                },
                 _ => Release::Shutdown,
             };
             return match lease
@@ -372,7 +381,10 @@ async fn conclude(
             // next attempt completes it (its lines are all idempotent).
             let e = error_chain(&e);
             warn!(error = %e, "Could not store the final state; releasing");
-            let why = Release::Trouble(&e);
+            let why = Release::Trouble {
+                error: &e,
+                advanced: tracker.checkpoint.line > tracker.start_line,
+            };
             let _ = lease
                 .release(tracker.progress, tracker.checkpoint, why)
                 .await;
@@ -1786,5 +1798,29 @@ async fn save(lease: &Lease, tracker: &mut Tracker, stop: &Stop) -> Result<(), A
             warn!(error = %error_chain(&e), "Progress save failed");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempts_count_all_claims_but_clean_releases() {
+        assert_eq!(counted_attempts(&doc! {}, 3), 3);
+        let d = doc! { "shutdown_releases": 1_i64, "progress_releases": 2_i32 };
+        assert_eq!(counted_attempts(&d, 6), 3);
+        assert_eq!(
+            counted_attempts(&doc! { "progress_releases": -4_i64 }, 2),
+            2
+        );
+    }
+
+    #[test]
+    fn last_error_speaks_only_for_its_attempt() {
+        let d = doc! { "last_error": { "message": "HTTP 403", "attempt": 4_i64 } };
+        assert_eq!(last_error(&d, 4).as_deref(), Some("HTTP 403"));
+        assert_eq!(last_error(&d, 5), None);
+        assert_eq!(last_error(&doc! {}, 1), None);
     }
 }

@@ -505,7 +505,7 @@ impl Lease {
         };
         let mut unset = doc! { "lease": "" };
         match why {
-            Release::Trouble(error) => {
+            Release::Trouble { error, .. } => {
                 set.insert("retry_at", after(now, retry_delay(self.attempt)));
                 set.insert(
                     "last_error",
@@ -522,7 +522,10 @@ impl Lease {
                 self.guard(),
                 doc! {
                     "$set": set,
-                    "$inc": { "shutdown_releases": i64::from(why == Release::Shutdown) },
+                    "$inc": {
+                        "shutdown_releases": i64::from(why == Release::Shutdown),
+                        "progress_releases": i64::from(matches!(why, Release::Trouble { advanced: true, .. })),
+                    },
                     "$unset": unset,
                 },
             )
@@ -540,10 +543,16 @@ pub enum Release<'a> {
     /// The daemon is stopping: not the import's fault, not counted towards
     /// `scheduler.max_attempts`, claimable at once.
     Shutdown,
-    /// Trouble that outlasted the retries (an outage), described for
-    /// support (stored as `last_error`; never a cell value): claimable
-    /// again after [`retry_delay`].
-    Trouble(&'a str),
+    /// Trouble that outlasted the retries (an outage): claimable again
+    /// after [`retry_delay`].
+    Trouble {
+        /// What it was, for support (stored as `last_error`; never a cell
+        /// value).
+        error: &'a str,
+        /// Whether this run moved the checkpoint on: such a release is not
+        /// counted towards `scheduler.max_attempts` (`progress_releases`).
+        advanced: bool,
+    },
 }
 
 /// How long an import released after trouble waits before its next claim:

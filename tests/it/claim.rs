@@ -140,7 +140,10 @@ async fn a_stale_owner_is_fenced_off() {
             .release(
                 Default::default(),
                 Default::default(),
-                claim::Release::Trouble("an outage"),
+                claim::Release::Trouble {
+                    error: "an outage",
+                    advanced: false,
+                },
             )
             .await,
     ] {
@@ -197,7 +200,14 @@ async fn release_makes_the_import_claimable_at_once_with_its_checkpoint() {
     // has passed, so a few ticks of outage do not use up its attempts.
     again
         .lease
-        .release(Default::default(), cp, claim::Release::Trouble("an outage"))
+        .release(
+            Default::default(),
+            cp,
+            claim::Release::Trouble {
+                error: "an outage",
+                advanced: false,
+            },
+        )
         .await
         .unwrap();
     let q = app.queue(id).await;
@@ -222,6 +232,22 @@ async fn release_makes_the_import_claimable_at_once_with_its_checkpoint() {
         .unwrap()
         .expect("claimable after its backoff");
     assert_eq!(third.lease.attempt, 3);
+    assert_eq!(third.doc.get_i64("progress_releases").unwrap(), 0);
+    // A run that moved the checkpoint on before its trouble: counted
+    // apart, like a shutdown.
+    third
+        .lease
+        .release(
+            Default::default(),
+            cp,
+            claim::Release::Trouble {
+                error: "an outage",
+                advanced: true,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(get_i64(&app.queue(id).await, "progress_releases"), 1);
     app.cleanup().await;
 }
 
