@@ -687,8 +687,9 @@ impl Claimer {
 
     /// Records that round `round` delivered, even after its lease ran out
     /// (a sender cut off from the database while it delivered): as long as
-    /// no later round was claimed, the delivery stands, so no second one
-    /// follows. Returns false when a later round was claimed.
+    /// no later round was claimed, or only the one that gave up past the
+    /// last round (`gave_up`), the delivery stands, so no second one
+    /// follows. Returns false when a later round was claimed to deliver.
     pub async fn record_delivered(
         &self,
         channel: Channel,
@@ -704,10 +705,17 @@ impl Claimer {
             .update_one(
                 doc! {
                     "_id": queue_id,
-                    channel.key("rounds"): round,
-                    // `failed`: by a round claimed after this one's
-                    // lease ran out, past the last round.
-                    channel.key("state"): { "$in": ["sending", "pending", "failed"] },
+                    "$or": [
+                        {
+                            channel.key("rounds"): round,
+                            channel.key("state"): { "$in": ["sending", "pending"] },
+                        },
+                        {
+                            channel.key("rounds"): round + 1,
+                            channel.key("state"): "failed",
+                            channel.key("gave_up"): true,
+                        },
+                    ],
                 },
                 doc! {
                     "$set": set,
@@ -715,6 +723,7 @@ impl Claimer {
                         channel.key("owner"): "",
                         channel.key("expires_at"): "",
                         channel.key("next_attempt_at"): "",
+                        channel.key("gave_up"): "",
                     },
                 },
             )

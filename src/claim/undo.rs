@@ -184,9 +184,10 @@ impl UndoLease {
             "$set": {
                 "undo.state": "pending",
                 "undo.expires_at": now_plus(pause),
-                "undo.last_error": error,
+                "undo.last_error": { "message": error, "attempt": self.attempt },
             },
             "$unset": { "undo.owner": "" },
+            "$inc": { "undo.error_releases": 1_i64 },
         })
         .await
     }

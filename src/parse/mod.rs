@@ -712,10 +712,11 @@ fn holds_sample(buf: &[u8]) -> bool {
 
 /// How `buf` splits with `delimiter`: the field counts of its lines (line
 /// ends `\n`, `\r\n` or `\r`; a quote opens a quoted field only at a
-/// field's start; a last line without its end counts only if it is the
-/// first), and how often the delimiter stands between two digits (`5,50`,
+/// field's start; a last line without its end counts if it is the first,
+/// or if `whole`: `buf` is the rest of the file, not cut by the sample's
+/// size), and how often the delimiter stands between two digits (`5,50`,
 /// a decimal comma rather than a separator).
-fn field_counts(buf: &[u8], delimiter: u8) -> (Vec<usize>, usize) {
+fn field_counts(buf: &[u8], delimiter: u8, whole: bool) -> (Vec<usize>, usize) {
     let mut counts = Vec::new();
     let (mut fields, mut quoted, mut at_start, mut empty) = (1, false, true, true);
     let mut between_digits = 0;
@@ -758,7 +759,7 @@ fn field_counts(buf: &[u8], delimiter: u8) -> (Vec<usize>, usize) {
             _ => false,
         };
     }
-    if !empty && counts.is_empty() {
+    if !empty && (whole || counts.is_empty()) {
         counts.push(fields);
     }
     (counts, between_digits)
@@ -777,7 +778,9 @@ pub fn detect_delimiter(head: &[u8]) -> u8 {
         .iter()
         .enumerate()
         .filter_map(|(i, &d)| {
-            let (counts, between_digits) = field_counts(sample, d);
+            // Shorter than its cap, the sample ends at a line break or at
+            // the end of the file (see `skip_blank_lines`).
+            let (counts, between_digits) = field_counts(sample, d, sample.len() < SNIFF_BYTES);
             let header = *counts.first()?;
             let consistent = counts[1..].iter().filter(|&&n| n == header).count();
             // A delimiter absent from the header only serves a one-column
@@ -1248,9 +1251,11 @@ mod tests {
         assert_eq!(code(b"PK\x03\x04binary"), "not_csv");
         assert_eq!(code(b"a,b\x00c\n"), "not_csv");
         assert_eq!(code(b",,\n1,2,3\n"), "no_header");
-        let mut huge = "h,".repeat(MAX_HEADER_BYTES / 2 + 1).into_bytes();
-        huge.extend_from_slice(b"\n1\n");
-        assert_eq!(code(&huge), "malformed_csv");
+        let huge = format!("{},b\n1,2\n", "h".repeat(MAX_HEADER_BYTES + 1));
+        match rt().block_on(read_all(huge.into_bytes())) {
+            Err(Error::File(e)) => assert!(e.to_string().contains("KiB"), "{e}"),
+            other => panic!("expected a file error, got {:?}", other.map(|_| ())),
+        }
     }
 
     #[test]
@@ -1297,6 +1302,8 @@ mod tests {
             b';'
         );
         assert_eq!(detect_delimiter(b"a,b;c\n1,2;3\n"), b',');
+        // One row, no final line break.
+        assert_eq!(detect_delimiter(b"Deal;Amount (EUR, net)\nA;5"), b';');
         // Decimal commas in the rows do not make `,` the separator.
         assert_eq!(
             detect_delimiter(b"Deal;Amount (EUR, net)\nA;5,50\nB;6,75\n"),

@@ -384,6 +384,10 @@ impl Notifier {
             );
             fields.insert(format!("{}.next_attempt_at", channel.field()), next);
         }
+        if matches!(e, Error::NoRoundsLeft) {
+            // The quiet round may still record its delivery over this.
+            fields.insert(format!("{}.gave_up", channel.field()), true);
+        }
         (if last { "failed" } else { "pending" }, fields)
     }
 
@@ -729,6 +733,9 @@ impl Notifier {
                         || rounds >= i64::from(self.services.settings.notify.max_rounds);
                     warn!(error = %e, rounds, final_failure = last, "Webhook not delivered");
                     let mut fields = doc! { "webhook.error": e.to_string(), "webhook.at": now };
+                    if matches!(e, webhook::Error::NoRoundsLeft) {
+                        fields.insert("webhook.gave_up", true);
+                    }
                     if !last {
                         let next = now.timestamp_millis()
                             + self.services.settings.notify.redeliver_after.as_millis() as i64;

@@ -54,8 +54,9 @@ use crate::telemetry::error_chain;
 /// than the import's `completed_at` by more than this.
 pub const CLOCK_SLACK: Duration = Duration::from_secs(60);
 
-/// Claims of one undo before it gives up (each after an error past the
-/// retries, or a holder that died), with its last error as the reason.
+/// Attempts of one undo ended by an error past the retries before it gives
+/// up, with the last error as the reason (releases at shutdown, or by a
+/// holder that died, do not count).
 pub const MAX_ATTEMPTS: i64 = 10;
 
 /// How often a running undo saves its checkpoint (which renews its lease).
@@ -295,9 +296,12 @@ pub async fn run(
         .await;
     };
     let undo = q.get_document("undo").cloned().unwrap_or_default();
-    if lease.attempt > MAX_ATTEMPTS {
+    if count(&undo, "error_releases") as i64 >= MAX_ATTEMPTS {
         // What it removed so far stays removed.
-        let last = undo.get_str("last_error").unwrap_or("its holders stopped");
+        let last = undo
+            .get_document("last_error")
+            .and_then(|e| e.get_str("message"))
+            .unwrap_or("not recorded");
         let reason = format!(
             "it did not finish in {MAX_ATTEMPTS} attempts (last: {last}); what it removed so far \
              stays removed; please contact support"

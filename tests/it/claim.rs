@@ -378,5 +378,27 @@ async fn a_quiet_delivery_round_waits_out_the_grace_and_a_late_sent_stands() {
         .unwrap()
         .clone();
     assert_eq!(n.get_str("state"), Ok("sending"), "{n}");
+    // The round claimed past the last one gave up; the late record of the
+    // last round's delivery still stands.
+    let (past, mut past_doc) = round(7);
+    past_doc.insert(
+        "notify",
+        doc! { "state": "failed", "gave_up": true, "rounds": 7_i64 },
+    );
+    app.queues().insert_one(past_doc).await.unwrap();
+    assert!(
+        claimer
+            .record_delivered(claim::Channel::Email, past, 6, doc! {})
+            .await
+            .unwrap()
+    );
+    let n = app
+        .queue(past)
+        .await
+        .get_document("notify")
+        .unwrap()
+        .clone();
+    assert_eq!(n.get_str("state"), Ok("sent"), "{n}");
+    assert!(!n.contains_key("gave_up"), "{n}");
     app.cleanup().await;
 }

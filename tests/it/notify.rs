@@ -563,6 +563,7 @@ async fn a_last_round_gone_quiet_ends_failed_without_a_send_and_makes_the_webhoo
         "{n}"
     );
     assert_eq!(n.get_i64("rounds").unwrap(), i64::from(max_rounds) + 1);
+    assert_eq!(n.get_bool("gave_up"), Ok(true), "{n}");
     assert!(
         smtp.messages().is_empty(),
         "nothing sent past the last round"

@@ -391,7 +391,10 @@ async fn an_undo_given_back_after_an_error_pauses_before_the_next_claim() {
         let u = app.queue(id).await.get_document("undo").unwrap().clone();
         assert_eq!(u.get_str("state"), Ok("pending"));
         assert!(!u.contains_key("owner"), "{u}");
-        assert_eq!(u.get_str("last_error"), Ok("a database error"));
+        let e = u.get_document("last_error").unwrap();
+        assert_eq!(e.get_str("message"), Ok("a database error"));
+        assert_eq!(get_i64(e, "attempt"), attempt);
+        assert_eq!(get_i64(&u, "error_releases"), attempt);
         let until = u.get_datetime("expires_at").unwrap().timestamp_millis() - before;
         assert!(
             (pause * 1_000 - 500..=pause * 1_000 + 2_000).contains(&until),
@@ -415,8 +418,10 @@ async fn an_undo_that_keeps_failing_gives_up_with_its_last_error() {
             doc! { "$set": {
                 "undo_requested": true,
                 "undo": {
-                    "state": "pending", "attempts": importd::undo::MAX_ATTEMPTS,
-                    "last_error": "a database error",
+                    // Shutdown releases besides: not counted.
+                    "state": "pending", "attempts": importd::undo::MAX_ATTEMPTS + 3,
+                    "error_releases": importd::undo::MAX_ATTEMPTS,
+                    "last_error": { "message": "a database error", "attempt": 12_i64 },
                 },
             } },
         )
