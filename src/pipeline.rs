@@ -723,6 +723,21 @@ struct Source {
     skip: u64,
 }
 
+/// Runs one step of the write loop (preparing a batch, which may retry its
+/// stage lookups for a minute; settling or committing one) unless the
+/// lease is lost first: then the run stops at once, and returning drops
+/// the writes in flight, which aborts them.
+async fn unless_lost<T>(
+    stop: &Stop,
+    step: impl std::future::Future<Output = Result<T, Abort>>,
+) -> Result<T, Abort> {
+    tokio::select! {
+        biased;
+        () = stop.lost.cancelled() => Err(Abort::LeaseLost),
+        done = step => done,
+    }
+}
+
 /// What writes the batches of one kind of record.
 trait Sink<R> {
     /// Prepares `batch` and starts writing it in its own task.
@@ -781,11 +796,11 @@ impl Run<'_> {
                 }
                 Some(done) = inflight.next(), if !inflight.is_empty() => {
                     let mut done = joined(done)?;
-                    sink.settle(&mut done).await?;
-                    commit(svc, lease, tracker, stop, &done).await?;
+                    unless_lost(stop, sink.settle(&mut done)).await?;
+                    unless_lost(stop, commit(svc, lease, tracker, stop, &done)).await?;
                 }
                 batch = rx.recv(), if !producer_done && inflight.len() < writers => match batch {
-                    Some(batch) => inflight.push_back(sink.start(batch).await?),
+                    Some(batch) => inflight.push_back(unless_lost(stop, sink.start(batch)).await?),
                     None => producer_done = true,
                 },
             }
