@@ -206,3 +206,47 @@ async fn an_import_claimed_too_often_fails_with_too_many_attempts() {
     assert_eq!(app.count(collections::DEALS, doc! {}).await, 0);
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_whose_lease_is_taken_stops_writing_at_once() {
+    let mut settings = crate::helpers::test_settings();
+    // A long lease: not its heartbeat (every 20 s) but the next progress
+    // save after a batch notices the loss.
+    settings.scheduler.lease = Duration::from_secs(60);
+    let mut app = TestApp::with_settings(settings).await;
+    app.spawn_daemon();
+    let id = app
+        .enqueue_csv("taken.csv", csv(300_000).as_bytes(), &MAPPING)
+        .await;
+    wait_progress(&app, id, 10_000).await;
+    // Another daemon's claim, as a rescue after an expiry would allow it.
+    let taken = app
+        .queues()
+        .update_one(
+            doc! { "_id": id, "status": "processing" },
+            doc! {
+                "$set": { "lease.owner": "another-daemon" },
+                "$inc": { "attempts": 1_i64 },
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(taken.modified_count, 1, "still processing when taken");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = app.count(collections::DEALS, doc! {}).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        app.count(collections::DEALS, doc! {}).await,
+        before,
+        "no write after the loss"
+    );
+    assert!(before < 300_000, "{before}");
+    let q = app.queue(id).await;
+    assert_eq!(q.get_str("status").unwrap(), "processing", "{q}");
+    assert_eq!(
+        q.get_document("lease").unwrap().get_str("owner").unwrap(),
+        "another-daemon",
+        "the old owner wrote no final state"
+    );
+    app.cleanup().await;
+}
