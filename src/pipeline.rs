@@ -315,7 +315,7 @@ pub fn last_error(doc: &Document, attempt: i64) -> Option<String> {
 /// ended in a release on shutdown, or in a release after trouble once the
 /// run had moved the checkpoint on (a long import meeting several outages
 /// is not stuck; one that fails where it stands is).
-fn counted_attempts(doc: &Document, attempt: i64) -> i64 {
+pub fn counted_attempts(doc: &Document, attempt: i64) -> i64 {
     let n = |key: &str| match doc.get(key) {
         Some(bson::Bson::Int64(n)) => (*n).max(0),
         Some(bson::Bson::Int32(n)) => i64::from(*n).max(0),

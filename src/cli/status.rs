@@ -118,7 +118,16 @@ impl ImportStatus {
             .get_i64("attempts")
             .or(q.get_i32("attempts").map(i64::from))
         {
-            out.push_str(&format!("  attempts: {a}\n"));
+            // Releases on shutdown, or after trouble once the run had moved
+            // on, are not counted towards `scheduler.max_attempts`.
+            let counted = crate::pipeline::counted_attempts(q, a);
+            if counted == a {
+                out.push_str(&format!("  attempts: {a}\n"));
+            } else {
+                out.push_str(&format!(
+                    "  attempts: {a} claims, {counted} counted towards the limit\n"
+                ));
+            }
         }
         if let Some(s) = &self.summary
             && let Ok(logs) = s.get_array("logs")

@@ -99,6 +99,12 @@ async fn sigterm_checkpoints_releases_and_another_daemon_resumes_without_rewriti
     );
     let summary = app.summary(id).await;
     assert_eq!(get_i64(&summary, "total_records_added") as usize, ROWS);
+    let (code, out, _) = app.cli(&["status", &id.to_hex()]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("attempts: 2 claims, 1 counted towards the limit"),
+        "{out}"
+    );
     app.cleanup().await;
 }
 
