@@ -877,15 +877,7 @@ impl DealSink {
         pipeline_id: ObjectId,
         plan: &Plan,
     ) -> Result<Self, Abort> {
-        let stages = StageCache::load(
-            &svc.db,
-            spec.account_id,
-            pipeline_id,
-            spec.user_id,
-            spec.queue_id,
-            svc.settings.import.max_new_stages,
-        )
-        .await?;
+        let stages = load_stages(svc, spec, pipeline_id).await?;
         let names = match spec.duplicate_strategy {
             DuplicateStrategy::Create => None,
             _ => Some(deal_names(svc, spec, pipeline_id).await?),
@@ -992,17 +984,9 @@ struct CheckDupes {
 impl CheckSink {
     async fn new(svc: &Services, spec: &ImportSpec, plan: &Plan) -> Result<Self, Abort> {
         let stages = match spec.pipeline_id {
-            Some(pipeline_id) if plan.maps_stages() => Some(
-                StageCache::load(
-                    &svc.db,
-                    spec.account_id,
-                    pipeline_id,
-                    spec.user_id,
-                    spec.queue_id,
-                    svc.settings.import.max_new_stages,
-                )
-                .await?,
-            ),
+            Some(pipeline_id) if plan.maps_stages() => {
+                Some(load_stages(svc, spec, pipeline_id).await?)
+            }
             _ => None,
         };
         let names = match (spec.kind, spec.duplicate_strategy, spec.pipeline_id) {
@@ -1486,6 +1470,24 @@ async fn resolve_stage(
             Err(e) => return Err(Abort::Transient(error_chain(&e))),
         }
     }
+}
+
+/// The stages of the import's pipeline, as its run (or check) resolves
+/// them, under `import.max_new_stages`.
+async fn load_stages(
+    svc: &Services,
+    spec: &ImportSpec,
+    pipeline_id: ObjectId,
+) -> Result<StageCache, Abort> {
+    Ok(StageCache::load(
+        &svc.db,
+        spec.account_id,
+        pipeline_id,
+        spec.user_id,
+        spec.queue_id,
+        svc.settings.import.max_new_stages,
+    )
+    .await?)
 }
 
 /// Lists the stages the import created (or, a dry run, would create) on

@@ -948,10 +948,7 @@ async fn rows_past_the_new_stage_limit_fail_and_name_the_limit() {
     let mut settings = crate::helpers::test_settings();
     settings.import.max_new_stages = 2;
     let mut app = TestApp::with_settings(settings).await;
-    app.coll(collections::PIPELINE_STAGES)
-        .insert_one(doc! { "account_id": app.account_id, "pipeline_id": app.pipeline_id, "name": "won", "label": "Won", "order": 1 })
-        .await
-        .unwrap();
+    app.add_stage("won", "Won").await;
     app.spawn_daemon();
     // Under `skip`, a row repeating the name of a row that failed on its
     // stage creates the deal (nothing was created to be a duplicate of).

@@ -96,10 +96,7 @@ async fn a_dry_run_fails_the_rows_past_the_new_stage_limit() {
     let mut settings = crate::helpers::test_settings();
     settings.import.max_new_stages = 1;
     let mut app = TestApp::with_settings(settings).await;
-    app.coll(collections::PIPELINE_STAGES)
-        .insert_one(doc! { "account_id": app.account_id, "pipeline_id": app.pipeline_id, "name": "won", "label": "Won", "order": 1 })
-        .await
-        .unwrap();
+    app.add_stage("won", "Won").await;
     app.spawn_daemon();
     let id = app
         .enqueue_with(

@@ -330,6 +330,17 @@ impl TestApp {
             .unwrap()
     }
 
+    /// A stage of the test pipeline, as the dashboard would have made it.
+    pub async fn add_stage(&self, name: &str, label: &str) {
+        self.coll(collections::PIPELINE_STAGES)
+            .insert_one(doc! {
+                "account_id": self.account_id, "pipeline_id": self.pipeline_id,
+                "name": name, "label": label, "order": 1,
+            })
+            .await
+            .unwrap();
+    }
+
     pub async fn count(&self, coll: &str, filter: Document) -> u64 {
         self.coll(coll).count_documents(filter).await.unwrap()
     }
