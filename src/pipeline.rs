@@ -23,6 +23,7 @@
 //! trouble that outlasts the retries → checkpoint and release, so a later
 //! attempt resumes.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -46,7 +47,7 @@ use crate::domain::{
 };
 use crate::fetch::{self, Storage};
 use crate::map::{FailedRow, Mapped, MappedContact, MappedDeal, Plan, RawCells, Rules};
-use crate::outcomes::{self, BatchOutcome, Totals};
+use crate::outcomes::{self, BatchOutcome, LineOutcome, RecordedBatch, Totals};
 use crate::parse::{self, Records, Start};
 use crate::stages::StageCache;
 use crate::telemetry::error_chain;
@@ -685,9 +686,21 @@ async fn import(
         }
         return Ok(());
     }
+    // Batches an earlier run wrote and recorded after the checkpoint (it
+    // died before saving the next one): their recorded outcomes stand, and
+    // nothing of them is written again (an update replayed now could undo
+    // what another import or a user changed since).
+    let replayed = outcomes::recorded_first_lines(&svc.db, spec.queue_id, resume.line).await?;
+    if !replayed.is_empty() {
+        info!(
+            batches = replayed.len(),
+            "Reusing outcomes recorded after the checkpoint"
+        );
+    }
     match pipeline_id {
         Some(pipeline_id) => {
-            let mut sink = DealSink::new(svc, lease.queue_id, spec, pipeline_id, &plan).await?;
+            let mut sink =
+                DealSink::new(svc, lease.queue_id, spec, pipeline_id, &plan, replayed).await?;
             let writers = match spec.duplicate_strategy {
                 // Updates must see the deals earlier batches create.
                 DuplicateStrategy::Update => 1,
@@ -702,6 +715,7 @@ async fn import(
                 db: svc.db.clone(),
                 writer: ContactWriter::new(svc.db.collection(collections::CONTACTS), spec),
                 queue_id: lease.queue_id,
+                replayed,
             };
             let map = move |line, fields: &csv_async::ByteRecord| plan.map_contact(line, fields);
             // One batch at a time: the first line of an email in the file
@@ -867,6 +881,9 @@ struct DealSink {
     /// Lines whose deal later rows of the same name matched, but whose
     /// write failed (see `settle_own`).
     failed_own: std::collections::HashSet<LineNo>,
+    /// First lines of the batches an earlier run recorded (not written
+    /// again: see [`reuse_deals`]).
+    replayed: BTreeSet<LineNo>,
 }
 
 impl DealSink {
@@ -876,6 +893,7 @@ impl DealSink {
         spec: &ImportSpec,
         pipeline_id: ObjectId,
         plan: &Plan,
+        replayed: BTreeSet<LineNo>,
     ) -> Result<Self, Abort> {
         let stages = load_stages(svc, spec, pipeline_id).await?;
         let names = match spec.duplicate_strategy {
@@ -895,6 +913,7 @@ impl DealSink {
                 names,
             },
             failed_own: std::collections::HashSet::new(),
+            replayed,
         })
     }
 }
@@ -904,6 +923,7 @@ impl Sink<MappedDeal> for DealSink {
         &mut self,
         batch: Batch<MappedDeal>,
     ) -> Result<AbortOnDropHandle<Written>, Abort> {
+        let replay = self.replayed.remove(&batch.first_line);
         let prepared = prepare(&self.writer, &mut self.stages, &mut self.dedupe, batch).await?;
         // Its own task: a write makes progress (reply, then the outcome
         // write) while the loop commits or prepares.
@@ -914,6 +934,7 @@ impl Sink<MappedDeal> for DealSink {
                 self.linker.clone(),
                 self.queue_id,
                 prepared,
+                replay,
             )
             .in_current_span(),
         )))
@@ -1089,14 +1110,14 @@ impl<R: Mapped + Send + 'static> Sink<R> for CheckSink {
     }
 }
 
-/// The failures an earlier run recorded for a replayed batch (see
-/// [`outcomes::recorded_failures`]), retrying transient failures.
-async fn earlier_failures(
+/// The outcomes an earlier run recorded for the batch starting at
+/// `first_line`, retrying transient failures.
+async fn recorded_batch(
     db: &Database,
     queue_id: ObjectId,
     first_line: LineNo,
-) -> Result<std::collections::HashMap<LineNo, String>, Abort> {
-    Ok((|| outcomes::recorded_failures(db, queue_id, first_line))
+) -> Result<Option<RecordedBatch>, Abort> {
+    Ok((|| outcomes::recorded_batch(db, queue_id, first_line))
         .retry(write_retry())
         .when(crate::db::is_transient)
         .await?)
@@ -1121,6 +1142,8 @@ struct ContactSink {
     db: Database,
     writer: ContactWriter,
     queue_id: ObjectId,
+    /// First lines of the batches an earlier run recorded.
+    replayed: BTreeSet<LineNo>,
 }
 
 impl Sink<MappedContact> for ContactSink {
@@ -1128,9 +1151,16 @@ impl Sink<MappedContact> for ContactSink {
         &mut self,
         batch: Batch<MappedContact>,
     ) -> Result<AbortOnDropHandle<Written>, Abort> {
+        let replay = self.replayed.remove(&batch.first_line);
         Ok(AbortOnDropHandle::new(tokio::spawn(
-            write_contacts(self.db.clone(), self.writer.clone(), self.queue_id, batch)
-                .in_current_span(),
+            write_contacts(
+                self.db.clone(),
+                self.writer.clone(),
+                self.queue_id,
+                batch,
+                replay,
+            )
+            .in_current_span(),
         )))
     }
 
@@ -1142,36 +1172,34 @@ impl Sink<MappedContact> for ContactSink {
 }
 
 /// Writes a batch of contacts, then stores its outcomes; retried as a whole
-/// on transient errors (both steps are idempotent).
+/// on transient errors (both steps are idempotent). A `replay`ed batch an
+/// earlier run recorded is not written again: its outcomes stand.
 async fn write_contacts(
     db: Database,
     writer: ContactWriter,
     queue_id: ObjectId,
     batch: Batch<MappedContact>,
+    replay: bool,
 ) -> Written {
     let started = Instant::now();
     let (mut outcome, rows, mark) = batch.split();
+    if replay && let Some(recorded) = recorded_batch(&db, queue_id, outcome.first_line).await? {
+        if reuse_contacts(&mut outcome, &rows, &recorded) {
+            return Ok(mark.done(outcome));
+        }
+        warn!("The recorded outcomes do not cover the batch; writing it again");
+    }
     let results = (|| writer.write(&rows))
         .retry(write_retry())
         .when(|e| e.is_transient())
         .notify(|e, d| warn!(error = %error_chain(e), delay_ms = d.as_millis() as u64, "Contact batch write failed; retrying"))
         .await
         .map_err(|e| Abort::Transient(error_chain(&e)))?;
-    let recorded = if results
-        .iter()
-        .any(|r| matches!(r, ContactWrite::Superseded(_)))
-    {
-        earlier_failures(&db, queue_id, outcome.first_line).await?
-    } else {
-        Default::default()
-    };
     for (c, result) in rows.iter().zip(results) {
         match result {
             ContactWrite::Created | ContactWrite::AlreadyImported => outcome.imported.push(c.line),
-            ContactWrite::Superseded(_) if recorded.contains_key(&c.line) => {
-                let message = recorded[&c.line].clone();
-                outcome.failed.push(rejected_row(c.line, message, &c.raw));
-            }
+            // Superseded: its first run applied it (else the batch's
+            // outcomes would be recorded and not written again).
             ContactWrite::Updated(id) | ContactWrite::Superseded(id) => {
                 outcome.updated.push((c.line, id));
             }
@@ -1186,6 +1214,34 @@ async fn write_contacts(
     record_outcome(&db, queue_id, &outcome).await?;
     metrics::histogram!(m::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
     Ok(mark.done(outcome))
+}
+
+/// Completes `outcome` (its mapping failures) with the outcomes an earlier
+/// run recorded for `rows` (pure). Returns false, leaving `outcome` as it
+/// was, unless the record covers every row.
+fn reuse_contacts(
+    outcome: &mut BatchOutcome,
+    rows: &[MappedContact],
+    recorded: &RecordedBatch,
+) -> bool {
+    let Some(found) = rows
+        .iter()
+        .map(|c| recorded.outcome(c.line))
+        .collect::<Option<Vec<_>>>()
+    else {
+        return false;
+    };
+    for (c, found) in rows.iter().zip(found) {
+        match found {
+            LineOutcome::Imported { .. } => outcome.imported.push(c.line),
+            LineOutcome::Updated { id } => outcome.updated.push((c.line, id)),
+            LineOutcome::Skipped { id } => outcome.skipped.push((c.line, id)),
+            LineOutcome::Failed(f) => outcome.failed.push(rejected_row(c.line, f.message, &c.raw)),
+        }
+    }
+    outcome.contacts_created = outcome.imported.len() as u64;
+    outcome.failed.sort_by_key(|f| f.error.line);
+    true
 }
 
 /// A written batch.
@@ -1531,15 +1587,23 @@ fn stage_limit_row(
 }
 
 /// Inserts a batch's deals, then stores its outcomes; retried as a whole on
-/// transient errors (both steps are idempotent).
+/// transient errors (both steps are idempotent). A `replay`ed batch an
+/// earlier run recorded is not written again: its outcomes stand.
 async fn write_batch(
     db: Database,
     writer: DealWriter,
     linker: Option<ContactLinker>,
     queue_id: ObjectId,
     mut p: Prepared,
+    replay: bool,
 ) -> Written {
     let started = Instant::now();
+    if replay && let Some(recorded) = recorded_batch(&db, queue_id, p.first_line).await? {
+        if covers(&p, &recorded) {
+            return Ok(reuse_deals(p, &recorded));
+        }
+        warn!("The recorded outcomes do not cover the batch; writing it again");
+    }
     let (contacts_created, refused, mut failed_creates) = match &linker {
         Some(linker) => link_contacts(linker, &mut p).await?,
         None => (0, Vec::new(), Vec::new()),
@@ -1579,19 +1643,11 @@ async fn write_batch(
             _ => outcome.imported.push(*line),
         }
     }
-    let recorded = if update_results.contains(&LineWrite::Superseded) {
-        earlier_failures(&db, queue_id, p.first_line).await?
-    } else {
-        Default::default()
-    };
     for ((line, id, _, raw), result) in p.updates.iter().zip(update_results) {
         match result {
             LineWrite::Rejected(message) => outcome.failed.push(rejected_row(*line, message, raw)),
-            LineWrite::Superseded if recorded.contains_key(line) => {
-                outcome
-                    .failed
-                    .push(rejected_row(*line, recorded[line].clone(), raw));
-            }
+            // Superseded: its first run applied it (else the batch's
+            // outcomes would be recorded and not written again).
             _ => outcome.updated.push((*line, *id)),
         }
     }
@@ -1605,6 +1661,93 @@ async fn write_batch(
         skipped_raws: p.skipped_raws,
         failed_creates,
     })
+}
+
+/// The batch `p` as an earlier run recorded it (pure). The record is the
+/// final word on each line it holds: the rows to insert or update take
+/// their recorded outcomes (replayed now, an update would undo what changed
+/// since, and a row refused then could update the deal a later row of its
+/// name created since); this run's duplicates and mapping failures stand
+/// where the record agrees or is silent. For a record that [`covers`] `p`.
+fn reuse_deals(p: Prepared, recorded: &RecordedBatch) -> Done {
+    let mut done = Done {
+        outcome: BatchOutcome {
+            first_line: p.first_line,
+            last_line: p.last_line,
+            imported: Vec::with_capacity(p.lines.len()),
+            contacts_created: recorded.contacts_created,
+            ..BatchOutcome::default()
+        },
+        end: p.end,
+        records_end: p.records_end,
+        skipped_raws: Vec::new(),
+        failed_creates: Vec::new(),
+    };
+    for ((line, raw), doc) in p.lines.iter().zip(&p.raws).zip(&p.docs) {
+        if let Some(found) = recorded.outcome(*line) {
+            if matches!(found, LineOutcome::Failed(_)) {
+                let name = doc.get_str("name").unwrap_or_default();
+                done.failed_creates.push((*line, name.to_owned()));
+            }
+            add_recorded(&mut done, *line, found, Some(raw));
+        }
+    }
+    for (line, _, _, raw) in &p.updates {
+        if let Some(found) = recorded.outcome(*line) {
+            add_recorded(&mut done, *line, found, Some(raw));
+        }
+    }
+    for ((line, id), raw) in p.skipped.into_iter().zip(p.skipped_raws) {
+        match recorded.outcome(line) {
+            Some(found @ (LineOutcome::Imported { .. } | LineOutcome::Updated { .. })) => {
+                add_recorded(&mut done, line, found, None);
+            }
+            Some(LineOutcome::Failed(f)) => {
+                let raw = raw.unwrap_or_default();
+                add_recorded(&mut done, line, LineOutcome::Failed(f), Some(&raw));
+            }
+            _ => {
+                done.outcome.skipped.push((line, id));
+                done.skipped_raws.push(raw);
+            }
+        }
+    }
+    for f in p.failed {
+        match recorded.outcome(f.error.line) {
+            Some(LineOutcome::Failed(_)) | None => done.outcome.failed.push(f),
+            Some(found) => add_recorded(&mut done, f.error.line, found, None),
+        }
+    }
+    done.outcome.failed.sort_by_key(|f| f.error.line);
+    done
+}
+
+/// Adds `line`'s recorded outcome to `done`; a failed line keeps the cells
+/// of `raw`.
+fn add_recorded(done: &mut Done, line: LineNo, found: LineOutcome, raw: Option<&RawCells>) {
+    let outcome = &mut done.outcome;
+    match found {
+        LineOutcome::Imported { .. } => outcome.imported.push(line),
+        LineOutcome::Updated { id } => outcome.updated.push((line, id)),
+        LineOutcome::Skipped { id } => {
+            outcome.skipped.push((line, id));
+            done.skipped_raws.push(None);
+        }
+        LineOutcome::Failed(f) => {
+            let empty = RawCells::default();
+            let raw = raw.unwrap_or(&empty);
+            outcome.failed.push(rejected_row(line, f.message, raw));
+        }
+    }
+}
+
+/// Whether `recorded` holds an outcome for every row of `p` to insert or
+/// update (pure).
+fn covers(p: &Prepared, recorded: &RecordedBatch) -> bool {
+    p.lines
+        .iter()
+        .chain(p.updates.iter().map(|u| &u.0))
+        .all(|line| recorded.outcome(*line).is_some())
 }
 
 /// A row that was to create a deal and failed must not stand as the deal
@@ -1831,6 +1974,108 @@ mod tests {
             counted_attempts(&doc! { "progress_releases": -4_i64 }, 2),
             2
         );
+    }
+
+    /// A resumed batch an earlier run recorded: every line it holds takes
+    /// its recorded outcome, whatever this run decided; a refused create
+    /// is handed on so later rows of its name do not match it.
+    #[test]
+    fn a_recorded_batch_is_reused_line_by_line() {
+        let q = ObjectId::new();
+        let (existing, other) = (ObjectId::new(), ObjectId::new());
+        let cells = |v: &str| RawCells::copy(&[v][..]);
+        let mut doc = RawDocumentBuf::new();
+        doc.append("name", "Zed");
+        let mapping_failure = FailedRow {
+            error: crate::domain::RowError {
+                line: 7,
+                code: crate::domain::RowCode::Required,
+                field: Some("name".into()),
+                value: None,
+                message: "A name is required.".into(),
+            },
+            cells: vec![String::new()],
+        };
+        // This run: creates 2 and 3, updates 4 (as line 4 of the first
+        // run refused, the deal line 6 created since has its name), skips
+        // 5 and 6, line 7 fails to map.
+        let p = Prepared {
+            docs: vec![doc.clone(), doc],
+            lines: vec![2, 3],
+            raws: vec![cells("a"), cells("b")],
+            contacts: vec![None, None],
+            updates: vec![(4, other, RawDocumentBuf::new(), cells("d"))],
+            update_contacts: vec![None],
+            skipped: vec![(5, existing), (6, existing)],
+            skipped_raws: vec![None, Some(cells("f"))],
+            failed: vec![mapping_failure.clone()],
+            first_line: 2,
+            last_line: 7,
+            end: Start { line: 8, byte: 99 },
+            records_end: 6,
+        };
+        let first_run = BatchOutcome {
+            first_line: 2,
+            last_line: 7,
+            imported: vec![2, 6],
+            updated: vec![],
+            skipped: vec![(5, existing)],
+            failed: vec![
+                rejected_row(3, "refused".into(), &cells("b")),
+                rejected_row(4, "refused too".into(), &cells("d")),
+                mapping_failure,
+            ],
+            contacts_created: 1,
+        };
+        let recorded =
+            RecordedBatch::from_doc(q, &outcomes::batch_document(q, &first_run).unwrap());
+        assert!(covers(&p, &recorded));
+        let done = reuse_deals(p, &recorded);
+        let o = &done.outcome;
+        assert_eq!(o.imported, [2, 6]);
+        assert!(o.updated.is_empty());
+        assert_eq!(o.skipped, [(5, existing)]);
+        assert_eq!(done.skipped_raws, [None]);
+        let failed: Vec<(LineNo, &str)> = o
+            .failed
+            .iter()
+            .map(|f| (f.error.line, f.error.message.as_str()))
+            .collect();
+        assert_eq!(
+            failed,
+            [
+                (3, "refused"),
+                (4, "refused too"),
+                (7, "A name is required.")
+            ]
+        );
+        assert_eq!(o.failed[0].cells, ["b"]);
+        assert_eq!(o.failed[2].error.code, crate::domain::RowCode::Required);
+        assert_eq!(o.contacts_created, 1);
+        assert_eq!(done.failed_creates, [(3, "Zed".to_owned())]);
+        assert_eq!(done.end.line, 8);
+        // A record silent on a row to write does not cover the batch.
+        let partial = BatchOutcome {
+            imported: vec![2],
+            ..first_run
+        };
+        let partial = RecordedBatch::from_doc(q, &outcomes::batch_document(q, &partial).unwrap());
+        let p = Prepared {
+            docs: vec![],
+            lines: vec![2, 8],
+            raws: vec![],
+            contacts: vec![],
+            updates: vec![],
+            update_contacts: vec![],
+            skipped: vec![],
+            skipped_raws: vec![],
+            failed: vec![],
+            first_line: 2,
+            last_line: 3,
+            end: Start { line: 4, byte: 9 },
+            records_end: 2,
+        };
+        assert!(!covers(&p, &partial));
     }
 
     #[test]

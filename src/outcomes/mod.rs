@@ -16,10 +16,15 @@
 //! - Support's "what happened to line N of import X" is one indexed query
 //!   on `(queue_id, first_line)` ([`line_outcome`]); all failed lines of X
 //!   come from `(queue_id, failed_count)`.
+//! - A batch's document is stored once all of its writes are done: a
+//!   resumed run reuses the documents of the batches written after its
+//!   checkpoint ([`recorded_batch`]) instead of writing them again.
 //! - Totals are recomputed from these documents at the end ([`totals`]),
 //!   so they are exact after any number of replays.
 //! - `csv_imports` keeps one summary per import with totals and the first
 //!   1,000 failures in `logs` (SPEC.md).
+
+use std::collections::{HashMap, HashSet};
 
 use bson::oid::ObjectId;
 use bson::{Bson, DateTime, Document, doc};
@@ -88,11 +93,10 @@ fn pairs(lines: &[(LineNo, ObjectId)]) -> Vec<Document> {
         .collect()
 }
 
-/// Stores one batch's outcomes (idempotent upsert).
-pub async fn record_batch(db: &Database, queue_id: ObjectId, batch: &BatchOutcome) -> Result<()> {
-    let Some(id) = deal_id(&queue_id, batch.first_line) else {
-        return Ok(());
-    };
+/// The stored document of one batch's outcomes (pure); `None` for a
+/// batch past the largest line number.
+pub fn batch_document(queue_id: ObjectId, batch: &BatchOutcome) -> Option<Document> {
+    let id = deal_id(&queue_id, batch.first_line)?;
     let mut row_bytes = 0usize;
     let failed: Vec<Document> = batch
         .failed
@@ -103,7 +107,7 @@ pub async fn record_batch(db: &Database, queue_id: ObjectId, batch: &BatchOutcom
             failure_doc(f, row_bytes <= MAX_ROW_BYTES_PER_DOC)
         })
         .collect();
-    let document = doc! {
+    Some(doc! {
         "_id": id,
         "queue_id": queue_id,
         "first_line": batch.first_line as i64,
@@ -118,41 +122,141 @@ pub async fn record_batch(db: &Database, queue_id: ObjectId, batch: &BatchOutcom
         "failed_count": batch.failed.len() as i64,
         "contacts_created": batch.contacts_created as i64,
         "written_at": DateTime::now(),
+    })
+}
+
+/// Stores one batch's outcomes (idempotent upsert).
+pub async fn record_batch(db: &Database, queue_id: ObjectId, batch: &BatchOutcome) -> Result<()> {
+    let Some(document) = batch_document(queue_id, batch) else {
+        return Ok(());
     };
     db.collection::<Document>(collections::IMPORT_LINES)
-        .replace_one(doc! { "_id": id }, document)
+        .replace_one(doc! { "_id": document.get("_id") }, document)
         .with_options(ReplaceOptions::builder().upsert(true).build())
         .await?;
     Ok(())
 }
 
-/// The failed lines an earlier run recorded for the batch starting at
-/// `first_line`, with their messages (for replayed lines it did not
-/// apply again: their outcome stays the first run's).
-pub async fn recorded_failures(
+/// The first lines of the batches of `queue_id` recorded at or after
+/// `from` (one index range): a resumed run reuses their outcomes instead
+/// of writing them again.
+pub async fn recorded_first_lines(
+    db: &Database,
+    queue_id: ObjectId,
+    from: LineNo,
+) -> Result<std::collections::BTreeSet<LineNo>> {
+    let mut cursor = db
+        .collection::<Document>(collections::IMPORT_LINES)
+        .find(doc! { "queue_id": queue_id, "first_line": { "$gte": from as i64 } })
+        .projection(doc! { "_id": 0, "first_line": 1 })
+        .await?;
+    let mut lines = std::collections::BTreeSet::new();
+    while let Some(d) = cursor.try_next().await? {
+        if let Some(line) = d
+            .get_i64("first_line")
+            .ok()
+            .and_then(|l| LineNo::try_from(l).ok())
+        {
+            lines.insert(line);
+        }
+    }
+    Ok(lines)
+}
+
+/// The stored outcomes of the batch of `queue_id` starting at
+/// `first_line`, without the failed rows' cells.
+pub async fn recorded_batch(
     db: &Database,
     queue_id: ObjectId,
     first_line: LineNo,
-) -> Result<std::collections::HashMap<LineNo, String>> {
+) -> Result<Option<RecordedBatch>> {
     let Some(id) = deal_id(&queue_id, first_line) else {
-        return Ok(Default::default());
+        return Ok(None);
     };
     let stored = db
         .collection::<Document>(collections::IMPORT_LINES)
         .find_one(doc! { "_id": id })
-        .projection(doc! { "failed.line": 1, "failed.message": 1 })
+        .projection(doc! { "failed.row": 0 })
         .await?;
-    Ok(stored
-        .as_ref()
-        .and_then(|d| d.get_array("failed").ok())
-        .into_iter()
-        .flatten()
-        .filter_map(Bson::as_document)
-        .filter_map(|f| {
-            let line = LineNo::try_from(f.get_i64("line").ok()?).ok()?;
-            Some((line, f.get_str("message").unwrap_or_default().to_owned()))
-        })
-        .collect())
+    Ok(stored.map(|d| RecordedBatch::from_doc(queue_id, &d)))
+}
+
+/// A stored batch document read back: what each of its lines came to.
+/// The document is stored only once all of its batch's writes are done,
+/// so it is the batch's final word.
+#[derive(Clone, Debug, Default)]
+pub struct RecordedBatch {
+    queue_id: ObjectId,
+    imported: HashSet<LineNo>,
+    updated: HashMap<LineNo, ObjectId>,
+    skipped: HashMap<LineNo, ObjectId>,
+    failed: HashMap<LineNo, RowErrorDoc>,
+    /// Contacts the batch's deals named and the batch created.
+    pub contacts_created: u64,
+}
+
+impl RecordedBatch {
+    /// Reads a batch document of import `queue_id` (pure).
+    pub fn from_doc(queue_id: ObjectId, d: &Document) -> Self {
+        let docs = |key: &str| {
+            d.get_array(key)
+                .into_iter()
+                .flatten()
+                .filter_map(Bson::as_document)
+        };
+        let line_of = |b: &Bson| b.as_i64().and_then(|l| LineNo::try_from(l).ok());
+        let pairs = |key: &str| {
+            docs(key)
+                .filter_map(|p| {
+                    let line = line_of(p.get("line")?)?;
+                    // `deal_id`: documents of the first releases.
+                    let id = p
+                        .get_object_id("record_id")
+                        .or_else(|_| p.get_object_id("deal_id"))
+                        .ok()?;
+                    Some((line, id))
+                })
+                .collect()
+        };
+        Self {
+            queue_id,
+            imported: d
+                .get_array("imported")
+                .into_iter()
+                .flatten()
+                .filter_map(line_of)
+                .collect(),
+            updated: pairs("updated"),
+            skipped: pairs("skipped"),
+            failed: docs("failed")
+                .map(RowErrorDoc::from_doc)
+                .map(|f| (f.line, f))
+                .collect(),
+            contacts_created: d
+                .get("contacts_created")
+                .and_then(Bson::as_i64)
+                .and_then(|n| u64::try_from(n).ok())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// What `line` came to; `None` if the batch holds no outcome for it.
+    pub fn outcome(&self, line: LineNo) -> Option<LineOutcome> {
+        if let Some(f) = self.failed.get(&line) {
+            return Some(LineOutcome::Failed(f.clone()));
+        }
+        if let Some(id) = self.updated.get(&line) {
+            return Some(LineOutcome::Updated { id: *id });
+        }
+        if let Some(id) = self.skipped.get(&line) {
+            return Some(LineOutcome::Skipped { id: *id });
+        }
+        self.imported
+            .contains(&line)
+            .then(|| deal_id(&self.queue_id, line))
+            .flatten()
+            .map(|id| LineOutcome::Imported { id })
+    }
 }
 
 /// Deletes every outcome document of `queue_id` (an import rolled back).
@@ -339,43 +443,10 @@ pub async fn line_outcome(
     else {
         return Ok(None);
     };
-    let l = line as i64;
-    if d.get_i64("last_line").is_ok_and(|last| last < l) {
+    if d.get_i64("last_line").is_ok_and(|last| last < line as i64) {
         return Ok(None);
     }
-    if let Ok(failed) = d.get_array("failed")
-        && let Some(f) = failed
-            .iter()
-            .filter_map(Bson::as_document)
-            .find(|f| f.get_i64("line").ok() == Some(l))
-    {
-        return Ok(Some(LineOutcome::Failed(RowErrorDoc::from_doc(f))));
-    }
-    let find_pair = |key: &str| {
-        d.get_array(key).ok().and_then(|a| {
-            a.iter()
-                .filter_map(Bson::as_document)
-                .find(|p| p.get_i64("line").ok() == Some(l))
-                .and_then(|p| {
-                    p.get_object_id("record_id")
-                        .or_else(|_| p.get_object_id("deal_id"))
-                        .ok()
-                })
-        })
-    };
-    if let Some(id) = find_pair("updated") {
-        return Ok(Some(LineOutcome::Updated { id }));
-    }
-    if let Some(id) = find_pair("skipped") {
-        return Ok(Some(LineOutcome::Skipped { id }));
-    }
-    let imported = d
-        .get_array("imported")
-        .is_ok_and(|a| a.iter().any(|x| x.as_i64() == Some(l)));
-    Ok(imported
-        .then(|| deal_id(&queue_id, line))
-        .flatten()
-        .map(|id| LineOutcome::Imported { id }))
+    Ok(RecordedBatch::from_doc(queue_id, &d).outcome(line))
 }
 
 /// Creates the import's summary document if it does not exist yet.
@@ -431,4 +502,85 @@ pub async fn close_summary(
         )
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::RowCode;
+
+    fn failed(line: LineNo, cells: usize) -> FailedRow {
+        FailedRow {
+            error: RowError {
+                line,
+                code: RowCode::WriteRejected,
+                field: None,
+                value: None,
+                message: format!("line {line} refused"),
+            },
+            cells: vec!["x".repeat(1024); cells],
+        }
+    }
+
+    proptest::proptest! {
+        /// Every line of a stored batch reads back as what it came to,
+        /// and no other line reads as anything.
+        #[test]
+        fn a_stored_batch_reads_back_line_by_line(
+            kinds in proptest::collection::vec(0u8..5, 1..200),
+            first in 2u64..1_000_000,
+        ) {
+            let q = ObjectId::new();
+            let mut batch = BatchOutcome { first_line: first, ..BatchOutcome::default() };
+            let other = ObjectId::new();
+            for (i, kind) in kinds.iter().enumerate() {
+                let line = first + 2 * i as u64;
+                match kind {
+                    0 => batch.imported.push(line),
+                    1 => batch.updated.push((line, other)),
+                    2 => batch.skipped.push((line, other)),
+                    3 => batch.failed.push(failed(line, 1)),
+                    _ => {}
+                }
+                batch.last_line = line;
+            }
+            batch.contacts_created = kinds.len() as u64;
+            let read = RecordedBatch::from_doc(q, &batch_document(q, &batch).unwrap());
+            proptest::prop_assert_eq!(read.contacts_created, kinds.len() as u64);
+            for (i, kind) in kinds.iter().enumerate() {
+                let line = first + 2 * i as u64;
+                let expected = match kind {
+                    0 => Some(LineOutcome::Imported { id: deal_id(&q, line).unwrap() }),
+                    1 => Some(LineOutcome::Updated { id: other }),
+                    2 => Some(LineOutcome::Skipped { id: other }),
+                    3 => Some(LineOutcome::Failed(RowErrorDoc::from(&failed(line, 0).error))),
+                    _ => None,
+                };
+                proptest::prop_assert_eq!(read.outcome(line), expected);
+                proptest::prop_assert_eq!(read.outcome(line + 1), None);
+            }
+        }
+    }
+
+    #[test]
+    fn cells_of_failed_rows_stop_at_the_per_document_cap() {
+        let q = ObjectId::new();
+        let batch = BatchOutcome {
+            first_line: 2,
+            last_line: 10,
+            failed: (2..10).map(|l| failed(l, 1024)).collect(),
+            ..BatchOutcome::default()
+        };
+        let d = batch_document(q, &batch).unwrap();
+        let rows: Vec<bool> = d
+            .get_array("failed")
+            .unwrap()
+            .iter()
+            .map(|f| f.as_document().unwrap().contains_key("row"))
+            .collect();
+        // Just over 1 MiB of cells each: three fit under 4 MiB, the rest are
+        // left out.
+        assert_eq!(rows, [true, true, true, false, false, false, false, false]);
+        assert!(bson::to_vec(&d).unwrap().len() < 4 * 1024 * 1024);
+    }
 }

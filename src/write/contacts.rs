@@ -44,7 +44,8 @@ pub enum ContactWrite {
     /// An existing contact with this email was updated (`update`).
     Updated(ObjectId),
     /// Not applied now: a later line of this import already updated the
-    /// contact (a replayed batch); the outcome is the first run's.
+    /// contact (a batch written again after a crash before its outcomes
+    /// were stored); its first run applied it: it counts as updated.
     Superseded(ObjectId),
     /// An existing contact with this email was left alone (`skip`).
     Skipped(ObjectId),

@@ -76,8 +76,8 @@ pub enum LineWrite {
     /// An existing record updated (`duplicate_strategy: update`).
     Updated,
     /// Not applied now: a later line of this import already updated the
-    /// record (a replayed batch). The line's outcome is the one its first
-    /// run recorded (updated, or refused).
+    /// record (a batch written again after a crash before its outcomes
+    /// were stored). Its first run applied it: it counts as updated.
     Superseded,
     /// The database refused it.
     Rejected(String),

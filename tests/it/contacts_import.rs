@@ -360,6 +360,51 @@ async fn contacts_imports_refuse_create_a_missing_email_column_too_many_rows_and
     app.cleanup().await;
 }
 
+/// A resumed `update` import does not write again a batch whose outcomes
+/// its earlier run stored: another import's later update of the contact
+/// stays, and the line's outcome is the first run's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_update_import_keeps_what_another_import_changed_since() {
+    let mut app = TestApp::new().await;
+    let existing = ObjectId::new();
+    app.coll(collections::CONTACTS)
+        .insert_one(doc! { "_id": existing, "account_id": app.account_id, "email": "old@x.co", "phone": "0" })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let mapping = [("Email", "email"), ("Phone", "phone")];
+    let first = app
+        .enqueue_with(
+            "a.csv",
+            b"Email,Phone\nold@x.co,111\n",
+            &mapping,
+            contacts(Some("update")),
+        )
+        .await;
+    app.wait_completed(first, LONG).await;
+    let second = app
+        .enqueue_with(
+            "b.csv",
+            b"Email,Phone\nOLD@x.co,222\n",
+            &mapping,
+            contacts(Some("update")),
+        )
+        .await;
+    app.wait_completed(second, LONG).await;
+    app.replay_from_start(first).await;
+    let q = app.wait_completed(first, LONG).await;
+    assert_eq!(counts(&q), [0, 1, 0, 0], "{q}");
+    assert_eq!(
+        contact(&app, "old@x.co").await.get_str("phone").unwrap(),
+        "222"
+    );
+    assert_eq!(
+        outcomes::line_outcome(&app.db, first, 2).await.unwrap(),
+        Some(LineOutcome::Updated { id: existing })
+    );
+    app.cleanup().await;
+}
+
 /// A resumed `update` import replays the batches after its checkpoint:
 /// neither the line that created a contact nor an older update may write
 /// over what a newer line of the import set.

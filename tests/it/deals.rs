@@ -879,6 +879,107 @@ async fn a_resumed_import_cuts_batches_as_its_first_run_did() {
     app.cleanup().await;
 }
 
+/// A resumed `update` import does not write again the batches whose
+/// outcomes its earlier run stored: another import's later update of the
+/// same deal stays, and the line's outcome is the first run's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_update_import_keeps_what_another_import_changed_since() {
+    let mut app = TestApp::new().await;
+    let existing = ObjectId::new();
+    app.coll(collections::DEALS)
+        .insert_one(doc! {
+            "_id": existing, "name": "Acme", "value": 10.0,
+            "account_id": app.account_id, "pipeline_id": app.pipeline_id,
+        })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let update = doc! { "additional_data": { "pipeline_id": app.pipeline_id, "duplicate_strategy": "update" } };
+    let mapping = [("Name", "name"), ("Value", "value")];
+    let first = app
+        .enqueue_with("a.csv", b"Name,Value\nAcme,100\n", &mapping, update.clone())
+        .await;
+    app.wait_completed(first, LONG).await;
+    let second = app
+        .enqueue_with("b.csv", b"Name,Value\nacme,555\n", &mapping, update)
+        .await;
+    app.wait_completed(second, LONG).await;
+    // The first import again from the start, as after a crash before its
+    // checkpoint: its batch was written and recorded.
+    app.replay_from_start(first).await;
+    let q = app.wait_completed(first, LONG).await;
+    let acme = app
+        .coll(collections::DEALS)
+        .find_one(doc! { "_id": existing })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(acme.get_f64("value").unwrap(), 555.0, "{acme}");
+    assert_eq!(
+        acme.get_document("last_import")
+            .unwrap()
+            .get_object_id("queue_id")
+            .unwrap(),
+        second
+    );
+    assert_eq!(get_i64(&q, "progress.updated_rows"), 1);
+    assert_eq!(
+        outcomes::line_outcome(&app.db, first, 2).await.unwrap(),
+        Some(LineOutcome::Updated { id: existing })
+    );
+    app.cleanup().await;
+}
+
+/// A line whose deal the database refused stays failed when its batch is
+/// resumed, though a later line of the same name has created that deal
+/// since: it does not update it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_refused_line_does_not_update_the_deal_a_later_line_created() {
+    let mut settings = crate::helpers::test_settings();
+    settings.import.batch_size = std::num::NonZeroUsize::new(1).unwrap();
+    let mut app = TestApp::with_settings(settings).await;
+    let id = app
+        .enqueue_with(
+            "refused.csv",
+            b"Name,Value\nZed,1\nzed,2\n",
+            &[("Name", "name"), ("Value", "value")],
+            doc! { "additional_data": { "pipeline_id": app.pipeline_id, "duplicate_strategy": "update" } },
+        )
+        .await;
+    // Line 2's id is taken by another account's record: refused.
+    app.coll(collections::DEALS)
+        .insert_one(doc! { "_id": deal_id(&id, 2).unwrap(), "name": "someone else's", "account_id": ObjectId::new() })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let check = |q: &Document| {
+        assert_eq!(
+            [
+                get_i64(q, "progress.imported_rows"),
+                get_i64(q, "progress.updated_rows"),
+                get_i64(q, "progress.failed_rows")
+            ],
+            [1, 0, 1],
+            "{q}"
+        );
+    };
+    check(&app.wait_completed(id, LONG).await);
+    app.replay_from_start(id).await;
+    check(&app.wait_completed(id, LONG).await);
+    let created = app
+        .coll(collections::DEALS)
+        .find_one(doc! { "_id": deal_id(&id, 3).unwrap() })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(created.get_f64("value").unwrap(), 2.0, "{created}");
+    assert!(matches!(
+        outcomes::line_outcome(&app.db, id, 2).await.unwrap(),
+        Some(LineOutcome::Failed(_))
+    ));
+    app.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_skipped_as_a_repeat_of_a_failed_row_is_failed_not_lost() {
     let mut app = TestApp::new().await;
