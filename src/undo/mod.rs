@@ -11,10 +11,12 @@
 //!   contacts import) are found by the `_id` ranges their lines give
 //!   (`domain::ids`), batch by batch of the per-line outcomes, and deleted
 //!   with one `delete_many` per range, checked against `import.queue_id`.
-//! - A created record changed since the import ended (its `updated_at`
-//!   later than `completed_at` plus [`CLOCK_SLACK`]: edited in the CRM), or
-//!   updated by another import (`last_import`), is kept and counted:
-//!   someone's work is in it. So is a contact of a contacts import that
+//! - A created record changed since the import wrote it is kept and
+//!   counted: someone's work is in it. Changed: updated by another import
+//!   (`last_import`), or its `updated_at` is later than the import's
+//!   `completed_at` plus [`CLOCK_SLACK`], or differs from its `created_at`
+//!   (edited in the CRM while the import still ran) unless the last to
+//!   write it was the import itself (a later line of the file updated it). So is a contact of a contacts import that
 //!   deals link (a later deals import may have linked it).
 //! - Stages the import created are removed when no deal uses them any more
 //!   (a deal added since may have) and no import into the pipeline is
@@ -365,11 +367,12 @@ pub async fn run(
             "_id": { "$gte": lo, "$lte": hi, "$nin": &linked },
             "import.queue_id": queue_id,
             // Not changed since the import ended, nor updated by another
-            // import (`last_import` absent, or this import's own).
+            // import (`last_import` absent, or this import's own); nor
+            // edited since its insert (`remove_untouched`).
             "updated_at": { "$lte": cutoff },
             "last_import.queue_id": { "$in": [Bson::Null, Bson::ObjectId(queue_id)] },
         };
-        (|| records.delete_many(remove.clone()).into_future())
+        (|| remove_untouched(&records, &remove, &queue_id))
             .retry(retry())
             .when(crate::db::is_transient)
             .await?;
@@ -440,6 +443,54 @@ pub async fn run(
         "Undo done"
     );
     Ok(UndoEnd::Done(counts))
+}
+
+/// Deletes the records `guard` matches that were not edited since their
+/// insert ([`untouched`]). The records are read first (ids and times, one
+/// index range) and compared here: a filter comparing two fields of a
+/// record (`$expr`) makes some servers scan the whole collection.
+async fn remove_untouched(
+    records: &mongodb::Collection<Document>,
+    guard: &Document,
+    queue_id: &ObjectId,
+) -> mongodb::error::Result<()> {
+    let found: Vec<Document> = records
+        .find(guard.clone())
+        .projection(doc! { "_id": 1, "created_at": 1, "updated_at": 1, "last_import.queue_id": 1 })
+        .await?
+        .try_collect()
+        .await?;
+    let ids: Vec<ObjectId> = found
+        .iter()
+        .filter(|d| untouched(d, queue_id))
+        .filter_map(|d| d.get_object_id("_id").ok())
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut remove = guard.clone();
+    remove.insert("_id", doc! { "$in": ids });
+    records.delete_many(remove).await?;
+    Ok(())
+}
+
+/// Whether a record the import created was not edited since its insert
+/// (pure): its `updated_at` is its `created_at`, or the last to write it
+/// was the import itself (a later line of the same name updated it).
+fn untouched(record: &Document, queue_id: &ObjectId) -> bool {
+    let last_import = record
+        .get_document("last_import")
+        .and_then(|l| l.get_object_id("queue_id"));
+    if last_import.is_ok() {
+        return last_import == Ok(*queue_id);
+    }
+    match (
+        record.get_datetime("created_at"),
+        record.get_datetime("updated_at"),
+    ) {
+        (Ok(created), Ok(updated)) => created == updated,
+        _ => false,
+    }
 }
 
 async fn refuse(lease: &UndoLease, reason: &str) -> Result<UndoEnd, Error> {
@@ -543,6 +594,27 @@ mod tests {
             let o = outside.unwrap();
             assert!(o < lo || o > hi, "{o}");
         }
+    }
+
+    #[test]
+    fn a_record_is_untouched_unless_written_since_its_insert_by_someone_else() {
+        let q = ObjectId::new();
+        let at = DateTime::from_millis(1_700_000_000_000);
+        let later = DateTime::from_millis(1_700_000_001_000);
+        assert!(untouched(&doc! { "created_at": at, "updated_at": at }, &q));
+        // Edited in the CRM while the import still ran.
+        assert!(!untouched(
+            &doc! { "created_at": at, "updated_at": later },
+            &q
+        ));
+        // Updated by a later line of the same import; by another import.
+        let own = doc! { "created_at": at, "updated_at": later, "last_import": { "queue_id": q } };
+        assert!(untouched(&own, &q));
+        let other = doc! { "created_at": at, "updated_at": at, "last_import": { "queue_id": ObjectId::new() } };
+        assert!(!untouched(&other, &q));
+        // Times not as the import wrote them: someone else's record shape.
+        assert!(!untouched(&doc! { "created_at": at }, &q));
+        assert!(!untouched(&doc! {}, &q));
     }
 
     #[test]

@@ -51,7 +51,8 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
                Initech,300,Won\n\
                Hooli,oops,Won\n\
                Umbrella,400,Won\n\
-               globex,250,Brand New\n";
+               globex,250,Brand New\n\
+               Wayne,500,Won\n";
     let update = doc! { "additional_data": { "pipeline_id": app.pipeline_id, "duplicate_strategy": "update" } };
     let id = app
         .enqueue_with(
@@ -66,8 +67,27 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
         )
         .await;
     let q = app.wait_completed(id, LONG).await;
-    assert_eq!(get_i64(&q, "progress.imported_rows"), 3, "{q}");
+    assert_eq!(get_i64(&q, "progress.imported_rows"), 4, "{q}");
     assert_eq!(get_i64(&q, "progress.updated_rows"), 2, "{q}");
+    // While the import ran (a second after its insert, long before the
+    // import ended), a user edited Wayne.
+    let wayne = deal_id(&id, 8).unwrap();
+    let inserted = app
+        .coll(collections::DEALS)
+        .find_one(doc! { "_id": wayne })
+        .await
+        .unwrap()
+        .unwrap()
+        .get_datetime("created_at")
+        .unwrap()
+        .timestamp_millis();
+    app.coll(collections::DEALS)
+        .update_one(
+            doc! { "_id": wayne },
+            doc! { "$set": { "value": 550.0, "updated_at": DateTime::from_millis(inserted + 1_000) } },
+        )
+        .await
+        .unwrap();
     // Since the import: a user edits Umbrella, adds a deal in "Won", and a
     // second import updates Initech (at once: within the clock slack).
     let later = DateTime::from_millis(DateTime::now().timestamp_millis() + 600_000);
@@ -106,7 +126,7 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
     assert_eq!(code, 0, "{out}{err}");
     for line in [
         "removed: 1 deals the import created",
-        "kept: 2 deals it created that changed since",
+        "kept: 3 deals it created that changed since",
         "not reverted: 1 updates of existing deals",
         "stages removed: Brand New",
         "stages kept (in use): Won",
@@ -115,7 +135,10 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
     }
 
     let deals = app.find_all(collections::DEALS, doc! {}).await;
-    assert_eq!(names(&deals), ["Acme", "Initech", "Manual", "Umbrella"]);
+    assert_eq!(
+        names(&deals),
+        ["Acme", "Initech", "Manual", "Umbrella", "Wayne"]
+    );
     let acme_now = deals
         .iter()
         .find(|d| d.get_object_id("_id") == Ok(acme))
@@ -134,7 +157,7 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
     let u = q.get_document("undo").unwrap();
     assert_eq!(u.get_str("state").unwrap(), "done", "{q}");
     assert_eq!(get_i64(u, "removed"), 1);
-    assert_eq!(get_i64(u, "kept_changed"), 2);
+    assert_eq!(get_i64(u, "kept_changed"), 3);
     assert_eq!(get_i64(u, "updates_not_reverted"), 1);
     assert!(u.get("owner").is_none() && u.get("expires_at").is_none());
     assert!(
@@ -146,7 +169,7 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
     let (_, status, _) = app.cli(&["status", &id.to_hex()]);
     assert!(
         status
-            .contains("undo:     done: 1 removed, 2 kept (changed since), 1 updates not reverted"),
+            .contains("undo:     done: 1 removed, 3 kept (changed since), 1 updates not reverted"),
         "{status}"
     );
 
@@ -165,7 +188,7 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
     assert!(
         undone[0]
             .text
-            .contains("Kept: 2 deals the import created, changed since"),
+            .contains("Kept: 3 deals the import created, changed since"),
         "{}",
         undone[0].text
     );
@@ -190,7 +213,7 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
     let (code, again, err) = app.cli(&["undo", &id.to_hex()]);
     assert_eq!(code, 0, "{err}");
     assert!(again.contains("removed: 1 deals"), "{again}");
-    assert_eq!(app.count(collections::DEALS, doc! {}).await, 4);
+    assert_eq!(app.count(collections::DEALS, doc! {}).await, 5);
     app.cleanup().await;
 }
 
