@@ -310,6 +310,16 @@ fn index_exists_otherwise(e: &mongodb::error::Error) -> bool {
     matches!(e.kind.as_ref(), mongodb::error::ErrorKind::Command(c) if c.code == 85 || c.code == 86)
 }
 
+/// Whether a single write failed on a unique index (E11000).
+pub fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    match e.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == 11000,
+        ErrorKind::Command(c) => c.code == 11000,
+        _ => false,
+    }
+}
+
 /// Whether a MongoDB error is worth retrying: network trouble, timeouts,
 /// server selection, a primary stepping down. Anything else is a bug or bad
 /// data and retrying would only repeat it.

@@ -64,15 +64,6 @@ pub struct StageCache {
     limit: usize,
 }
 
-fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
-    use mongodb::error::{ErrorKind, WriteFailure};
-    match e.kind.as_ref() {
-        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == 11000,
-        ErrorKind::Command(c) => c.code == 11000,
-        _ => false,
-    }
-}
-
 /// Whether the stage document `d` was created by import `queue_id`.
 pub fn created_by(d: &Document, queue_id: ObjectId) -> bool {
     d.get_document("import")
@@ -184,7 +175,7 @@ impl StageCache {
                 self.created.push(stage.label.clone());
                 new_id
             }
-            Err(e) if is_duplicate_key(&e) => self
+            Err(e) if crate::db::is_duplicate_key(&e) => self
                 .coll
                 .find_one(doc! {
                     "account_id": self.account_id,

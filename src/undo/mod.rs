@@ -504,25 +504,14 @@ async fn refuse(lease: &UndoLease, reason: &str) -> Result<UndoEnd, Error> {
 /// may have resolved one of them a moment ago). Each decision is saved as
 /// it is made, so a resumed undo still names a stage an earlier holder
 /// removed.
-async fn remove_stages(
+/// Whether stage `id` may be in use: a deal has it, or an import into the
+/// pipeline is running (it may have resolved it and not written yet).
+async fn stage_in_use(
     db: &Database,
-    lease: &UndoLease,
     account_id: ObjectId,
     pipeline_id: ObjectId,
-    counts: &mut UndoCounts,
-) -> Result<(), Error> {
-    let queue_id = lease.queue_id;
-    let stages = db.collection::<Document>(collections::PIPELINE_STAGES);
-    let deals = db.collection::<Document>(collections::DEALS);
-    let created: Vec<Document> = stages
-        .find(doc! { "account_id": account_id, "pipeline_id": pipeline_id, "import.queue_id": queue_id })
-        .projection(doc! { "label": 1, "name": 1 })
-        .await?
-        .try_collect()
-        .await?;
-    if created.is_empty() {
-        return Ok(());
-    }
+    id: ObjectId,
+) -> mongodb::error::Result<bool> {
     // An equality on status over the few running imports.
     let busy = db
         .collection::<Document>(collections::QUEUES)
@@ -533,6 +522,68 @@ async fn remove_stages(
         .projection(doc! { "_id": 1 })
         .await?
         .is_some();
+    if busy {
+        return Ok(true);
+    }
+    // A rare operation over a few stages: a lookup per stage, with
+    // whatever index the CRM keeps on deals.
+    Ok(db
+        .collection::<Document>(collections::DEALS)
+        .find_one(doc! { "account_id": account_id, "pipeline_id": pipeline_id, "stage_id": id })
+        .projection(doc! { "_id": 1 })
+        .await?
+        .is_some())
+}
+
+/// Removes stage `id`, then checks again that nothing uses it: an import
+/// claimed between the first check and the removal may have resolved it;
+/// it is then running, or its deals are written, and the stage is put
+/// back as it was. (An import claimed after the removal no longer sees it,
+/// and creates its own stage of that name.) Returns whether it is gone.
+pub async fn remove_stage(
+    db: &Database,
+    account_id: ObjectId,
+    pipeline_id: ObjectId,
+    id: ObjectId,
+    queue_id: ObjectId,
+) -> mongodb::error::Result<bool> {
+    let stages = db.collection::<Document>(collections::PIPELINE_STAGES);
+    let Some(stage) = stages
+        .find_one_and_delete(doc! { "_id": id, "import.queue_id": queue_id })
+        .await?
+    else {
+        return Ok(true);
+    };
+    if !stage_in_use(db, account_id, pipeline_id, id).await? {
+        return Ok(true);
+    }
+    match stages.insert_one(&stage).await {
+        Ok(_) => Ok(false),
+        Err(e) if crate::db::is_duplicate_key(&e) => {
+            // A new stage of the same name was created meanwhile: the
+            // deals that had this one keep a stage id that is gone.
+            warn!("A stage in use was removed and another of its name created meanwhile");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn remove_stages(
+    db: &Database,
+    lease: &UndoLease,
+    account_id: ObjectId,
+    pipeline_id: ObjectId,
+    counts: &mut UndoCounts,
+) -> Result<(), Error> {
+    let queue_id = lease.queue_id;
+    let stages = db.collection::<Document>(collections::PIPELINE_STAGES);
+    let created: Vec<Document> = stages
+        .find(doc! { "account_id": account_id, "pipeline_id": pipeline_id, "import.queue_id": queue_id })
+        .projection(doc! { "label": 1, "name": 1 })
+        .await?
+        .try_collect()
+        .await?;
     for s in created {
         let Ok(id) = s.get_object_id("_id") else {
             continue;
@@ -542,27 +593,15 @@ async fn remove_stages(
             .or_else(|_| s.get_str("name"))
             .unwrap_or_default()
             .to_owned();
-        // A rare operation over a few stages: a lookup per stage, with
-        // whatever index the CRM keeps on deals.
-        let used = busy
-            || deals
-                .find_one(
-                    doc! { "account_id": account_id, "pipeline_id": pipeline_id, "stage_id": id },
-                )
-                .projection(doc! { "_id": 1 })
-                .await?
-                .is_some();
-        if used {
-            if !counts.stages_kept.contains(&label) {
-                counts.stages_kept.push(label);
-            }
+        let removed = !stage_in_use(db, account_id, pipeline_id, id).await?
+            && remove_stage(db, account_id, pipeline_id, id, queue_id).await?;
+        let list = if removed {
+            &mut counts.stages_removed
         } else {
-            stages
-                .delete_one(doc! { "_id": id, "import.queue_id": queue_id })
-                .await?;
-            if !counts.stages_removed.contains(&label) {
-                counts.stages_removed.push(label);
-            }
+            &mut counts.stages_kept
+        };
+        if !list.contains(&label) {
+            list.push(label);
         }
         lease
             .save(doc! {

@@ -465,3 +465,47 @@ async fn an_undo_that_keeps_failing_gives_up_with_its_last_error() {
     );
     app.cleanup().await;
 }
+
+/// A stage is removed, then checked again: one that an import resolved
+/// meanwhile (its deal is written now) is put back as it was, same id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_resolved_while_it_was_removed_is_put_back() {
+    let app = TestApp::new().await;
+    let queue_id = ObjectId::new();
+    let stage = ObjectId::new();
+    let stage_doc = doc! {
+        "_id": stage, "account_id": app.account_id, "pipeline_id": app.pipeline_id,
+        "name": "brand new", "label": "Brand New", "order": 1,
+        "import": { "queue_id": queue_id },
+    };
+    let stages = app.coll(collections::PIPELINE_STAGES);
+    stages.insert_one(&stage_doc).await.unwrap();
+    app.coll(collections::DEALS)
+        .insert_one(doc! {
+            "name": "Raced", "account_id": app.account_id, "pipeline_id": app.pipeline_id,
+            "stage_id": stage,
+        })
+        .await
+        .unwrap();
+    let gone =
+        importd::undo::remove_stage(&app.db, app.account_id, app.pipeline_id, stage, queue_id)
+            .await
+            .unwrap();
+    assert!(!gone);
+    assert_eq!(
+        stages.find_one(doc! { "_id": stage }).await.unwrap(),
+        Some(stage_doc)
+    );
+    // Unused: removed.
+    app.coll(collections::DEALS)
+        .delete_many(doc! {})
+        .await
+        .unwrap();
+    let gone =
+        importd::undo::remove_stage(&app.db, app.account_id, app.pipeline_id, stage, queue_id)
+            .await
+            .unwrap();
+    assert!(gone);
+    assert_eq!(stages.count_documents(doc! {}).await.unwrap(), 0);
+    app.cleanup().await;
+}
