@@ -13,8 +13,11 @@
 //! Checkpoints: after the writes of a batch and all batches before it are
 //! committed (deals, then the batch's outcome document), the position just
 //! past its last record is the checkpoint, saved with progress at most every
-//! `import.progress_interval`. A resumed run continues there; anything
-//! replayed past it is absorbed by the idempotent writes.
+//! `import.progress_interval`. A resumed run continues there. The batches
+//! past it whose outcome documents an earlier run stored keep those
+//! outcomes and are not written again (an update replayed now could undo
+//! what changed since); any other batch is written again, absorbed by the
+//! idempotent writes.
 //!
 //! Stopping: a heartbeat task renews the lease every third of it. Lease lost
 //! → stop writing at once (in-flight writes are dropped). Cancellation
@@ -1218,12 +1221,15 @@ async fn write_contacts(
 
 /// Completes `outcome` (its mapping failures) with the outcomes an earlier
 /// run recorded for `rows` (pure). Returns false, leaving `outcome` as it
-/// was, unless the record covers every row.
+/// was, unless the record is of the same lines and covers every row.
 fn reuse_contacts(
     outcome: &mut BatchOutcome,
     rows: &[MappedContact],
     recorded: &RecordedBatch,
 ) -> bool {
+    if recorded.last_line != Some(outcome.last_line) {
+        return false;
+    }
     let Some(found) = rows
         .iter()
         .map(|c| recorded.outcome(c.line))
@@ -1236,7 +1242,7 @@ fn reuse_contacts(
             LineOutcome::Imported { .. } => outcome.imported.push(c.line),
             LineOutcome::Updated { id } => outcome.updated.push((c.line, id)),
             LineOutcome::Skipped { id } => outcome.skipped.push((c.line, id)),
-            LineOutcome::Failed(f) => outcome.failed.push(rejected_row(c.line, f.message, &c.raw)),
+            LineOutcome::Failed(f) => outcome.failed.push(f.to_failed_row(c.raw.to_cells())),
         }
     }
     outcome.contacts_created = outcome.imported.len() as u64;
@@ -1734,20 +1740,33 @@ fn add_recorded(done: &mut Done, line: LineNo, found: LineOutcome, raw: Option<&
             done.skipped_raws.push(None);
         }
         LineOutcome::Failed(f) => {
-            let empty = RawCells::default();
-            let raw = raw.unwrap_or(&empty);
-            outcome.failed.push(rejected_row(line, f.message, raw));
+            let cells = raw.map(RawCells::to_cells).unwrap_or_default();
+            outcome.failed.push(f.to_failed_row(cells));
         }
     }
 }
 
-/// Whether `recorded` holds an outcome for every row of `p` to insert or
-/// update (pure).
+/// Whether `recorded` is the record of batch `p` (pure): the same lines,
+/// and for every row to insert or update an outcome this run agrees could
+/// be its own. A row this run creates that the record says skipped or
+/// updated a deal: that deal is not in the pipeline now (its row failed
+/// after all, or it was deleted since), and the batch is written again.
 fn covers(p: &Prepared, recorded: &RecordedBatch) -> bool {
-    p.lines
-        .iter()
-        .chain(p.updates.iter().map(|u| &u.0))
-        .all(|line| recorded.outcome(*line).is_some())
+    let creates = p.lines.iter().all(|line| {
+        matches!(
+            recorded.outcome(*line),
+            Some(LineOutcome::Imported { .. } | LineOutcome::Failed(_))
+        )
+    });
+    let updates = p.updates.iter().all(|(line, ..)| {
+        matches!(
+            recorded.outcome(*line),
+            Some(
+                LineOutcome::Updated { .. } | LineOutcome::Imported { .. } | LineOutcome::Failed(_)
+            )
+        )
+    });
+    recorded.last_line == Some(p.last_line) && creates && updates
 }
 
 /// A row that was to create a deal and failed must not stand as the deal
@@ -2014,6 +2033,10 @@ mod tests {
             end: Start { line: 8, byte: 99 },
             records_end: 6,
         };
+        let stage = crate::map::StageName {
+            key: "nine".into(),
+            label: "Nine".into(),
+        };
         let first_run = BatchOutcome {
             first_line: 2,
             last_line: 7,
@@ -2021,12 +2044,13 @@ mod tests {
             updated: vec![],
             skipped: vec![(5, existing)],
             failed: vec![
-                rejected_row(3, "refused".into(), &cells("b")),
+                stage_limit_row(3, &stage, vec!["b".into()], 8),
                 rejected_row(4, "refused too".into(), &cells("d")),
                 mapping_failure,
             ],
             contacts_created: 1,
         };
+        let recorded_stage_message = first_run.failed[0].error.message.clone();
         let recorded =
             RecordedBatch::from_doc(q, &outcomes::batch_document(q, &first_run).unwrap());
         assert!(covers(&p, &recorded));
@@ -2044,25 +2068,32 @@ mod tests {
         assert_eq!(
             failed,
             [
-                (3, "refused"),
+                (3, recorded_stage_message.as_str()),
                 (4, "refused too"),
                 (7, "A name is required.")
             ]
         );
+        // Recorded failures keep their code and field, and this run's cells.
         assert_eq!(o.failed[0].cells, ["b"]);
+        assert_eq!(
+            o.failed[0].error.code,
+            crate::domain::RowCode::TooManyStages
+        );
+        assert_eq!(o.failed[0].error.field.as_deref(), Some("stage_id"));
+        assert_eq!(
+            o.failed[1].error.code,
+            crate::domain::RowCode::WriteRejected
+        );
         assert_eq!(o.failed[2].error.code, crate::domain::RowCode::Required);
         assert_eq!(o.contacts_created, 1);
         assert_eq!(done.failed_creates, [(3, "Zed".to_owned())]);
         assert_eq!(done.end.line, 8);
-        // A record silent on a row to write does not cover the batch.
-        let partial = BatchOutcome {
-            imported: vec![2],
-            ..first_run
-        };
-        let partial = RecordedBatch::from_doc(q, &outcomes::batch_document(q, &partial).unwrap());
-        let p = Prepared {
+        // Not covered: a record of other lines, one silent on a row to
+        // write, one that says a row this run creates was a duplicate (the
+        // deal it matched is not there now).
+        let lines_only = |lines: Vec<LineNo>, last_line| Prepared {
             docs: vec![],
-            lines: vec![2, 8],
+            lines,
             raws: vec![],
             contacts: vec![],
             updates: vec![],
@@ -2071,11 +2102,17 @@ mod tests {
             skipped_raws: vec![],
             failed: vec![],
             first_line: 2,
-            last_line: 3,
-            end: Start { line: 4, byte: 9 },
+            last_line,
+            end: Start {
+                line: last_line + 1,
+                byte: 9,
+            },
             records_end: 2,
         };
-        assert!(!covers(&p, &partial));
+        assert!(covers(&lines_only(vec![2, 3], 7), &recorded));
+        assert!(!covers(&lines_only(vec![2, 3], 6), &recorded));
+        assert!(!covers(&lines_only(vec![2, 8], 7), &recorded));
+        assert!(!covers(&lines_only(vec![2, 5], 7), &recorded));
     }
 
     #[test]

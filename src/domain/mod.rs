@@ -423,6 +423,24 @@ pub enum RowCode {
 }
 
 impl RowCode {
+    /// Every code.
+    pub const ALL: [RowCode; 9] = [
+        Self::Required,
+        Self::InvalidNumber,
+        Self::InvalidDate,
+        Self::InvalidEmail,
+        Self::TooLong,
+        Self::FieldCount,
+        Self::WriteRejected,
+        Self::Internal,
+        Self::TooManyStages,
+    ];
+
+    /// Parses a stored code.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
     /// Stable code.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -32,7 +32,7 @@ use futures::TryStreamExt;
 use mongodb::Database;
 use mongodb::options::ReplaceOptions;
 
-use crate::domain::{ImportSpec, LineNo, RowError, collections, deal_id};
+use crate::domain::{ImportSpec, LineNo, RowCode, RowError, collections, deal_id};
 use crate::map::FailedRow;
 
 /// Largest total size of failed rows' cells kept in one batch document.
@@ -182,11 +182,14 @@ pub async fn recorded_batch(
 }
 
 /// A stored batch document read back: what each of its lines came to.
-/// The document is stored only once all of its batch's writes are done,
-/// so it is the batch's final word.
+/// The document is stored only once all of its batch's writes are done
+/// (and stored again if a row it skipped as a repeat of an earlier row of
+/// the file turns out to repeat a row that failed: that row then fails).
 #[derive(Clone, Debug, Default)]
 pub struct RecordedBatch {
     queue_id: ObjectId,
+    /// Last line where a record of the batch starts.
+    pub last_line: Option<LineNo>,
     imported: HashSet<LineNo>,
     updated: HashMap<LineNo, ObjectId>,
     skipped: HashMap<LineNo, ObjectId>,
@@ -220,6 +223,7 @@ impl RecordedBatch {
         };
         Self {
             queue_id,
+            last_line: d.get("last_line").and_then(line_of),
             imported: d
                 .get_array("imported")
                 .into_iter()
@@ -367,6 +371,21 @@ pub struct RowErrorDoc {
 }
 
 impl RowErrorDoc {
+    /// The failed row again, with `cells` for the error report (a code
+    /// this release does not know reads as `write_rejected`).
+    pub fn to_failed_row(&self, cells: Vec<String>) -> FailedRow {
+        FailedRow {
+            error: RowError {
+                line: self.line,
+                code: RowCode::parse(&self.code).unwrap_or(RowCode::WriteRejected),
+                field: self.field.clone(),
+                value: self.value.clone(),
+                message: self.message.clone(),
+            },
+            cells,
+        }
+    }
+
     /// A failed line as stored in `import_lines.failed`.
     pub fn from_doc(d: &Document) -> Self {
         Self {
@@ -507,7 +526,6 @@ pub async fn close_summary(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::RowCode;
 
     fn failed(line: LineNo, cells: usize) -> FailedRow {
         FailedRow {

@@ -21,7 +21,8 @@
 //! - Stages the import created are removed when no deal uses them any more
 //!   (a deal added since may have) and no import into the pipeline is
 //!   running (it may have just resolved one); the others are kept and
-//!   named.
+//!   named. Checked again once removed: a stage an import resolved in
+//!   between is put back as it was.
 //! - Not taken back, and counted: updates of existing records
 //!   (`duplicate_strategy: update`; their earlier values are not stored),
 //!   and contacts a deals import created for its `contact_email` links
@@ -499,11 +500,6 @@ async fn refuse(lease: &UndoLease, reason: &str) -> Result<UndoEnd, Error> {
     Ok(UndoEnd::Refused(reason.to_owned()))
 }
 
-/// Removes the stages the import created that no deal uses any more; the
-/// rest are kept. While an import into the pipeline runs, all are kept (it
-/// may have resolved one of them a moment ago). Each decision is saved as
-/// it is made, so a resumed undo still names a stage an earlier holder
-/// removed.
 /// Whether stage `id` may be in use: a deal has it, or an import into the
 /// pipeline is running (it may have resolved it and not written yet).
 async fn stage_in_use(
@@ -569,6 +565,11 @@ pub async fn remove_stage(
     }
 }
 
+/// Removes the stages the import created that no deal uses any more; the
+/// rest are kept. While an import into the pipeline runs, all are kept (it
+/// may have resolved one of them a moment ago). Each decision is saved as
+/// it is made, so a resumed undo still names a stage an earlier holder
+/// removed.
 async fn remove_stages(
     db: &Database,
     lease: &UndoLease,

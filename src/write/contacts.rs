@@ -45,7 +45,9 @@ pub enum ContactWrite {
     Updated(ObjectId),
     /// Not applied now: a later line of this import already updated the
     /// contact (a batch written again after a crash before its outcomes
-    /// were stored); its first run applied it: it counts as updated.
+    /// were stored); its first run applied it (or, rarely, the database
+    /// refused it then; the later line's values stand): it counts as
+    /// updated.
     Superseded(ObjectId),
     /// An existing contact with this email was left alone (`skip`).
     Skipped(ObjectId),

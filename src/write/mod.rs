@@ -77,7 +77,9 @@ pub enum LineWrite {
     Updated,
     /// Not applied now: a later line of this import already updated the
     /// record (a batch written again after a crash before its outcomes
-    /// were stored). Its first run applied it: it counts as updated.
+    /// were stored). Its first run applied it, or the database refused it
+    /// then (rare; the later line's values stand either way): it counts as
+    /// updated.
     Superseded,
     /// The database refused it.
     Rejected(String),
