@@ -110,7 +110,7 @@ pub fn parse_number(s: &str, locale: NumberLocale) -> Option<f64> {
 /// (`2025-12-31T10:00:00+01:00`, `12/31/2025 10:00`, `2025-12-31 10:00:00`,
 /// `12/31/2025 10:00 PM`): the time is checked, then dropped; an offset
 /// never moves the date to another day. Two-digit years, and years before
-/// [`YEARS`] starts or after it ends (`0000-01-01`, a typo `20255`), are
+/// `YEARS` starts or after it ends (`0000-01-01`, a typo `20255`), are
 /// refused.
 pub fn parse_date(s: &str, order: DateOrder) -> Option<i64> {
     let s = s.trim();

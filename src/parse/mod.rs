@@ -768,7 +768,7 @@ fn field_counts(buf: &[u8], delimiter: u8, whole: bool) -> (Vec<usize>, usize) {
 }
 
 /// The delimiter among `,` `;` tab `|` of the header line (`,` when none
-/// splits it), told from the file's [`sample`]: the one whose rows most
+/// splits it), told from the file's `sample`: the one whose rows most
 /// often have as many fields as the header, then the one splitting the
 /// header most, then the one less often between two digits, then the
 /// earlier in that list. So `Deal;Amount (EUR, net)` over `A;5` or `A;5,50`
