@@ -214,11 +214,13 @@ struct Width {
     after_cr: bool,
     /// Stream offset of the next byte.
     offset: u64,
-    /// Stream offsets of the lone `\r`s scanned and not yet counted into a
-    /// record: an editor shows each as a line break, the parser does not
-    /// count them. Only those ahead of the parser are held (its buffer's
-    /// worth at most).
-    lone_crs: std::collections::VecDeque<u64>,
+    /// Lone `\r`s (an editor shows each as a line break, the parser does
+    /// not count them) of the record being scanned.
+    lone_crs: u64,
+    /// Per record scanned ahead of the parser that holds lone `\r`s: the
+    /// stream offset just past its `\n` terminator, and how many. One entry
+    /// per record, only for the records in the parser's buffer.
+    lone_by_record: std::collections::VecDeque<(u64, u64)>,
 }
 
 impl Width {
@@ -232,15 +234,26 @@ impl Width {
             record_line: line,
             after_cr: false,
             offset: 0,
-            lone_crs: std::collections::VecDeque::new(),
+            lone_crs: 0,
+            lone_by_record: std::collections::VecDeque::new(),
         }
     }
 
-    /// Counts (and forgets) the lone `\r`s before stream offset `end`.
-    fn lone_crs_before(&mut self, end: u64) -> u64 {
-        let n = self.lone_crs.partition_point(|&at| at < end);
-        self.lone_crs.drain(..n);
-        n as u64
+    /// Counts (and forgets) the lone `\r`s of the records that end at or
+    /// before stream offset `end`, and, `at_end` of the stream, those of an
+    /// unterminated last record.
+    fn lone_crs_before(&mut self, end: u64, at_end: bool) -> u64 {
+        let mut n = 0;
+        while let Some(&(past, count)) = self.lone_by_record.front()
+            && past <= end
+        {
+            n += count;
+            self.lone_by_record.pop_front();
+        }
+        if at_end {
+            n += std::mem::take(&mut self.lone_crs);
+        }
+        n
     }
 
     fn scan(&mut self, bytes: &[u8]) -> Result<(), RecordTooWide> {
@@ -248,10 +261,10 @@ impl Width {
             self.offset += 1;
             if self.after_cr && b != b'\n' {
                 self.line += 1;
-                // The `\r` was the byte before this one.
-                self.lone_crs.push_back(self.offset - 2);
+                self.lone_crs += 1;
             }
             self.after_cr = b == b'\r';
+            let before = self.state;
             self.state = match (self.state, b) {
                 (Scan::RecordStart, b'\n') => Scan::RecordStart,
                 (Scan::Quoted, b'"') => Scan::QuoteInQuoted,
@@ -279,6 +292,11 @@ impl Width {
             };
             if b == b'\n' {
                 self.line += 1;
+                // A record's terminator.
+                if before != Scan::RecordStart && self.lone_crs > 0 {
+                    let count = std::mem::take(&mut self.lone_crs);
+                    self.lone_by_record.push_back((self.offset, count));
+                }
             }
         }
         Ok(())
@@ -539,15 +557,15 @@ impl Records {
             .iter()
             .filter(|&&b| b == b'\n')
             .count() as u64;
-        let lone_crs = self.rdr.get_mut().width.lone_crs_before(end.byte());
-        self.lone_crs += lone_crs;
-        let end_line = end.line() + self.lone_crs;
-        let tail = self.rdr.get_ref();
+        let tail = self.rdr.get_mut();
         // At the end of the stream `width` has scanned every byte: it is
         // back before a record only if the last one ended with its `\n`
         // (not with a `\n` inside a quote left open).
-        let unterminated =
-            tail.eof && end.byte() == tail.total && tail.width.state != Scan::RecordStart;
+        let at_end = tail.eof && end.byte() == tail.total;
+        let unterminated = at_end && tail.width.state != Scan::RecordStart;
+        let lone_crs = tail.width.lone_crs_before(end.byte(), at_end);
+        self.lone_crs += lone_crs;
+        let end_line = end.line() + self.lone_crs;
         let start_line = end_line
             .saturating_sub(newlines + lone_crs + u64::from(!unterminated))
             .max(1);
@@ -1068,6 +1086,24 @@ mod tests {
         assert_eq!(lines, vec![2, 3, 4, 6, 8]);
         assert_eq!(rows[2].1, vec!["B", "two\r\nlines"]);
         assert_eq!(rows[4].1, vec!["D", "four"]);
+    }
+
+    /// Lone `\r`s are kept as one count per record, however many a record
+    /// holds (memory does not grow with a record of them).
+    #[test]
+    fn lone_crs_are_counted_per_record() {
+        let mut w = Width::new(b',', 1);
+        let mut text = b"a,\"".to_vec();
+        text.extend(std::iter::repeat_n(b'\r', 100_000));
+        text.extend(b"\"\r\nb,\rc\nd,1");
+        w.scan(&text).unwrap();
+        assert_eq!(w.lone_by_record.len(), 2);
+        let first_end = text.iter().position(|&b| b == b'\n').unwrap() as u64 + 1;
+        assert_eq!(w.lone_crs_before(first_end, false), 100_000);
+        assert_eq!(w.lone_crs_before(text.len() as u64, false), 1);
+        assert!(w.lone_by_record.is_empty());
+        w.scan(b"\re").unwrap();
+        assert_eq!(w.lone_crs_before(text.len() as u64 + 2, true), 1);
     }
 
     #[test]
