@@ -16,8 +16,10 @@
 //! - The reader is `flexible`: a ragged row is returned as is and `map`
 //!   turns it into a row error we own; only a broken stream is an `Err`.
 //! - Line endings: `\n`, `\r\n`, or a lone `\r` (old Mac exports), told
-//!   from the header line; lone-`\r` files are read as if each `\r` were
-//!   `\n` (byte for byte, so offsets stay exact).
+//!   from the header line. In a file whose header ends in a lone `\r`,
+//!   every lone `\r` is read as `\n` (byte for byte, so offsets stay
+//!   exact) and `\r\n` and `\n` end lines too, so a file that mixes them
+//!   is read right.
 //! - Encodings: UTF-8 with or without BOM (cells that are not valid UTF-8
 //!   are read as Windows-1252, see `domain::text`), UTF-16 LE/BE with BOM
 //!   (transcoded to UTF-8 on the fly). Delimiter `,` `;` tab or `|`, detected
@@ -133,15 +135,13 @@ pub struct Record<'a> {
 
 /// Pass-through reader remembering how many bytes went by and following the
 /// records ahead of the parser ([`Width`]), so the parser can tell whether
-/// the file's last record ends with its `\n`; turns each `\r` into `\n` in a
-/// lone-`\r` file; enforces
+/// the file's last record ends with its `\n`; enforces
 /// [`MAX_RECORD_BYTES`] and [`MAX_FIELDS`] before the parser buffers a
 /// record past them.
 struct Tail {
     inner: BoxRead,
     total: u64,
     eof: bool,
-    cr_to_lf: bool,
     /// Stream offset where the record being parsed starts.
     record_start: u64,
     /// Fields of the record at the read frontier.
@@ -322,12 +322,7 @@ impl AsyncRead for Tail {
         let before = buf.filled().len();
         let poll = this.inner.as_mut().poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &poll {
-            let filled = &mut buf.filled_mut()[before..];
-            if this.cr_to_lf {
-                for b in filled.iter_mut().filter(|b| **b == b'\r') {
-                    *b = b'\n';
-                }
-            }
+            let filled = &buf.filled()[before..];
             if filled.is_empty() {
                 this.eof = true;
             }
@@ -477,10 +472,12 @@ impl Records {
             .terminator(csv_async::Terminator::Any(b'\n'))
             .buffer_capacity(256 * 1024)
             .create_reader(Tail {
-                inner: reader,
+                inner: match dialect.line_ending {
+                    LineEnding::Cr => Box::pin(LoneCr::new(reader)),
+                    LineEnding::Lf => reader,
+                },
                 total: 0,
                 eof: false,
-                cr_to_lf: dialect.line_ending == LineEnding::Cr,
                 record_start: 0,
                 width: Width::new(dialect.delimiter, start.line.max(1)),
             });
@@ -850,6 +847,82 @@ impl Transcode {
             output: Vec::with_capacity(64 * 1024),
             out_pos: 0,
             finished: false,
+        }
+    }
+}
+
+/// Reads a file whose lines end in a lone `\r` as one whose lines end in
+/// `\n`: every `\r` not followed by `\n` becomes `\n`, byte for byte (so
+/// offsets stay exact); a `\r\n` and a `\n` stay as they are. A `\r`
+/// that ends a read is held until the byte after it is read.
+struct LoneCr {
+    inner: BoxRead,
+    /// Bytes read and converted, `buf[pos..len]` not yet handed on;
+    /// `buf[0]` is kept for a held `\r`.
+    buf: Box<[u8]>,
+    pos: usize,
+    len: usize,
+    /// The last byte read was a `\r`, not handed on yet.
+    held_cr: bool,
+    finished: bool,
+}
+
+impl LoneCr {
+    fn new(inner: BoxRead) -> Self {
+        Self {
+            inner,
+            buf: vec![0; 64 * 1024].into_boxed_slice(),
+            pos: 0,
+            len: 0,
+            held_cr: false,
+            finished: false,
+        }
+    }
+}
+
+impl AsyncRead for LoneCr {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.pos < this.len {
+                let n = (this.len - this.pos).min(out.remaining());
+                out.put_slice(&this.buf[this.pos..this.pos + n]);
+                this.pos += n;
+                return Poll::Ready(Ok(()));
+            }
+            if this.finished {
+                return Poll::Ready(Ok(()));
+            }
+            let mut rb = ReadBuf::new(&mut this.buf[1..]);
+            match this.inner.as_mut().poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    this.finished = n == 0;
+                    let start = if this.held_cr { 0 } else { 1 };
+                    this.buf[0] = b'\r';
+                    this.held_cr = false;
+                    let mut end = 1 + n;
+                    if n > 0 && this.buf[end - 1] == b'\r' {
+                        this.held_cr = true;
+                        end -= 1;
+                    }
+                    // A `\r` at the end of the file is a line end too.
+                    let next =
+                        |i: usize, buf: &[u8]| buf.get(i + 1).copied().filter(|_| i + 1 < 1 + n);
+                    for i in start..end {
+                        if this.buf[i] == b'\r' && next(i, &this.buf) != Some(b'\n') {
+                            this.buf[i] = b'\n';
+                        }
+                    }
+                    (this.pos, this.len) = (start, end);
+                }
+            }
         }
     }
 }
@@ -1390,6 +1463,83 @@ mod tests {
             let c = r.next().await.unwrap().unwrap();
             assert_eq!(c.line, 5);
         });
+    }
+
+    /// A reader handing out `data` a few bytes at a time, pending between
+    /// reads, as a network stream does.
+    struct Trickle {
+        data: Vec<u8>,
+        at: usize,
+        step: usize,
+        ready: bool,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let this = self.get_mut();
+            this.ready = !this.ready;
+            if !this.ready {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = this
+                .step
+                .min(this.data.len() - this.at)
+                .min(buf.remaining());
+            buf.put_slice(&this.data[this.at..this.at + n]);
+            this.at += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    proptest! {
+        /// Every lone `\r` becomes `\n` and nothing else changes, however
+        /// the reads cut the stream.
+        #[test]
+        fn lone_crs_become_newlines_byte_for_byte(
+            data in proptest::collection::vec(proptest::sample::select(vec![b'\r', b'\n', b'a']), 0..64),
+            step in 1usize..5,
+        ) {
+            let expected: Vec<u8> = data
+                .iter()
+                .enumerate()
+                .map(|(i, &b)| if b == b'\r' && data.get(i + 1) != Some(&b'\n') { b'\n' } else { b })
+                .collect();
+            let reader = Trickle { data, at: 0, step, ready: false };
+            let got = rt().block_on(async {
+                let mut out = Vec::new();
+                LoneCr::new(Box::pin(reader)).read_to_end(&mut out).await.unwrap();
+                out
+            });
+            prop_assert_eq!(got, expected);
+        }
+    }
+
+    /// A file whose header ends in a lone `\r` and whose rows end in
+    /// `\r\n` (or `\n`, or mix them) is read line by line.
+    #[test]
+    fn a_lone_cr_header_over_mixed_line_ends_reads_every_line() {
+        let csv = b"n,v\rA,1\r\nB,\"x\r\ny\"\r\nC,3\nD,4\rE,5".to_vec();
+        let (headers, rows) = rt().block_on(read_all(csv)).unwrap();
+        assert_eq!(headers, ["n", "v"]);
+        let got: Vec<(u64, &str, &str)> = rows
+            .iter()
+            .map(|(l, f)| (*l, f[0].as_str(), f[1].as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (2, "A", "1"),
+                (3, "B", "x\r\ny"),
+                (5, "C", "3"),
+                (6, "D", "4"),
+                (7, "E", "5")
+            ]
+        );
     }
 
     #[test]
