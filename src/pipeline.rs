@@ -1188,6 +1188,7 @@ async fn write_contacts(
     let (mut outcome, rows, mark) = batch.split();
     if replay && let Some(recorded) = recorded_batch(&db, queue_id, outcome.first_line).await? {
         if reuse_contacts(&mut outcome, &rows, &recorded) {
+            metrics::counter!(m::BATCHES_REUSED).increment(1);
             return Ok(mark.done(outcome));
         }
         warn!("The recorded outcomes do not cover the batch; writing it again");
@@ -1606,6 +1607,7 @@ async fn write_batch(
     let started = Instant::now();
     if replay && let Some(recorded) = recorded_batch(&db, queue_id, p.first_line).await? {
         if covers(&p, &recorded) {
+            metrics::counter!(m::BATCHES_REUSED).increment(1);
             return Ok(reuse_deals(p, &recorded));
         }
         warn!("The recorded outcomes do not cover the batch; writing it again");

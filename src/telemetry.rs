@@ -73,6 +73,9 @@ pub mod metrics {
     pub const ROWS: &str = "importd_rows_total";
     /// Histogram: seconds to write one batch (deals and its outcomes).
     pub const BATCH_SECONDS: &str = "importd_batch_write_seconds";
+    /// Counter: batches of a resumed run not written again, their outcomes
+    /// recorded by an earlier run reused.
+    pub const BATCHES_REUSED: &str = "importd_batches_reused_total";
     /// Counter: claim ticks that failed (MongoDB unreachable...).
     pub const TICK_ERRORS: &str = "importd_claim_tick_errors_total";
     /// Counter, labels `channel` (`email`, `webhook`) and `result`

@@ -916,6 +916,8 @@ async fn a_resumed_import_cuts_batches_as_its_first_run_did() {
 /// same deal stays, and the line's outcome is the first run's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_update_import_keeps_what_another_import_changed_since() {
+    // The process's metrics recorder, installed before the runs.
+    let metrics = importd::telemetry::metrics::handle();
     let mut app = TestApp::new().await;
     let existing = ObjectId::new();
     app.coll(collections::DEALS)
@@ -958,6 +960,14 @@ async fn a_resumed_update_import_keeps_what_another_import_changed_since() {
     assert_eq!(
         outcomes::line_outcome(&app.db, first, 2).await.unwrap(),
         Some(LineOutcome::Updated { id: existing })
+    );
+    assert!(
+        metrics
+            .render()
+            .lines()
+            .any(|l| l.starts_with("importd_batches_reused_total ")),
+        "{}",
+        metrics.render()
     );
     app.cleanup().await;
 }
