@@ -292,8 +292,12 @@ impl Width {
             };
             if b == b'\n' {
                 self.line += 1;
-                // A record's terminator.
-                if before != Scan::RecordStart && self.lone_crs > 0 {
+                // A record's terminator (not a blank line, not a line break
+                // inside quotes).
+                if before != Scan::RecordStart
+                    && self.state == Scan::RecordStart
+                    && self.lone_crs > 0
+                {
                     let count = std::mem::take(&mut self.lone_crs);
                     self.lone_by_record.push_back((self.offset, count));
                 }
@@ -1167,12 +1171,15 @@ mod tests {
     fn lone_crs_are_counted_per_record() {
         let mut w = Width::new(b',', 1);
         let mut text = b"a,\"".to_vec();
-        text.extend(std::iter::repeat_n(b'\r', 100_000));
+        text.extend(std::iter::repeat_n(b'\r', 50_000));
+        for _ in 0..25_000 {
+            text.extend(b"\r\r\n");
+        }
         text.extend(b"\"\r\nb,\rc\nd,1");
         w.scan(&text).unwrap();
         assert_eq!(w.lone_by_record.len(), 2);
-        let first_end = text.iter().position(|&b| b == b'\n').unwrap() as u64 + 1;
-        assert_eq!(w.lone_crs_before(first_end, false), 100_000);
+        let first_end = text.windows(3).position(|w| w == b"\"\r\n").unwrap() as u64 + 3;
+        assert_eq!(w.lone_crs_before(first_end, false), 75_000);
         assert_eq!(w.lone_crs_before(text.len() as u64, false), 1);
         assert!(w.lone_by_record.is_empty());
         w.scan(b"\re").unwrap();
