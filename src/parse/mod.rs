@@ -16,10 +16,10 @@
 //! - The reader is `flexible`: a ragged row is returned as is and `map`
 //!   turns it into a row error we own; only a broken stream is an `Err`.
 //! - Line endings: `\n`, `\r\n`, or a lone `\r` (old Mac exports), told
-//!   from the header line. In a file whose header ends in a lone `\r`,
-//!   every lone `\r` is read as `\n` (byte for byte, so offsets stay
-//!   exact) and `\r\n` and `\n` end lines too, so a file that mixes them
-//!   is read right.
+//!   from the header line and the first rows (`detect_line_ending`). In a
+//!   lone-`\r` file every lone `\r` is read as `\n` (byte for byte, so
+//!   offsets stay exact) and `\r\n` and `\n` end lines too, so a file that
+//!   mixes them is read right.
 //! - Encodings: UTF-8 with or without BOM (cells that are not valid UTF-8
 //!   are read as Windows-1252, see `domain::text`), UTF-16 LE/BE with BOM
 //!   (transcoded to UTF-8 on the fly). Delimiter `,` `;` tab or `|`, detected
@@ -415,10 +415,11 @@ where
         }
         .into());
     }
+    let delimiter = detect_delimiter(&head);
     let dialect = Dialect {
-        delimiter: detect_delimiter(&head),
+        delimiter,
         encoding,
-        line_ending: first_line_end(&head).map_or(LineEnding::Lf, |(_, e)| e),
+        line_ending: detect_line_ending(&head, delimiter),
     };
     let reader: BoxRead = Box::pin(std::io::Cursor::new(head).chain(reader));
     let mut records = Records::new(
@@ -732,12 +733,12 @@ fn holds_sample(buf: &[u8]) -> bool {
 }
 
 /// How `buf` splits with `delimiter`: the field counts of its lines (line
-/// ends `\n`, `\r\n` or `\r`; a quote opens a quoted field only at a
-/// field's start; a last line without its end counts if it is the first,
-/// or if `whole`: `buf` is the rest of the file, not cut by the sample's
-/// size), and how often the delimiter stands between two digits (`5,50`,
-/// a decimal comma rather than a separator).
-fn field_counts(buf: &[u8], delimiter: u8, whole: bool) -> (Vec<usize>, usize) {
+/// ends `\n`, `\r\n`, and a lone `\r` if `lone_cr_ends`; a quote opens a
+/// quoted field only at a field's start; a last line without its end
+/// counts if it is the first, or if `whole`: `buf` is the rest of the
+/// file, not cut by the sample's size), and how often the delimiter stands
+/// between two digits (`5,50`, a decimal comma rather than a separator).
+fn field_counts(buf: &[u8], delimiter: u8, whole: bool, lone_cr_ends: bool) -> (Vec<usize>, usize) {
     let mut counts = Vec::new();
     let (mut fields, mut quoted, mut at_start, mut empty) = (1, false, true, true);
     let mut between_digits = 0;
@@ -761,6 +762,7 @@ fn field_counts(buf: &[u8], delimiter: u8, whole: bool) -> (Vec<usize>, usize) {
                 quoted = true;
                 false
             }
+            b'\r' if !lone_cr_ends && buf.get(i) != Some(&b'\n') => false,
             b'\n' | b'\r' => {
                 if b == b'\r' && buf.get(i) == Some(&b'\n') {
                     i += 1;
@@ -801,7 +803,8 @@ pub fn detect_delimiter(head: &[u8]) -> u8 {
         .filter_map(|(i, &d)| {
             // Shorter than its cap, the sample ends at a line break or at
             // the end of the file (see `skip_blank_lines`).
-            let (counts, between_digits) = field_counts(sample, d, sample.len() < SNIFF_BYTES);
+            let (counts, between_digits) =
+                field_counts(sample, d, sample.len() < SNIFF_BYTES, true);
             let header = *counts.first()?;
             let consistent = counts[1..].iter().filter(|&&n| n == header).count();
             // A delimiter absent from the header only serves a one-column
@@ -817,6 +820,29 @@ pub fn detect_delimiter(head: &[u8]) -> u8 {
         })
         .max_by_key(|(key, _)| *key)
         .map_or(b',', |(_, d)| d)
+}
+
+/// How the file's lines end: as its header line ends (a lone `\r`: old
+/// Mac exports), or, after a header ending in `\n` or `\r\n`, in a lone
+/// `\r` when its rows end so: more rows of its `sample` have the header's
+/// field count when lone `\r`s end lines than when they are text in a
+/// cell (the latter, as in any `\n` file, wins a tie).
+fn detect_line_ending(head: &[u8], delimiter: u8) -> LineEnding {
+    if let Some((_, LineEnding::Cr)) = first_line_end(head) {
+        return LineEnding::Cr;
+    }
+    let sample = sample(head);
+    let fitting = |lone_cr_ends| {
+        let (counts, _) = field_counts(sample, delimiter, sample.len() < SNIFF_BYTES, lone_cr_ends);
+        counts.split_first().map_or(0, |(header, rows)| {
+            rows.iter().filter(|&n| n == header).count()
+        })
+    };
+    if fitting(true) > fitting(false) {
+        LineEnding::Cr
+    } else {
+        LineEnding::Lf
+    }
 }
 
 /// NUL bytes or a known binary signature in the first bytes.
@@ -1523,6 +1549,29 @@ mod tests {
                 out
             });
             prop_assert_eq!(got, expected);
+        }
+    }
+
+    /// Rows ending in a lone `\r` under a header ending in `\n` or `\r\n`
+    /// are rows; a lone `\r` inside the rows of a `\n` file stays text.
+    #[test]
+    fn rows_ending_in_a_lone_cr_under_a_newline_header_are_rows() {
+        for (csv, expected) in [
+            (&b"a,b\n1,2\r3,4\r"[..], vec![(2, "1", "2"), (3, "3", "4")]),
+            (
+                b"a,b\r\n1,2\r3,4\r5,\"x\ry\"",
+                vec![(2, "1", "2"), (3, "3", "4"), (4, "5", "x\ny")],
+            ),
+            (b"a,b\n1,x\ry\n", vec![(2, "1", "x\ry")]),
+            (b"a,b\n1,x\ry", vec![(2, "1", "x\ry")]),
+            (b"a,b\n1,x\ry\n2,z\n", vec![(2, "1", "x\ry"), (4, "2", "z")]),
+        ] {
+            let (_, rows) = rt().block_on(read_all(csv.to_vec())).unwrap();
+            let got: Vec<(u64, &str, &str)> = rows
+                .iter()
+                .map(|(l, f)| (*l, f[0].as_str(), f.get(1).map_or("", String::as_str)))
+                .collect();
+            assert_eq!(got, expected, "{csv:?}");
         }
     }
 
