@@ -238,8 +238,23 @@ struct Tracker {
     checkpoint: Checkpoint,
     /// The checkpoint's line when this run began.
     start_line: LineNo,
+    /// The checkpoint's byte when this run began, and when it began.
+    start_byte: u64,
+    started: Instant,
     size: u64,
     last_save: Instant,
+}
+
+/// Seconds a run that began at byte `from` of a `size`-byte file and is at
+/// byte `at` after `elapsed` still needs at that pace (pure); none before
+/// it has run two seconds or read anything.
+fn eta_seconds(elapsed: Duration, from: u64, at: u64, size: u64) -> Option<u64> {
+    let done = at.checked_sub(from).filter(|&d| d > 0)?;
+    if elapsed < Duration::from_secs(2) {
+        return None;
+    }
+    let left = size.saturating_sub(at) as f64;
+    Some((left * elapsed.as_secs_f64() / done as f64).ceil() as u64)
 }
 
 /// Most rows a batch may hold, whatever a checkpoint says (an outcome
@@ -271,6 +286,8 @@ pub async fn run(svc: &Services, job: ClaimedJob, shutdown: CancellationToken) -
         progress: progress_from_doc(&job.doc),
         checkpoint,
         start_line: checkpoint.line,
+        start_byte: checkpoint.byte,
+        started: Instant::now(),
         size: 0,
         last_save: Instant::now(),
     };
@@ -453,6 +470,7 @@ fn progress_from_totals(t: Totals, before: Progress, outcome: &Final) -> Progres
         skipped_rows: t.skipped,
         failed_rows: t.failed,
         percent: if completed { 100.0 } else { before.percent },
+        eta_seconds: None,
     }
 }
 
@@ -473,6 +491,7 @@ fn progress_from_doc(doc: &Document) -> Progress {
         skipped_rows: n("skipped_rows"),
         failed_rows: n("failed_rows"),
         percent: p.get_f64("percent").unwrap_or(0.0),
+        eta_seconds: None,
     }
 }
 
@@ -1942,6 +1961,12 @@ async fn commit(
     p.processed_rows = p.imported_rows + p.updated_rows + p.skipped_rows + p.failed_rows;
     if tracker.size > 0 {
         p.percent = (end.byte as f64 / tracker.size as f64 * 100.0).min(99.9);
+        p.eta_seconds = eta_seconds(
+            tracker.started.elapsed(),
+            tracker.start_byte,
+            end.byte,
+            tracker.size,
+        );
     }
     tracker.checkpoint = Checkpoint {
         line: end.line,
@@ -2115,6 +2140,19 @@ mod tests {
         assert!(!covers(&lines_only(vec![2, 3], 6), &recorded));
         assert!(!covers(&lines_only(vec![2, 8], 7), &recorded));
         assert!(!covers(&lines_only(vec![2, 5], 7), &recorded));
+    }
+
+    #[test]
+    fn the_eta_follows_the_pace_of_this_run() {
+        let s = Duration::from_secs;
+        // A quarter of the file in 10 s: 30 s to go.
+        assert_eq!(eta_seconds(s(10), 0, 250, 1_000), Some(30));
+        // A resumed run counts from its own start.
+        assert_eq!(eta_seconds(s(10), 500, 750, 1_000), Some(10));
+        assert_eq!(eta_seconds(s(10), 0, 1_000, 1_000), Some(0));
+        // No pace yet.
+        assert_eq!(eta_seconds(s(1), 0, 250, 1_000), None);
+        assert_eq!(eta_seconds(s(10), 500, 500, 1_000), None);
     }
 
     #[test]

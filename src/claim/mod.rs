@@ -126,6 +126,9 @@ pub struct Progress {
     pub failed_rows: u64,
     /// 0–100: by rows when the total is known, else by bytes read.
     pub percent: f64,
+    /// Seconds the run still needs at its pace so far (by bytes read);
+    /// none before its pace is known, or once it is final.
+    pub eta_seconds: Option<u64>,
 }
 
 impl Progress {
@@ -138,6 +141,7 @@ impl Progress {
             "skipped_rows": self.skipped_rows as i64,
             "failed_rows": self.failed_rows as i64,
             "percent": (self.percent * 10.0).round() / 10.0,
+            "eta_seconds": self.eta_seconds.map(|s| s as i64),
         }
     }
 }

@@ -68,6 +68,12 @@ impl ImportStatus {
                 n("failed_rows"),
                 n("percent")
             ));
+            if self.state() == "processing"
+                && let Some(eta) = p.get("eta_seconds").and_then(Bson::as_i64)
+            {
+                let eta = crate::report::summary::duration(eta.max(0) as u64);
+                out.push_str(&format!("  eta:      about {eta} to go\n"));
+            }
         }
         if let Ok(e) = q.get_document("error") {
             out.push_str(&format!(
@@ -175,5 +181,26 @@ pub async fn wait_final(
             return Ok(s);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_running_import_shows_how_long_it_still_needs() {
+        let status = |state: &str| {
+            ImportStatus {
+            queue: doc! {
+                "_id": ObjectId::new(), "status": state,
+                "progress": { "processed_rows": 10_i64, "percent": 25.0, "eta_seconds": 90_i64 },
+            },
+            summary: None,
+        }
+        .render()
+        };
+        assert!(status("processing").contains("  eta:      about 1 min 30 s to go\n"));
+        assert!(!status("completed").contains("eta"));
     }
 }

@@ -193,6 +193,7 @@ fn view(q: &Document) -> Value {
             "skipped_rows",
             "failed_rows",
             "percent",
+            "eta_seconds",
         ] {
             out.insert(k.into(), number(p, k));
         }

@@ -50,6 +50,11 @@ async fn seed_sample_imports_three_deals_with_stages_custom_fields_and_totals() 
             .unwrap(),
         100.0
     );
+    // Nothing left to wait for.
+    assert_eq!(
+        q.get_document("progress").unwrap().get("eta_seconds"),
+        Some(&Bson::Null)
+    );
     assert!(q.get_datetime("completed_at").is_ok());
 
     let stages = app
