@@ -267,13 +267,13 @@ impl ContactWriter {
             .coll
             .clone_with_type::<Document>()
             .find(crate::db::contacts_by_email(self.account_id, emails))
-            .projection(doc! { "_id": 1, "email": 1, "last_import": 1 })
+            .projection(doc! { "_id": 1, "email": 1, "last_import": 1, "last_imports": 1 })
             .await?;
         let mut found = HashMap::with_capacity(emails.len());
         while let Some(d) = cursor.try_next().await? {
             if let (Ok(id), Ok(email)) = (d.get_object_id("_id"), d.get_str("email")) {
-                let last = d.get_document("last_import").ok().cloned();
-                found.insert(email.to_owned(), (id, last));
+                let email = email.to_owned();
+                found.insert(email, (id, Some(d)));
             }
         }
         Ok(found)

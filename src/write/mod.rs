@@ -237,14 +237,51 @@ impl From<InsertFailure> for Error {
     }
 }
 
-/// Whether the last update of a record (its `last_import`) was by import
-/// `queue_id` at line `line` or later: then a line before it (a batch a
-/// resumed import replays) must not be applied over it.
-pub(crate) fn superseded(last_import: Option<&Document>, queue_id: ObjectId, line: LineNo) -> bool {
-    last_import.is_some_and(|l| {
+/// Updates by imports a record remembers (`last_imports`, oldest first).
+pub const KEPT_UPDATES: i32 = 8;
+
+/// The `$push` of an update of a record by line `line` of import
+/// `queue_id` onto its `last_imports` (the last [`KEPT_UPDATES`] kept).
+pub(crate) fn push_last_import(queue_id: ObjectId, line: LineNo) -> RawDocumentBuf {
+    let mut entry = raw_with_capacity(48);
+    entry.append_ref("queue_id", queue_id);
+    entry.append_ref("line", line as i64);
+    let mut each = RawArrayBuf::new();
+    each.push(entry);
+    let mut spec = raw_with_capacity(80);
+    spec.append_ref("$each", &each);
+    spec.append_ref("$slice", -KEPT_UPDATES);
+    let mut push = raw_with_capacity(96);
+    push.append_ref("last_imports", &spec);
+    push
+}
+
+/// Whether import `queue_id` already applied its line `line`, or a later
+/// one, to a record (`record`: its `last_import` and `last_imports`): then
+/// line `line` (of a batch a resumed import writes again) must not be
+/// applied over it. The record remembers its last [`KEPT_UPDATES`] updates,
+/// so this holds even when another import updated it since.
+pub(crate) fn superseded(record: Option<&Document>, queue_id: ObjectId, line: LineNo) -> bool {
+    let applied = |l: &Document| {
         l.get_object_id("queue_id").ok() == Some(queue_id)
             && l.get_i64("line").is_ok_and(|at| at >= line as i64)
+    };
+    record.is_some_and(|r| {
+        r.get_document("last_import").is_ok_and(applied)
+            || r.get_array("last_imports")
+                .into_iter()
+                .flatten()
+                .filter_map(Bson::as_document)
+                .any(applied)
     })
+}
+
+/// The line of an update's `$set` (its `last_import.line`).
+fn set_line(set: &RawDocumentBuf) -> Option<LineNo> {
+    set.get_document("last_import")
+        .ok()
+        .and_then(|l| l.get_i64("line").ok())
+        .and_then(|l| LineNo::try_from(l).ok())
 }
 
 /// Starting size of a deal's BSON buffer: a typical deal fits, so building
@@ -392,7 +429,8 @@ impl DealBuilder {
 
     /// The `$set` of an existing deal updated by a row (`duplicate_strategy:
     /// update`): the mapped fields only; account, pipeline, owner and
-    /// creation stay as they are.
+    /// creation stay as they are. (The statement adds the line to the
+    /// deal's `last_imports`.)
     pub fn update_fields(
         &self,
         deal: &MappedDeal,
@@ -461,8 +499,11 @@ impl DealWriter {
             .map(|(id, set)| {
                 let mut statement = RawDocumentBuf::new();
                 statement.append("q", self.deal_filter(*id));
-                let mut u = raw_with_capacity(set.as_bytes().len() + 16);
+                let mut u = raw_with_capacity(set.as_bytes().len() + 112);
                 u.append_ref("$set", &**set);
+                if let Some(line) = set_line(set) {
+                    u.append_ref("$push", &push_last_import(self.builder.queue_id, line));
+                }
                 statement.append("u", u);
                 statement
             })
@@ -504,23 +545,19 @@ impl DealWriter {
                 "account_id": self.builder.account_id,
                 "pipeline_id": self.builder.pipeline_id,
             })
-            .projection(doc! { "last_import": 1 })
+            .projection(doc! { "last_import": 1, "last_imports": 1 })
             .await?;
         let mut last = std::collections::HashMap::with_capacity(ids.len());
         while let Some(d) = cursor.try_next().await? {
-            if let (Ok(id), Ok(l)) = (d.get_object_id("_id"), d.get_document("last_import")) {
-                last.insert(id, l.clone());
+            if let Ok(id) = d.get_object_id("_id") {
+                last.insert(id, d);
             }
         }
         Ok(updates
             .iter()
             .map(|(id, set)| {
-                let line = set
-                    .get_document("last_import")
-                    .ok()
-                    .and_then(|l| l.get_i64("line").ok())
-                    .unwrap_or_default();
-                superseded(last.get(id), self.builder.queue_id, line as LineNo)
+                set_line(set)
+                    .is_some_and(|line| superseded(last.get(id), self.builder.queue_id, line))
             })
             .collect())
     }
@@ -660,12 +697,34 @@ mod tests {
     #[test]
     fn only_a_newer_line_of_the_same_import_supersedes() {
         let q = ObjectId::new();
-        let last = doc! { "queue_id": q, "line": 1_500_i64 };
+        let last = doc! { "last_import": { "queue_id": q, "line": 1_500_i64 } };
         assert!(superseded(Some(&last), q, 3));
         assert!(superseded(Some(&last), q, 1_500));
         assert!(!superseded(Some(&last), q, 1_501));
         assert!(!superseded(Some(&last), ObjectId::new(), 3));
         assert!(!superseded(None, q, 3));
+        // Another import updated the record since: the record's trail
+        // still knows this import's line.
+        let other = ObjectId::new();
+        let since = doc! {
+            "last_import": { "queue_id": other, "line": 2_i64 },
+            "last_imports": [
+                { "queue_id": q, "line": 1_500_i64 },
+                { "queue_id": other, "line": 2_i64 },
+            ],
+        };
+        assert!(superseded(Some(&since), q, 1_500));
+        assert!(!superseded(Some(&since), q, 1_501));
+    }
+
+    #[test]
+    fn an_update_pushes_its_line_onto_the_kept_trail() {
+        let q = ObjectId::new();
+        let push = push_last_import(q, 42).to_document().unwrap();
+        assert_eq!(
+            push,
+            doc! { "last_imports": { "$each": [{ "queue_id": q, "line": 42_i64 }], "$slice": -KEPT_UPDATES } }
+        );
     }
     use crate::domain::{DuplicateStrategy, RecordKind};
 

@@ -459,6 +459,26 @@ async fn a_replayed_update_batch_never_writes_an_older_line_over_a_newer_one() {
         let c = contact(&app, email).await;
         assert_eq!(c.get_str("phone").unwrap(), "222", "{c}");
     }
+    // Another import updates the contact since: the first batch written
+    // again still knows its lines were applied (the contact keeps its last
+    // updates), and the other import's values stay.
+    let other = ContactWriter::new(
+        app.coll(collections::CONTACTS),
+        &app.spec(
+            importd::domain::RecordKind::Contacts,
+            importd::domain::DuplicateStrategy::Update,
+        ),
+    );
+    other.write(&[row(2, "old@x.co", "333")]).await.unwrap();
+    assert_eq!(
+        writer.write(&second).await.unwrap(),
+        [
+            ContactWrite::Superseded(created),
+            ContactWrite::Superseded(existing)
+        ]
+    );
+    let c = contact(&app, "old@x.co").await;
+    assert_eq!(c.get_str("phone").unwrap(), "333", "{c}");
     assert_eq!(
         contact(&app, "new@x.co")
             .await

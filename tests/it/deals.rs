@@ -786,6 +786,38 @@ async fn bulk_updates_report_each_line() {
         .unwrap();
     assert_eq!(d.get_str("name").unwrap(), "line 1500");
 
+    // Another import updates the deal since: written again, line 1500
+    // still counts as applied (the deal keeps its last updates), and the
+    // other import's values stay.
+    let spec_b = app.spec(
+        importd::domain::RecordKind::Deals,
+        importd::domain::DuplicateStrategy::Update,
+    );
+    let writer_b = importd::write::DealWriter::new(deals.clone(), &spec_b, app.pipeline_id);
+    let theirs = bson::RawDocumentBuf::from_document(&doc! {
+        "name": "theirs",
+        "last_import": { "queue_id": spec_b.queue_id, "line": 2_i64 },
+    })
+    .unwrap();
+    let r = writer_b.update(&[(target, &theirs)]).await.unwrap();
+    assert_eq!(r, [importd::write::LineWrite::Updated]);
+    let r = writer.update(&[(target, &newer)]).await.unwrap();
+    assert_eq!(r, [importd::write::LineWrite::Superseded]);
+    let d = deals
+        .find_one(doc! { "_id": target })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.get_str("name").unwrap(), "theirs");
+    let trail = d.get_array("last_imports").unwrap();
+    assert_eq!(
+        trail[trail.len() - 2..],
+        [
+            bson::Bson::Document(doc! { "queue_id": spec.queue_id, "line": 1_500_i64 }),
+            bson::Bson::Document(doc! { "queue_id": spec_b.queue_id, "line": 2_i64 }),
+        ]
+    );
+
     // Lines updating one deal twice in a batch apply in file order. (A
     // single server applies an unordered command in order anyway; on a
     // sharded one only the cut before the repeated deal, which the
