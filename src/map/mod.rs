@@ -22,7 +22,7 @@ pub use values::{nfkc_email, normalise_email, parse_date, parse_number, valid_em
 
 /// Targets that are never accepted, even though they are plain names: the
 /// daemon owns them, and a CSV must not set them.
-const DAEMON_OWNED: [&str; 12] = [
+const DAEMON_OWNED: [&str; 15] = [
     "_id",
     "account_id",
     "pipeline_id",
@@ -35,6 +35,9 @@ const DAEMON_OWNED: [&str; 12] = [
     "created_at",
     "updated_at",
     "parent_account",
+    "last_import",
+    "last_imports",
+    "contact_id",
 ];
 
 /// Access to a record's raw fields (a csv `ByteRecord`, or a slice in tests).
@@ -861,6 +864,7 @@ mod tests {
             "account_id",
             "owner",
             "import",
+            "last_imports",
             "nonsense",
         ] {
             let e = Plan::new(
