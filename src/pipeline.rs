@@ -241,6 +241,9 @@ struct Tracker {
     /// The checkpoint's byte when this run began, and when it began.
     start_byte: u64,
     started: Instant,
+    /// Whether byte offsets are the file's (not a transcoded file's): the
+    /// time left is told from them.
+    exact_offsets: bool,
     size: u64,
     last_save: Instant,
 }
@@ -288,6 +291,7 @@ pub async fn run(svc: &Services, job: ClaimedJob, shutdown: CancellationToken) -
         start_line: checkpoint.line,
         start_byte: checkpoint.byte,
         started: Instant::now(),
+        exact_offsets: false,
         size: 0,
         last_save: Instant::now(),
     };
@@ -604,6 +608,7 @@ async fn import(
     }
     let reader = svc.storage.open(&spec.csv_key, 0, info.size).await?;
     let (headers, records) = parse::open(reader).await?;
+    tracker.exact_offsets = records.dialect.encoding.offsets_are_exact();
     let rules = Rules {
         max_field_chars: settings.import.max_field_chars,
         number_locale: settings.import.number_locale,
@@ -623,6 +628,7 @@ async fn import(
             ..Checkpoint::default()
         };
         tracker.progress = Progress::default();
+        tracker.start_byte = 0;
     }
     let resume = tracker.checkpoint;
     let (records, skip) = if resume.line == 0 {
@@ -1961,12 +1967,17 @@ async fn commit(
     p.processed_rows = p.imported_rows + p.updated_rows + p.skipped_rows + p.failed_rows;
     if tracker.size > 0 {
         p.percent = (end.byte as f64 / tracker.size as f64 * 100.0).min(99.9);
-        p.eta_seconds = eta_seconds(
-            tracker.started.elapsed(),
-            tracker.start_byte,
-            end.byte,
-            tracker.size,
-        );
+        p.eta_seconds = tracker
+            .exact_offsets
+            .then(|| {
+                eta_seconds(
+                    tracker.started.elapsed(),
+                    tracker.start_byte,
+                    end.byte,
+                    tracker.size,
+                )
+            })
+            .flatten();
     }
     tracker.checkpoint = Checkpoint {
         line: end.line,

@@ -345,7 +345,10 @@ impl Claimer {
                     "lease.expires_at": { "$lt": now },
                 },
                 doc! {
-                    "$set": { "status": JobState::Pending.as_str(), "in_progress": false, "rescued_at": now },
+                    "$set": {
+                        "status": JobState::Pending.as_str(), "in_progress": false, "rescued_at": now,
+                        "progress.eta_seconds": Bson::Null,
+                    },
                     "$unset": { "lease": "" },
                 },
             )
@@ -500,6 +503,11 @@ impl Lease {
         why: Release<'_>,
     ) -> Result<()> {
         let now = DateTime::now();
+        // Not running: no time left to tell.
+        let progress = Progress {
+            eta_seconds: None,
+            ..progress
+        };
         let mut set = doc! {
             "status": JobState::Pending.as_str(),
             "in_progress": false,

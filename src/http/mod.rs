@@ -197,6 +197,10 @@ fn view(q: &Document) -> Value {
         ] {
             out.insert(k.into(), number(p, k));
         }
+        // Time left only while a daemon runs it.
+        if q.get_str("status") != Ok("processing") {
+            out.insert("eta_seconds".into(), Value::Null);
+        }
         Value::Object(out)
     });
     let error = q.get_document("error").ok().map_or(
@@ -260,7 +264,8 @@ mod tests {
             "_id": id, "source": "deals", "status": "completed", "in_progress": false,
             "csv": [{ "key": "imports/a/b/q4.csv", "name": "q4.csv" }],
             "progress": { "total_rows": 10_i64, "processed_rows": 10_i64, "imported_rows": 9_i64,
-                          "updated_rows": 0_i64, "skipped_rows": 0_i64, "failed_rows": 1_i64, "percent": 100.0 },
+                          "updated_rows": 0_i64, "skipped_rows": 0_i64, "failed_rows": 1_i64, "percent": 100.0,
+                          "eta_seconds": 12_i64 },
             "attempts": 2_i32,
             "createdAt": bson::DateTime::from_millis(0),
             "completed_at": bson::DateTime::from_millis(1_000),
@@ -270,6 +275,11 @@ mod tests {
         assert_eq!(v["file_name"], json!("q4.csv"));
         assert_eq!(v["progress"]["failed_rows"], json!(1));
         assert_eq!(v["progress"]["percent"], json!(100.0));
+        // A time left only while it runs.
+        assert_eq!(v["progress"]["eta_seconds"], Value::Null);
+        let mut running = q.clone();
+        running.insert("status", "processing");
+        assert_eq!(view(&running)["progress"]["eta_seconds"], json!(12));
         assert_eq!(v["attempts"], json!(2));
         assert_eq!(v["created_at"], json!("1970-01-01T00:00:00Z"));
         assert_eq!(v["completed_at"], json!("1970-01-01T00:00:01Z"));

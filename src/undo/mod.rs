@@ -13,11 +13,12 @@
 //!   with one `delete_many` per range, checked against `import.queue_id`.
 //! - A created record changed since the import wrote it is kept and
 //!   counted: someone's work is in it. Changed: updated by another import
-//!   (`last_import`), or its `updated_at` is later than the import's
-//!   `completed_at` plus [`CLOCK_SLACK`], or differs from its `created_at`
-//!   (edited in the CRM while the import still ran) unless the last to
-//!   write it was the import itself (a later line of the file updated it). So is a contact of a contacts import that
-//!   deals link (a later deals import may have linked it).
+//!   (`last_import`, `last_imports`), or its `updated_at` is later than
+//!   the import's `completed_at` plus [`CLOCK_SLACK`], or differs from its
+//!   `created_at` (edited in the CRM while the import still ran) unless
+//!   the last to write it was the import itself (a later line of the file
+//!   updated it). So is a contact of a contacts import that deals link (a
+//!   later deals import may have linked it).
 //! - Stages the import created are removed when no deal uses them any more
 //!   (a deal added since may have) and no import into the pipeline is
 //!   running (it may have just resolved one); the others are kept and
@@ -457,7 +458,10 @@ async fn remove_untouched(
 ) -> mongodb::error::Result<()> {
     let found: Vec<Document> = records
         .find(guard.clone())
-        .projection(doc! { "_id": 1, "created_at": 1, "updated_at": 1, "last_import.queue_id": 1 })
+        .projection(doc! {
+            "_id": 1, "created_at": 1, "updated_at": 1,
+            "last_import.queue_id": 1, "last_imports.queue_id": 1,
+        })
         .await?
         .try_collect()
         .await?;
@@ -477,8 +481,18 @@ async fn remove_untouched(
 
 /// Whether a record the import created was not edited since its insert
 /// (pure): its `updated_at` is its `created_at`, or the last to write it
-/// was the import itself (a later line of the same name updated it).
+/// was the import itself (a later line of the same name updated it), and
+/// no other import updated it in between (its `last_imports`).
 fn untouched(record: &Document, queue_id: &ObjectId) -> bool {
+    let others = record
+        .get_array("last_imports")
+        .into_iter()
+        .flatten()
+        .filter_map(Bson::as_document)
+        .any(|u| u.get_object_id("queue_id").ok() != Some(*queue_id));
+    if others {
+        return false;
+    }
     let last_import = record
         .get_document("last_import")
         .and_then(|l| l.get_object_id("queue_id"));
@@ -652,6 +666,17 @@ mod tests {
         assert!(untouched(&own, &q));
         let other = doc! { "created_at": at, "updated_at": at, "last_import": { "queue_id": ObjectId::new() } };
         assert!(!untouched(&other, &q));
+        // The import updated it last, but another import in between.
+        let between = doc! {
+            "created_at": at, "updated_at": later, "last_import": { "queue_id": q },
+            "last_imports": [{ "queue_id": ObjectId::new() }, { "queue_id": q }],
+        };
+        assert!(!untouched(&between, &q));
+        let own = doc! {
+            "created_at": at, "updated_at": later, "last_import": { "queue_id": q },
+            "last_imports": [{ "queue_id": q }],
+        };
+        assert!(untouched(&own, &q));
         // Times not as the import wrote them: someone else's record shape.
         assert!(!untouched(&doc! { "created_at": at }, &q));
         assert!(!untouched(&doc! {}, &q));

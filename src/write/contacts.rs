@@ -258,7 +258,8 @@ impl ContactWriter {
         })
     }
 
-    /// `_id` and `last_import` of the account's contacts with these emails.
+    /// `_id` and the updates by imports (`last_import`, `last_imports`) of
+    /// the account's contacts with these emails.
     async fn ids_by_email(
         &self,
         emails: &[&str],
