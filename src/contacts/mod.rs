@@ -214,13 +214,14 @@ impl ContactBuilder {
     /// `duplicate_strategy: update`: `$set` of the mapped fields of `c`
     /// (rows of one email merged in file order), `updated_at` and
     /// `last_import {queue_id, line}` of the last row (also pushed onto
-    /// `last_imports`); its identity, owner, provenance and unmapped fields
-    /// stay.
+    /// `last_imports` if `trail`); its identity, owner, provenance and
+    /// unmapped fields stay.
     pub fn update_statement(
         &self,
         id: ObjectId,
         c: &MappedContact,
         last_line: LineNo,
+        trail: bool,
         now: DateTime,
     ) -> RawDocumentBuf {
         let mut q = raw_with_capacity(64);
@@ -235,10 +236,12 @@ impl ContactBuilder {
         set.append_ref("last_import", &last_import);
         let mut u = raw_with_capacity(set.as_bytes().len() + 112);
         u.append_ref("$set", &set);
-        u.append_ref(
-            "$push",
-            &crate::write::push_last_import(self.queue_id, last_line),
-        );
+        if trail {
+            u.append_ref(
+                "$push",
+                &crate::write::push_last_import(self.queue_id, last_line),
+            );
+        }
         let mut statement = raw_with_capacity(q.as_bytes().len() + u.as_bytes().len() + 32);
         statement.append_ref("q", &q);
         statement.append_ref("u", &u);

@@ -29,7 +29,9 @@ use bson::{DateTime, Document, RawArrayBuf, RawDocumentBuf, doc};
 use futures::TryStreamExt;
 use mongodb::Collection;
 
-use super::{Error, Result, UPDATE_COMMAND_BYTES, insert_unordered, superseded, update_by_id};
+use super::{
+    Error, Result, UPDATE_COMMAND_BYTES, insert_unordered, keeps_trail, superseded, update_by_id,
+};
 use crate::contacts::ContactBuilder;
 use crate::domain::{DuplicateStrategy, ImportSpec, LineNo, contact_id};
 use crate::map::MappedContact;
@@ -129,7 +131,7 @@ impl ContactWriter {
                         if superseded(last.as_ref(), self.queue_id, groups[k].last_line) {
                             ContactWrite::Superseded(*id)
                         } else {
-                            updates.push((k, *id));
+                            updates.push((k, *id, keeps_trail(last.as_ref())));
                             ContactWrite::Updated(*id)
                         }
                     }
@@ -199,7 +201,7 @@ impl ContactWriter {
     async fn update(
         &self,
         groups: &[Group<'_>],
-        updates: &[(usize, ObjectId)],
+        updates: &[(usize, ObjectId, bool)],
         results: &mut [ContactWrite],
         now: DateTime,
     ) -> Result<()> {
@@ -209,19 +211,19 @@ impl ContactWriter {
             let mut bytes = 0;
             let mut end = start;
             while end < updates.len() && (end == start || bytes < UPDATE_COMMAND_BYTES) {
-                let (k, id) = updates[end];
+                let (k, id, trail) = updates[end];
                 let g = &groups[k];
-                let statement = self
-                    .builder
-                    .update_statement(id, &g.contact, g.last_line, now);
+                let statement =
+                    self.builder
+                        .update_statement(id, &g.contact, g.last_line, trail, now);
                 bytes += statement.as_bytes().len();
                 chunk.push(statement);
                 end += 1;
             }
-            let ids: Vec<ObjectId> = updates[start..end].iter().map(|(_, id)| *id).collect();
+            let ids: Vec<ObjectId> = updates[start..end].iter().map(|(_, id, _)| *id).collect();
             let scope = doc! { "account_id": self.account_id };
             let failed = update_by_id(&self.coll, chunk, &ids, scope, "contact").await?;
-            for (&(k, _), f) in updates[start..end].iter().zip(failed) {
+            for (&(k, ..), f) in updates[start..end].iter().zip(failed) {
                 if let Some(message) = f {
                     results[k] = ContactWrite::Rejected(message);
                 }

@@ -256,6 +256,13 @@ pub(crate) fn push_last_import(queue_id: ObjectId, line: LineNo) -> RawDocumentB
     push
 }
 
+/// Whether an update may push onto the record's `last_imports` (`record`:
+/// as read, if it was): a record with a field of that name that is not a
+/// list is updated without it (the push would fail the update).
+pub(crate) fn keeps_trail(record: Option<&Document>) -> bool {
+    record.is_none_or(|r| matches!(r.get("last_imports"), None | Some(Bson::Array(_))))
+}
+
 /// Whether import `queue_id` already applied its line `line`, or a later
 /// one, to a record (`record`: its `last_import` and `last_imports`): then
 /// line `line` (of a batch a resumed import writes again) must not be
@@ -473,12 +480,19 @@ impl DealWriter {
         }
         // A replayed older line is not applied over a newer one (its first
         // run applied it before the newer line, or the database refused it).
-        let superseded = self.superseded(updates).await?;
-        let due: Vec<(ObjectId, &RawDocumentBuf)> = updates
+        let records = self.records(updates).await?;
+        let superseded: Vec<bool> = updates
+            .iter()
+            .map(|(id, set)| {
+                set_line(set)
+                    .is_some_and(|line| superseded(records.get(id), self.builder.queue_id, line))
+            })
+            .collect();
+        let due: Vec<(ObjectId, &RawDocumentBuf, bool)> = updates
             .iter()
             .zip(&superseded)
             .filter(|(_, s)| !**s)
-            .map(|(u, _)| *u)
+            .map(|((id, set), _)| (*id, *set, keeps_trail(records.get(id))))
             .collect();
         let mut applied = self.update_all(&due).await?.into_iter();
         Ok(superseded
@@ -493,15 +507,19 @@ impl DealWriter {
             .collect())
     }
 
-    async fn update_all(&self, updates: &[(ObjectId, &RawDocumentBuf)]) -> Result<Vec<LineWrite>> {
+    /// `updates` of `(deal, $set, whether to push onto its last_imports)`.
+    async fn update_all(
+        &self,
+        updates: &[(ObjectId, &RawDocumentBuf, bool)],
+    ) -> Result<Vec<LineWrite>> {
         let statements: Vec<RawDocumentBuf> = updates
             .iter()
-            .map(|(id, set)| {
+            .map(|(id, set, trail)| {
                 let mut statement = RawDocumentBuf::new();
                 statement.append("q", self.deal_filter(*id));
                 let mut u = raw_with_capacity(set.as_bytes().len() + 112);
                 u.append_ref("$set", &**set);
-                if let Some(line) = set_line(set) {
+                if let Some(line) = set_line(set).filter(|_| *trail) {
                     u.append_ref("$push", &push_last_import(self.builder.queue_id, line));
                 }
                 statement.append("u", u);
@@ -511,7 +529,7 @@ impl DealWriter {
         let sizes: Vec<(ObjectId, usize)> = updates
             .iter()
             .zip(&statements)
-            .map(|((id, _), s)| (*id, s.as_bytes().len()))
+            .map(|((id, ..), s)| (*id, s.as_bytes().len()))
             .collect();
         let mut results = Vec::with_capacity(updates.len());
         let mut statements = statements.into_iter();
@@ -533,9 +551,12 @@ impl DealWriter {
         q
     }
 
-    /// Per update, whether a newer line of this import already updated
-    /// its deal (read in one query by `_id`).
-    async fn superseded(&self, updates: &[(ObjectId, &RawDocumentBuf)]) -> Result<Vec<bool>> {
+    /// The updates by imports (`last_import`, `last_imports`) of the deals
+    /// `updates` name, read in one query by `_id`.
+    async fn records(
+        &self,
+        updates: &[(ObjectId, &RawDocumentBuf)],
+    ) -> Result<std::collections::HashMap<ObjectId, Document>> {
         let ids: Vec<ObjectId> = updates.iter().map(|(id, _)| *id).collect();
         let mut cursor = self
             .coll
@@ -547,28 +568,22 @@ impl DealWriter {
             })
             .projection(doc! { "last_import": 1, "last_imports": 1 })
             .await?;
-        let mut last = std::collections::HashMap::with_capacity(ids.len());
+        let mut records = std::collections::HashMap::with_capacity(ids.len());
         while let Some(d) = cursor.try_next().await? {
             if let Ok(id) = d.get_object_id("_id") {
-                last.insert(id, d);
+                records.insert(id, d);
             }
         }
-        Ok(updates
-            .iter()
-            .map(|(id, set)| {
-                set_line(set)
-                    .is_some_and(|line| superseded(last.get(id), self.builder.queue_id, line))
-            })
-            .collect())
+        Ok(records)
     }
 
     /// One `update` command; see [`update_by_id`].
     async fn update_chunk(
         &self,
-        chunk: &[(ObjectId, &RawDocumentBuf)],
+        chunk: &[(ObjectId, &RawDocumentBuf, bool)],
         statements: RawArrayBuf,
     ) -> Result<Vec<LineWrite>> {
-        let ids: Vec<ObjectId> = chunk.iter().map(|(id, _)| *id).collect();
+        let ids: Vec<ObjectId> = chunk.iter().map(|(id, ..)| *id).collect();
         let scope = doc! {
             "account_id": self.builder.account_id,
             "pipeline_id": self.builder.pipeline_id,
@@ -715,6 +730,16 @@ mod tests {
         };
         assert!(superseded(Some(&since), q, 1_500));
         assert!(!superseded(Some(&since), q, 1_501));
+    }
+
+    #[test]
+    fn a_field_of_that_name_that_is_no_list_keeps_no_trail() {
+        assert!(keeps_trail(None));
+        assert!(keeps_trail(Some(&doc! {})));
+        assert!(keeps_trail(Some(&doc! { "last_imports": [] })));
+        assert!(!keeps_trail(Some(
+            &doc! { "last_imports": "the CRM's own" }
+        )));
     }
 
     #[test]

@@ -809,6 +809,24 @@ async fn bulk_updates_report_each_line() {
         .unwrap()
         .unwrap();
     assert_eq!(d.get_str("name").unwrap(), "theirs");
+    // A deal with a `last_imports` of its own that is no list is updated
+    // all the same, its field left as it is.
+    deals
+        .update_one(
+            doc! { "_id": ids[3] },
+            doc! { "$set": { "last_imports": "the CRM's own" } },
+        )
+        .await
+        .unwrap();
+    let r = writer_b.update(&[(ids[3], &theirs)]).await.unwrap();
+    assert_eq!(r, [importd::write::LineWrite::Updated]);
+    let d3 = deals
+        .find_one(doc! { "_id": ids[3] })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d3.get_str("name").unwrap(), "theirs");
+    assert_eq!(d3.get_str("last_imports").unwrap(), "the CRM's own");
     let trail = d.get_array("last_imports").unwrap();
     assert_eq!(
         trail[trail.len() - 2..],
