@@ -708,6 +708,15 @@ async fn a_file_over_the_row_limit_fails_and_leaves_nothing_behind() {
 /// Updates go out as `update` commands of many statements, cut by size;
 /// each line still gets its own result, and a deal gone meanwhile (or one
 /// of another pipeline) is a failed line, not a silent success.
+/// The stored deal `id`.
+async fn stored(deals: &mongodb::Collection<Document>, id: ObjectId) -> Document {
+    deals
+        .find_one(doc! { "_id": id })
+        .await
+        .unwrap()
+        .expect("the deal is stored")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_updates_report_each_line() {
     let app = TestApp::new().await;
@@ -755,11 +764,7 @@ async fn bulk_updates_report_each_line() {
         )
         .await;
     assert_eq!(updated, 1_198);
-    let d = deals
-        .find_one(doc! { "_id": ids[1_199] })
-        .await
-        .unwrap()
-        .unwrap();
+    let d = stored(&deals, ids[1_199]).await;
     assert_eq!(d.get_str("name").unwrap(), "new 1199");
     // A replay changes nothing and reports the same.
     assert_eq!(writer.update(&updates).await.unwrap(), results);
@@ -779,11 +784,7 @@ async fn bulk_updates_report_each_line() {
     assert_eq!(r, [importd::write::LineWrite::Updated]);
     let r = writer.update(&[(target, &older)]).await.unwrap();
     assert_eq!(r, [importd::write::LineWrite::Superseded]);
-    let d = deals
-        .find_one(doc! { "_id": target })
-        .await
-        .unwrap()
-        .unwrap();
+    let d = stored(&deals, target).await;
     assert_eq!(d.get_str("name").unwrap(), "line 1500");
 
     // Another import updates the deal since: written again, line 1500
@@ -803,11 +804,7 @@ async fn bulk_updates_report_each_line() {
     assert_eq!(r, [importd::write::LineWrite::Updated]);
     let r = writer.update(&[(target, &newer)]).await.unwrap();
     assert_eq!(r, [importd::write::LineWrite::Superseded]);
-    let d = deals
-        .find_one(doc! { "_id": target })
-        .await
-        .unwrap()
-        .unwrap();
+    let d = stored(&deals, target).await;
     assert_eq!(d.get_str("name").unwrap(), "theirs");
     // A deal with a `last_imports` of its own that is no list is updated
     // all the same, its field left as it is.
@@ -820,11 +817,7 @@ async fn bulk_updates_report_each_line() {
         .unwrap();
     let r = writer_b.update(&[(ids[3], &theirs)]).await.unwrap();
     assert_eq!(r, [importd::write::LineWrite::Updated]);
-    let d3 = deals
-        .find_one(doc! { "_id": ids[3] })
-        .await
-        .unwrap()
-        .unwrap();
+    let d3 = stored(&deals, ids[3]).await;
     assert_eq!(d3.get_str("name").unwrap(), "theirs");
     assert_eq!(d3.get_str("last_imports").unwrap(), "the CRM's own");
     let trail = d.get_array("last_imports").unwrap();
@@ -847,11 +840,7 @@ async fn bulk_updates_report_each_line() {
         .await
         .unwrap();
     assert_eq!(r, vec![importd::write::LineWrite::Updated; 3]);
-    let d = deals
-        .find_one(doc! { "_id": ids[1] })
-        .await
-        .unwrap()
-        .unwrap();
+    let d = stored(&deals, ids[1]).await;
     assert_eq!(d.get_str("name").unwrap(), "second");
     app.cleanup().await;
 }
