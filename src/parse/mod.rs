@@ -26,15 +26,28 @@
 //!   from the header line outside quotes.
 //! - Binary content (NUL bytes, zip/xlsx, xls, pdf signatures) is refused
 //!   before any record is read.
+//!
+//! Here: opening a file (BOM, blank lines, header) and reading records.
+//! `sniff` tells the dialect, `decode` adapts the stream (UTF-16, lone
+//! `\r`), `lines` follows the bytes ahead of the parser for line numbers
+//! and record caps.
 
 use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use csv_async::{AsyncReader, AsyncReaderBuilder, ByteRecord};
-use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::domain::text::decode_cell;
 use crate::domain::{FileError, LineNo};
+
+mod decode;
+mod lines;
+mod sniff;
+
+use decode::{LoneCr, Transcode};
+use lines::{Scan, Tail, Width};
+pub use sniff::detect_delimiter;
+use sniff::{detect_line_ending, first_line_end, holds_sample, looks_binary};
 
 /// Errors of the parse layer.
 #[derive(Debug, thiserror::Error)]
@@ -133,21 +146,6 @@ pub struct Record<'a> {
     pub fields: &'a ByteRecord,
 }
 
-/// Pass-through reader remembering how many bytes went by and following the
-/// records ahead of the parser ([`Width`]), so the parser can tell whether
-/// the file's last record ends with its `\n`; enforces
-/// [`MAX_RECORD_BYTES`] and [`MAX_FIELDS`] before the parser buffers a
-/// record past them.
-struct Tail {
-    inner: BoxRead,
-    total: u64,
-    eof: bool,
-    /// Stream offset where the record being parsed starts.
-    record_start: u64,
-    /// Fields of the record at the read frontier.
-    width: Width,
-}
-
 /// Longest record accepted, in bytes. The parser holds a whole record in
 /// memory, so an unclosed quote (or a file without line ends) must not make
 /// the rest of the file one record: past this it is a `malformed_csv`
@@ -175,171 +173,6 @@ struct RecordTooWide {
     line: LineNo,
     /// The limit ([`MAX_FIELDS`]).
     max: usize,
-}
-
-/// Where [`Width`] is in the CSV grammar (csv-core's, with `"` quotes,
-/// doubled `""` escapes and `\n` as the only terminator).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Scan {
-    /// Before a record; a `\n` here is an empty line the parser skips.
-    RecordStart,
-    /// Before a field; a `"` here opens a quoted field.
-    FieldStart,
-    /// In a field that is not quoted (a `"` in it is text).
-    Unquoted,
-    /// In a quoted field.
-    Quoted,
-    /// A `"` in a quoted field: closing, or the first of a `""`.
-    QuoteInQuoted,
-}
-
-/// Follows the stream ahead of the parser, as the parser will split it,
-/// and counts the fields of the record being read and the physical lines,
-/// so a record over [`MAX_FIELDS`] is refused before the parser holds it,
-/// with the line where it starts (which may be past records the parser has
-/// not returned yet). Quoted delimiters are not counted.
-#[derive(Clone, Debug)]
-struct Width {
-    delimiter: u8,
-    /// [`MAX_FIELDS`] (smaller in tests).
-    max_fields: usize,
-    state: Scan,
-    /// Fields of the record being scanned.
-    fields: usize,
-    /// Physical line of the next byte.
-    line: LineNo,
-    /// Physical line where the record being scanned starts.
-    record_line: LineNo,
-    /// The last byte was a `\r`: a line break unless a `\n` follows.
-    after_cr: bool,
-    /// Stream offset of the next byte.
-    offset: u64,
-    /// Lone `\r`s (an editor shows each as a line break, the parser does
-    /// not count them) of the record being scanned.
-    lone_crs: u64,
-    /// Per record scanned ahead of the parser that holds lone `\r`s: the
-    /// stream offset just past its `\n` terminator, and how many. One entry
-    /// per record, only for the records in the parser's buffer.
-    lone_by_record: std::collections::VecDeque<(u64, u64)>,
-}
-
-impl Width {
-    fn new(delimiter: u8, line: LineNo) -> Self {
-        Self {
-            delimiter,
-            max_fields: MAX_FIELDS,
-            state: Scan::RecordStart,
-            fields: 0,
-            line,
-            record_line: line,
-            after_cr: false,
-            offset: 0,
-            lone_crs: 0,
-            lone_by_record: std::collections::VecDeque::new(),
-        }
-    }
-
-    /// Counts (and forgets) the lone `\r`s of the records that end at or
-    /// before stream offset `end`, and, `at_end` of the stream, those of an
-    /// unterminated last record.
-    fn lone_crs_before(&mut self, end: u64, at_end: bool) -> u64 {
-        let mut n = 0;
-        while let Some(&(past, count)) = self.lone_by_record.front()
-            && past <= end
-        {
-            n += count;
-            self.lone_by_record.pop_front();
-        }
-        if at_end {
-            n += std::mem::take(&mut self.lone_crs);
-        }
-        n
-    }
-
-    fn scan(&mut self, bytes: &[u8]) -> Result<(), RecordTooWide> {
-        for &b in bytes {
-            self.offset += 1;
-            if self.after_cr && b != b'\n' {
-                self.line += 1;
-                self.lone_crs += 1;
-            }
-            self.after_cr = b == b'\r';
-            let before = self.state;
-            self.state = match (self.state, b) {
-                (Scan::RecordStart, b'\n') => Scan::RecordStart,
-                (Scan::Quoted, b'"') => Scan::QuoteInQuoted,
-                (Scan::Quoted, _) => Scan::Quoted,
-                (Scan::RecordStart | Scan::FieldStart, b'"') | (Scan::QuoteInQuoted, b'"') => {
-                    self.start_record();
-                    Scan::Quoted
-                }
-                (_, b'\n') => Scan::RecordStart,
-                (_, d) if d == self.delimiter => {
-                    self.start_record();
-                    self.fields += 1;
-                    if self.fields > self.max_fields {
-                        return Err(RecordTooWide {
-                            line: self.record_line,
-                            max: self.max_fields,
-                        });
-                    }
-                    Scan::FieldStart
-                }
-                _ => {
-                    self.start_record();
-                    Scan::Unquoted
-                }
-            };
-            if b == b'\n' {
-                self.line += 1;
-                // A record's terminator (not a blank line, not a line break
-                // inside quotes).
-                if before != Scan::RecordStart
-                    && self.state == Scan::RecordStart
-                    && self.lone_crs > 0
-                {
-                    let count = std::mem::take(&mut self.lone_crs);
-                    self.lone_by_record.push_back((self.offset, count));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// At a record's first byte: the record starts on this line, with one
-    /// field so far.
-    fn start_record(&mut self) {
-        if self.state == Scan::RecordStart {
-            self.record_line = self.line;
-            self.fields = 1;
-        }
-    }
-}
-
-impl AsyncRead for Tail {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let poll = this.inner.as_mut().poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &poll {
-            let filled = &buf.filled()[before..];
-            if filled.is_empty() {
-                this.eof = true;
-            }
-            this.total += filled.len() as u64;
-            if this.total.saturating_sub(this.record_start) > MAX_RECORD_BYTES {
-                return Poll::Ready(Err(std::io::Error::other(RecordTooLong)));
-            }
-            if let Err(e) = this.width.scan(filled) {
-                return Poll::Ready(Err(std::io::Error::other(e)));
-            }
-        }
-        poll
-    }
 }
 
 /// The text of a field, without the `\r` of a CRLF line end.
@@ -476,16 +309,13 @@ impl Records {
             .delimiter(dialect.delimiter)
             .terminator(csv_async::Terminator::Any(b'\n'))
             .buffer_capacity(256 * 1024)
-            .create_reader(Tail {
-                inner: match dialect.line_ending {
+            .create_reader(Tail::new(
+                match dialect.line_ending {
                     LineEnding::Cr => Box::pin(LoneCr::new(reader)),
                     LineEnding::Lf => reader,
                 },
-                total: 0,
-                eof: false,
-                record_start: 0,
-                width: Width::new(dialect.delimiter, start.line.max(1)),
-            });
+                Width::new(dialect.delimiter, start.line.max(1)),
+            ));
         Self {
             rdr,
             record: ByteRecord::new(),
@@ -662,340 +492,6 @@ async fn peek(mut reader: BoxRead, limit: usize) -> Result<(Vec<u8>, BoxRead)> {
 /// Longest header row accepted (its fields' bytes).
 const MAX_HEADER_BYTES: usize = 256 * 1024;
 
-/// The candidate delimiters, in order of preference on a tie.
-const DELIMITERS: [u8; 4] = [b',', b';', b'\t', b'|'];
-
-/// End of the first line outside quotes (the index of its last terminator
-/// byte) and how it ends. A `\r` as the buffer's last byte is not yet an
-/// end: the next byte tells a lone `\r` from `\r\n`. As the CSV reader
-/// has it, a quote opens a quoted field only at a field's start (the
-/// line's, or after a candidate delimiter): the `"` of `Screen 15"` is text.
-fn first_line_end(buf: &[u8]) -> Option<(usize, LineEnding)> {
-    let mut quoted = false;
-    let mut at_start = true;
-    let mut i = 0;
-    while i < buf.len() {
-        let b = buf[i];
-        if quoted {
-            if b == b'"' {
-                // `""` inside quotes is a quote.
-                if buf.get(i + 1) == Some(&b'"') {
-                    i += 1;
-                } else {
-                    quoted = false;
-                }
-            }
-        } else {
-            match b {
-                b'"' if at_start => quoted = true,
-                b'\n' => return Some((i, LineEnding::Lf)),
-                b'\r' => {
-                    return match buf.get(i + 1) {
-                        Some(b'\n') => Some((i + 1, LineEnding::Lf)),
-                        Some(_) => Some((i, LineEnding::Cr)),
-                        None => None,
-                    };
-                }
-                _ => {}
-            }
-        }
-        at_start = !quoted && DELIMITERS.contains(&b);
-        i += 1;
-    }
-    None
-}
-
-/// Line-break bytes in the delimiter's [`sample`] (the header and about a
-/// dozen rows after it; a `\r\n` counts two).
-const SAMPLE_BREAKS: usize = 24;
-
-/// The part of `head` the delimiter is told from: up to its
-/// [`SAMPLE_BREAKS`]th line-break byte, at most [`SNIFF_BYTES`]. Defined by
-/// the file's content alone (never by how reads happened to cut it), so
-/// every attempt of an import reads the file alike.
-fn sample(head: &[u8]) -> &[u8] {
-    let head = &head[..head.len().min(SNIFF_BYTES)];
-    match head
-        .iter()
-        .enumerate()
-        .filter(|(_, b)| matches!(b, b'\n' | b'\r'))
-        .nth(SAMPLE_BREAKS - 1)
-    {
-        Some((i, _)) => &head[..=i],
-        None => head,
-    }
-}
-
-/// Whether `buf` holds a whole [`sample`] (or the file ends first).
-fn holds_sample(buf: &[u8]) -> bool {
-    buf.len() >= SNIFF_BYTES
-        || buf.iter().filter(|b| matches!(b, b'\n' | b'\r')).count() >= SAMPLE_BREAKS
-}
-
-/// How `buf` splits with `delimiter`: the field counts of its lines (line
-/// ends `\n`, `\r\n`, and a lone `\r` if `lone_cr_ends`; a quote opens a
-/// quoted field only at a field's start; a last line without its end
-/// counts if it is the first, or if `whole`: `buf` is the rest of the
-/// file, not cut by the sample's size), and how often the delimiter stands
-/// between two digits (`5,50`, a decimal comma rather than a separator).
-fn field_counts(buf: &[u8], delimiter: u8, whole: bool, lone_cr_ends: bool) -> (Vec<usize>, usize) {
-    let mut counts = Vec::new();
-    let (mut fields, mut quoted, mut at_start, mut empty) = (1, false, true, true);
-    let mut between_digits = 0;
-    let mut i = 0;
-    while i < buf.len() {
-        let b = buf[i];
-        i += 1;
-        empty = false;
-        if quoted {
-            if b == b'"' {
-                if buf.get(i) == Some(&b'"') {
-                    i += 1;
-                } else {
-                    quoted = false;
-                }
-            }
-            continue;
-        }
-        at_start = match b {
-            b'"' if at_start => {
-                quoted = true;
-                false
-            }
-            b'\r' if !lone_cr_ends && buf.get(i) != Some(&b'\n') => false,
-            b'\n' | b'\r' => {
-                if b == b'\r' && buf.get(i) == Some(&b'\n') {
-                    i += 1;
-                }
-                counts.push(fields);
-                (fields, empty) = (1, true);
-                true
-            }
-            _ if b == delimiter => {
-                fields += 1;
-                let digit = |k: usize| buf.get(k).is_some_and(u8::is_ascii_digit);
-                if i >= 2 && digit(i - 2) && digit(i) {
-                    between_digits += 1;
-                }
-                true
-            }
-            _ => false,
-        };
-    }
-    if !empty && (whole || counts.is_empty()) {
-        counts.push(fields);
-    }
-    (counts, between_digits)
-}
-
-/// The delimiter among `,` `;` tab `|` of the header line (`,` when none
-/// splits it), told from the file's `sample`: the one whose rows most
-/// often have as many fields as the header, then the one splitting the
-/// header most, then the one less often between two digits, then the
-/// earlier in that list. So `Deal;Amount (EUR, net)` over `A;5` or `A;5,50`
-/// rows is `;`-separated, and a stray quote inside a field (`Size 5"`)
-/// hides nothing.
-pub fn detect_delimiter(head: &[u8]) -> u8 {
-    let sample = sample(head);
-    DELIMITERS
-        .iter()
-        .enumerate()
-        .filter_map(|(i, &d)| {
-            // Shorter than its cap, the sample ends at a line break or at
-            // the end of the file (see `skip_blank_lines`).
-            let (counts, between_digits) =
-                field_counts(sample, d, sample.len() < SNIFF_BYTES, true);
-            let header = *counts.first()?;
-            let consistent = counts[1..].iter().filter(|&&n| n == header).count();
-            // A delimiter absent from the header only serves a one-column
-            // file (the one most rows agree with).
-            let key = (
-                header > 1,
-                consistent,
-                header,
-                std::cmp::Reverse(between_digits),
-                std::cmp::Reverse(i),
-            );
-            Some((key, d))
-        })
-        .max_by_key(|(key, _)| *key)
-        .map_or(b',', |(_, d)| d)
-}
-
-/// How the file's lines end: as its header line ends (a lone `\r`: old
-/// Mac exports), or, after a header ending in `\n` or `\r\n`, in a lone
-/// `\r` when its rows end so: more rows of its `sample` have the header's
-/// field count when lone `\r`s end lines than when they are text in a
-/// cell (the latter, as in any `\n` file, wins a tie).
-fn detect_line_ending(head: &[u8], delimiter: u8) -> LineEnding {
-    if let Some((_, LineEnding::Cr)) = first_line_end(head) {
-        return LineEnding::Cr;
-    }
-    let sample = sample(head);
-    let fitting = |lone_cr_ends| {
-        let (counts, _) = field_counts(sample, delimiter, sample.len() < SNIFF_BYTES, lone_cr_ends);
-        counts.split_first().map_or(0, |(header, rows)| {
-            rows.iter().filter(|&n| n == header).count()
-        })
-    };
-    if fitting(true) > fitting(false) {
-        LineEnding::Cr
-    } else {
-        LineEnding::Lf
-    }
-}
-
-/// NUL bytes or a known binary signature in the first bytes.
-fn looks_binary(head: &[u8]) -> bool {
-    const SIGNATURES: [&[u8]; 5] = [
-        b"PK\x03\x04",                       // zip, xlsx, ods
-        b"\xD0\xCF\x11\xE0\xA1\xB1\x1A\xE1", // xls (OLE2)
-        b"%PDF",
-        b"\x89PNG",
-        b"\x1F\x8B", // gzip
-    ];
-    SIGNATURES.iter().any(|s| head.starts_with(s)) || head.iter().take(8192).any(|&b| b == 0)
-}
-
-/// Transcodes a UTF-16 stream to UTF-8 as it is read (encoding_rs does the
-/// decoding; this only moves bytes between buffers).
-struct Transcode {
-    inner: BoxRead,
-    decoder: encoding_rs::Decoder,
-    input: Vec<u8>,
-    output: Vec<u8>,
-    out_pos: usize,
-    finished: bool,
-}
-
-impl Transcode {
-    fn new(inner: BoxRead, encoding: &'static encoding_rs::Encoding) -> Self {
-        Self {
-            inner,
-            decoder: encoding.new_decoder_without_bom_handling(),
-            input: vec![0; 32 * 1024],
-            output: Vec::with_capacity(64 * 1024),
-            out_pos: 0,
-            finished: false,
-        }
-    }
-}
-
-/// Reads a file whose lines end in a lone `\r` as one whose lines end in
-/// `\n`: every `\r` not followed by `\n` becomes `\n`, byte for byte (so
-/// offsets stay exact); a `\r\n` and a `\n` stay as they are. A `\r`
-/// that ends a read is held until the byte after it is read.
-struct LoneCr {
-    inner: BoxRead,
-    /// Bytes read and converted, `buf[pos..len]` not yet handed on;
-    /// `buf[0]` is kept for a held `\r`.
-    buf: Box<[u8]>,
-    pos: usize,
-    len: usize,
-    /// The last byte read was a `\r`, not handed on yet.
-    held_cr: bool,
-    finished: bool,
-}
-
-impl LoneCr {
-    fn new(inner: BoxRead) -> Self {
-        Self {
-            inner,
-            buf: vec![0; 64 * 1024].into_boxed_slice(),
-            pos: 0,
-            len: 0,
-            held_cr: false,
-            finished: false,
-        }
-    }
-}
-
-impl AsyncRead for LoneCr {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        loop {
-            if this.pos < this.len {
-                let n = (this.len - this.pos).min(out.remaining());
-                out.put_slice(&this.buf[this.pos..this.pos + n]);
-                this.pos += n;
-                return Poll::Ready(Ok(()));
-            }
-            if this.finished {
-                return Poll::Ready(Ok(()));
-            }
-            let mut rb = ReadBuf::new(&mut this.buf[1..]);
-            match this.inner.as_mut().poll_read(cx, &mut rb) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
-                    this.finished = n == 0;
-                    let start = if this.held_cr { 0 } else { 1 };
-                    this.buf[0] = b'\r';
-                    this.held_cr = false;
-                    let mut end = 1 + n;
-                    if n > 0 && this.buf[end - 1] == b'\r' {
-                        this.held_cr = true;
-                        end -= 1;
-                    }
-                    // A `\r` at the end of the file is a line end too.
-                    let next =
-                        |i: usize, buf: &[u8]| buf.get(i + 1).copied().filter(|_| i + 1 < 1 + n);
-                    for i in start..end {
-                        if this.buf[i] == b'\r' && next(i, &this.buf) != Some(b'\n') {
-                            this.buf[i] = b'\n';
-                        }
-                    }
-                    (this.pos, this.len) = (start, end);
-                }
-            }
-        }
-    }
-}
-
-impl AsyncRead for Transcode {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        loop {
-            if this.out_pos < this.output.len() {
-                let n = (this.output.len() - this.out_pos).min(buf.remaining());
-                buf.put_slice(&this.output[this.out_pos..this.out_pos + n]);
-                this.out_pos += n;
-                return Poll::Ready(Ok(()));
-            }
-            if this.finished {
-                return Poll::Ready(Ok(()));
-            }
-            let mut rb = ReadBuf::new(&mut this.input);
-            match this.inner.as_mut().poll_read(cx, &mut rb) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
-                    let last = n == 0;
-                    this.output.clear();
-                    this.out_pos = 0;
-                    let need = this.decoder.max_utf8_buffer_length(n).unwrap_or(n * 3 + 16);
-                    this.output.resize(need, 0);
-                    let (_, _, written, _) =
-                        this.decoder
-                            .decode_to_utf8(&this.input[..n], &mut this.output, last);
-                    this.output.truncate(written);
-                    this.finished = last;
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1141,22 +637,6 @@ mod tests {
     }
 
     #[test]
-    fn width_follows_the_parser_grammar() {
-        let count = |text: &[u8]| {
-            let mut w = Width::new(b';', 1);
-            w.scan(text).unwrap();
-            (w.record_line, w.fields, w.line)
-        };
-        // Quoted delimiters and line breaks, doubled quotes, text after a
-        // closing quote, a quote inside an unquoted field.
-        assert_eq!(count(b"a;\"x;\ny\";\"\"\"\";b\"c;d"), (1, 5, 2));
-        assert_eq!(count(b"a;b\n\n\nc"), (4, 1, 4));
-        assert_eq!(count(b"a;b\r\nc;d;e"), (2, 3, 2));
-        assert_eq!(count(b"\"x\ry\";z"), (1, 2, 2));
-        assert_eq!(count(b"\"a\"b;c"), (1, 2, 1));
-    }
-
-    #[test]
     fn a_quote_left_open_at_the_end_keeps_its_line() {
         // The last byte is a `\n`, but inside the quote: the record has no
         // terminator of its own.
@@ -1189,27 +669,6 @@ mod tests {
         assert_eq!(lines, vec![2, 3, 4, 6, 8]);
         assert_eq!(rows[2].1, vec!["B", "two\r\nlines"]);
         assert_eq!(rows[4].1, vec!["D", "four"]);
-    }
-
-    /// Lone `\r`s are kept as one count per record, however many a record
-    /// holds (memory does not grow with a record of them).
-    #[test]
-    fn lone_crs_are_counted_per_record() {
-        let mut w = Width::new(b',', 1);
-        let mut text = b"a,\"".to_vec();
-        text.extend(std::iter::repeat_n(b'\r', 50_000));
-        for _ in 0..25_000 {
-            text.extend(b"\r\r\n");
-        }
-        text.extend(b"\"\r\nb,\rc\nd,1");
-        w.scan(&text).unwrap();
-        assert_eq!(w.lone_by_record.len(), 2);
-        let first_end = text.windows(3).position(|w| w == b"\"\r\n").unwrap() as u64 + 3;
-        assert_eq!(w.lone_crs_before(first_end, false), 75_000);
-        assert_eq!(w.lone_crs_before(text.len() as u64, false), 1);
-        assert!(w.lone_by_record.is_empty());
-        w.scan(b"\re").unwrap();
-        assert_eq!(w.lone_crs_before(text.len() as u64 + 2, true), 1);
     }
 
     #[test]
@@ -1351,16 +810,6 @@ mod tests {
     }
 
     #[test]
-    fn line_ending_is_told_from_the_first_line() {
-        assert_eq!(first_line_end(b"a,b\n"), Some((3, LineEnding::Lf)));
-        assert_eq!(first_line_end(b"a,b\r\nc"), Some((4, LineEnding::Lf)));
-        assert_eq!(first_line_end(b"a,b\rc"), Some((3, LineEnding::Cr)));
-        assert_eq!(first_line_end(b"\"a\rb\",c\nd"), Some((7, LineEnding::Lf)));
-        assert_eq!(first_line_end(b"a,b\r"), None);
-        assert_eq!(detect_delimiter(b"a;b;c\rd,e,f,g,h"), b';');
-    }
-
-    #[test]
     fn bom_is_stripped_and_delimiter_detected() {
         let csv = b"\xEF\xBB\xBFDeal Name;Value\nAcme;\"5,00\"\n".to_vec();
         let (h, rows) = rt().block_on(read_all(csv)).unwrap();
@@ -1406,28 +855,6 @@ mod tests {
             Err(Error::File(e)) => assert!(e.to_string().contains("KiB"), "{e}"),
             other => panic!("expected a file error, got {:?}", other.map(|_| ())),
         }
-    }
-
-    #[test]
-    fn delimiter_ignores_quoted_text() {
-        assert_eq!(detect_delimiter(b"\"a,b,c\";d;e\n"), b';');
-        assert_eq!(detect_delimiter(b"a|b|c\n1,2"), b'|');
-        assert_eq!(detect_delimiter(b"single\n"), b',');
-        assert_eq!(detect_delimiter(b"a\tb\n"), b'\t');
-    }
-
-    #[test]
-    fn the_delimiter_does_not_depend_on_where_reads_cut_the_file() {
-        let mut csv = b"Deal;Amount (EUR, net);Stage\n".to_vec();
-        for i in 0..40 {
-            csv.extend_from_slice(format!("Deal {i};{i},5;Won\n").as_bytes());
-        }
-        let cut = sample(&csv).len();
-        assert!(cut < csv.len());
-        for end in cut..=csv.len() {
-            assert_eq!(detect_delimiter(&csv[..end]), b';', "cut at {end}");
-        }
-        assert!(holds_sample(&csv[..cut]) && !holds_sample(&csv[..cut - 1]));
     }
 
     #[test]
@@ -1496,60 +923,6 @@ mod tests {
             let c = r.next().await.unwrap().unwrap();
             assert_eq!(c.line, 5);
         });
-    }
-
-    /// A reader handing out `data` a few bytes at a time, pending between
-    /// reads, as a network stream does.
-    struct Trickle {
-        data: Vec<u8>,
-        at: usize,
-        step: usize,
-        ready: bool,
-    }
-
-    impl AsyncRead for Trickle {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            let this = self.get_mut();
-            this.ready = !this.ready;
-            if !this.ready {
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-            let n = this
-                .step
-                .min(this.data.len() - this.at)
-                .min(buf.remaining());
-            buf.put_slice(&this.data[this.at..this.at + n]);
-            this.at += n;
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    proptest! {
-        /// Every lone `\r` becomes `\n` and nothing else changes, however
-        /// the reads cut the stream.
-        #[test]
-        fn lone_crs_become_newlines_byte_for_byte(
-            data in proptest::collection::vec(proptest::sample::select(vec![b'\r', b'\n', b'a']), 0..64),
-            step in 1usize..5,
-        ) {
-            let expected: Vec<u8> = data
-                .iter()
-                .enumerate()
-                .map(|(i, &b)| if b == b'\r' && data.get(i + 1) != Some(&b'\n') { b'\n' } else { b })
-                .collect();
-            let reader = Trickle { data, at: 0, step, ready: false };
-            let got = rt().block_on(async {
-                let mut out = Vec::new();
-                LoneCr::new(Box::pin(reader)).read_to_end(&mut out).await.unwrap();
-                out
-            });
-            prop_assert_eq!(got, expected);
-        }
     }
 
     /// Rows ending in a lone `\r` under a header ending in `\n` or `\r\n`
