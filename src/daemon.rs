@@ -32,6 +32,10 @@ use crate::telemetry::error_chain;
 use crate::telemetry::metrics as m;
 use crate::undo;
 
+/// An offset to the database server's clock worth a warning: NTP keeps
+/// hosts within milliseconds.
+const CLOCK_WARN_MS: i64 = 2_000;
+
 struct Inner {
     services: Services,
     claimer: Claimer,
@@ -195,8 +199,30 @@ impl Daemon {
         }
     }
 
+    /// Measures this host's clock against the database server's, whose
+    /// time every lease is written and compared in (see [`claim::Clock`]).
+    async fn sync_clock(&self) {
+        let clock = self.inner.claimer.clock();
+        let before = clock.offset_ms();
+        match clock.sync(&self.inner.services.db).await {
+            Ok(Some(offset)) => {
+                metrics::gauge!(m::CLOCK_OFFSET).set(offset as f64 / 1000.0);
+                // Said once when it becomes large, not at every tick.
+                if offset.abs() >= CLOCK_WARN_MS && (offset - before).abs() >= CLOCK_WARN_MS {
+                    warn!(
+                        offset_ms = offset,
+                        "This host's clock is off the database server's; leases use the server's"
+                    );
+                }
+            }
+            Ok(None) => {}
+            Err(e) => warn!(error = %error_chain(&e), "Could not read the database server's clock"),
+        }
+    }
+
     async fn rescue_logged(&self) {
         let grace = self.inner.services.settings.notify.rescue_grace;
+        self.sync_clock().await;
         match self.inner.claimer.rescue_expired(grace).await {
             Ok(0) => {}
             Ok(n) => info!(imports = n, "Rescued imports whose lease expired"),
@@ -239,6 +265,8 @@ impl Daemon {
                 },
             )?)
             .await?;
+        // Before the first claim: leases are written in the server's time.
+        self.sync_clock().await;
         sched.start().await?;
         info!(owner = self.owner(), tick = %settings.scheduler.tick, "Scheduler started");
         self.inner.shutdown.cancelled().await;

@@ -226,6 +226,9 @@ async fn support(
                 format!("{}:undo", importd::claim::Claimer::default_owner()),
                 settings.scheduler.lease,
             );
+            // Its lease is written in the database server's time, as the
+            // daemons' are (best effort: the host's clock otherwise).
+            let _ = claimer.clock().sync(db).await;
             // Ctrl-C or SIGTERM stops after the batch under way and gives
             // the undo back, to be resumed.
             let stop = tokio_util::sync::CancellationToken::new();

@@ -81,6 +81,9 @@ pub mod metrics {
     /// Counter, labels `channel` (`email`, `webhook`) and `result`
     /// (`sent`, `skipped`, `failed`, `retry`): notification rounds.
     pub const NOTIFICATIONS: &str = "importd_notifications_total";
+    /// Gauge: seconds the database server's clock is ahead of this host's
+    /// (negative: behind), as last measured; leases use the server's.
+    pub const CLOCK_OFFSET: &str = "importd_clock_offset_seconds";
 
     /// The process-wide recorder, installed on first use. Metrics recorded
     /// before (or without) it are dropped, which is harmless.

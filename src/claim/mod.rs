@@ -18,6 +18,9 @@
 //! - `claim_order` is stamped on pending documents from `created_at`, else
 //!   `createdAt`, else the `_id` timestamp, because dashboards differ in what
 //!   they set and a sort on missing fields would put those first.
+//! - Every time a claimer writes or compares (lease expiries, backoffs,
+//!   delivery rounds) is in the database server's clock ([`Clock`]), so
+//!   daemons on hosts whose clocks disagree still agree on a lease.
 //!
 //! The claim filter is an equality on `status` over the few pending imports
 //! (never rows): on the target server a limit-1 query over a range costs time
@@ -32,9 +35,11 @@ use mongodb::{Collection, Database};
 
 use crate::domain::{FileError, JobState, collections};
 
+mod clock;
 mod spec;
 mod undo;
 
+pub use clock::Clock;
 pub use spec::spec_from_doc;
 pub use undo::UndoLease;
 
@@ -78,6 +83,7 @@ pub struct Claimer {
     queues: Collection<Document>,
     owner: String,
     lease: Duration,
+    clock: Clock,
 }
 
 /// A claimed import: the document as the claim returned it, and its lease.
@@ -100,6 +106,7 @@ pub struct Lease {
     /// This daemon's owner id.
     pub owner: String,
     duration: Duration,
+    clock: Clock,
 }
 
 /// What a heartbeat learned.
@@ -214,10 +221,6 @@ impl Final {
     }
 }
 
-fn now_plus(d: Duration) -> DateTime {
-    after(DateTime::now(), d)
-}
-
 fn after(t: DateTime, d: Duration) -> DateTime {
     DateTime::from_millis(t.timestamp_millis() + d.as_millis() as i64)
 }
@@ -229,7 +232,14 @@ impl Claimer {
             queues: db.collection(collections::QUEUES),
             owner: owner.into(),
             lease,
+            clock: Clock::default(),
         }
+    }
+
+    /// The clock this claimer writes and compares times in (shared by its
+    /// clones and leases): [`Clock::sync`] it to the database server.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     /// A unique owner id for this process: host, pid and a random suffix.
@@ -283,7 +293,7 @@ impl Claimer {
     /// this daemon cannot import ends `failed` (`unsupported_source`) and
     /// its user is told, rather than waiting forever.
     pub async fn claim_next(&self) -> Result<Option<ClaimedJob>> {
-        let now = DateTime::now();
+        let now = self.clock.now();
         let expires = after(now, self.lease);
         let filter = doc! {
             "status": JobState::Pending.as_str(),
@@ -323,6 +333,7 @@ impl Claimer {
                     attempt,
                     owner: self.owner.clone(),
                     duration: self.lease,
+                    clock: self.clock.clone(),
                 },
                 doc,
             }
@@ -336,7 +347,7 @@ impl Claimer {
     /// record `sent`; a round claimed past the last one records the
     /// failure). Returns how many imports.
     pub async fn rescue_expired(&self, grace: Duration) -> Result<u64> {
-        let now = DateTime::now();
+        let now = self.clock.now();
         let r = self
             .queues
             .update_many(
@@ -430,8 +441,8 @@ impl Lease {
     /// Extends the lease, setting `fields` too, in one guarded update that
     /// reads back `cancel_requested`.
     async fn renew(&self, mut fields: Document) -> Result<Heartbeat> {
-        let now = DateTime::now();
-        fields.insert("lease.expires_at", now_plus(self.duration));
+        let now = self.clock.now();
+        fields.insert("lease.expires_at", after(now, self.duration));
         fields.insert("lease.heartbeat_at", now);
         let doc = self
             .queues
@@ -460,7 +471,7 @@ impl Lease {
     /// Moves the import to its final state, in one update guarded on our
     /// lease. `extra` is merged into the `$set` (totals, `log_id`, report).
     pub async fn finish(&self, outcome: &Final, progress: Progress, extra: Document) -> Result<()> {
-        let now = DateTime::now();
+        let now = self.clock.now();
         let mut set = doc! {
             "status": outcome.state().as_str(),
             "in_progress": false,
@@ -502,7 +513,7 @@ impl Lease {
         checkpoint: Checkpoint,
         why: Release<'_>,
     ) -> Result<()> {
-        let now = DateTime::now();
+        let now = self.clock.now();
         // Not running: no time left to tell.
         let progress = Progress {
             eta_seconds: None,
@@ -641,7 +652,7 @@ impl Claimer {
         queue_id: Option<ObjectId>,
         lease: Duration,
     ) -> Result<Option<Document>> {
-        let now = DateTime::now();
+        let now = self.clock.now();
         let mut filter = doc! {
             channel.key("state"): "pending",
             channel.key("next_attempt_at"): { "$not": { "$gt": now } },
@@ -657,7 +668,7 @@ impl Claimer {
                     "$set": {
                         channel.key("state"): "sending",
                         channel.key("owner"): &self.owner,
-                        channel.key("expires_at"): now_plus(lease),
+                        channel.key("expires_at"): after(now, lease),
                     },
                     "$inc": { channel.key("rounds"): 1_i64 },
                 },
@@ -691,7 +702,7 @@ impl Claimer {
             .queues
             .update_one(
                 self.round_guard(channel, queue_id, round),
-                doc! { "$set": { channel.key("expires_at"): now_plus(lease) } },
+                doc! { "$set": { channel.key("expires_at"): after(self.clock.now(), lease) } },
             )
             .await?;
         Ok(r.matched_count == 1)
@@ -710,7 +721,7 @@ impl Claimer {
         fields: Document,
     ) -> Result<bool> {
         let mut set =
-            doc! { channel.key("state"): "sent", channel.key("updated_at"): DateTime::now() };
+            doc! { channel.key("state"): "sent", channel.key("updated_at"): self.clock.now() };
         set.extend(fields);
         let r = self
             .queues
@@ -755,7 +766,7 @@ impl Claimer {
         fields: Document,
     ) -> Result<bool> {
         let mut set =
-            doc! { channel.key("state"): state, channel.key("updated_at"): DateTime::now() };
+            doc! { channel.key("state"): state, channel.key("updated_at"): self.clock.now() };
         set.extend(fields);
         let r = self
             .queues

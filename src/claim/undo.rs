@@ -16,11 +16,11 @@
 use std::time::Duration;
 
 use bson::oid::ObjectId;
-use bson::{Bson, DateTime, Document, doc};
+use bson::{Bson, Document, doc};
 use mongodb::Collection;
 use mongodb::options::ReturnDocument;
 
-use super::{Claimer, Error, Result, after, now_plus};
+use super::{Claimer, Clock, Error, Result, after};
 use crate::domain::JobState;
 
 /// The final states an undo may follow.
@@ -36,6 +36,7 @@ pub struct UndoLease {
     pub attempt: i64,
     owner: String,
     duration: Duration,
+    clock: Clock,
     /// The queue document as the claim returned it.
     pub doc: Document,
 }
@@ -43,7 +44,7 @@ pub struct UndoLease {
 impl Claimer {
     /// Takes the undo of `queue_id` (or of any import whose undo is due).
     pub async fn claim_undo(&self, queue_id: Option<ObjectId>) -> Result<Option<UndoLease>> {
-        let now = DateTime::now();
+        let now = self.clock.now();
         let mut filter = doc! {
             "undo_requested": true,
             "status": { "$in": FINAL.map(JobState::as_str).to_vec() },
@@ -85,6 +86,7 @@ impl Claimer {
                 .unwrap_or(1);
             UndoLease {
                 queues: self.queues.clone(),
+                clock: self.clock.clone(),
                 queue_id: doc.get_object_id("_id").unwrap_or_default(),
                 attempt,
                 owner: self.owner.clone(),
@@ -120,7 +122,7 @@ impl UndoLease {
     /// Sets `undo.<key>` for each of `fields` (a checkpoint and its counts,
     /// in one atomic update) and renews the lease.
     pub async fn save(&self, fields: Document) -> Result<()> {
-        let mut set = doc! { "undo.expires_at": now_plus(self.duration) };
+        let mut set = doc! { "undo.expires_at": after(self.clock.now(), self.duration) };
         for (k, v) in fields {
             set.insert(format!("undo.{k}"), v);
         }
@@ -138,7 +140,7 @@ impl UndoLease {
     /// under `undo` too. A done undo makes its email due in the same
     /// update, so no crash can lose it.
     pub async fn finish(&self, state: &str, fields: Document) -> Result<()> {
-        let mut set = doc! { "undo.state": state, "undo.finished_at": DateTime::now() };
+        let mut set = doc! { "undo.state": state, "undo.finished_at": self.clock.now() };
         for (k, v) in fields {
             set.insert(format!("undo.{k}"), v);
         }
@@ -183,7 +185,7 @@ impl UndoLease {
         self.give_back(doc! {
             "$set": {
                 "undo.state": "pending",
-                "undo.expires_at": now_plus(pause),
+                "undo.expires_at": after(self.clock.now(), pause),
                 "undo.last_error": { "message": error, "attempt": self.attempt },
             },
             "$unset": { "undo.owner": "" },

@@ -373,7 +373,7 @@ impl Notifier {
             _ => "Summary email not delivered",
         };
         warn!(channel = channel.field(), error = %error_chain(e), rounds = round, final_failure = last, "{what}");
-        let now = DateTime::now();
+        let now = self.claimer.clock().now();
         let mut fields = doc! {
             format!("{}.error", channel.field()): error_chain(e),
             format!("{}.failed_at", channel.field()): now,
@@ -721,7 +721,7 @@ impl Notifier {
             let label = if result.is_ok() { "sent" } else { "failed" };
             metrics::counter!(m::NOTIFICATIONS, "channel" => "webhook", "result" => label)
                 .increment(1);
-            let now = DateTime::now();
+            let now = self.claimer.clock().now();
             let (state, fields) = match &result {
                 Ok(status) => (
                     "sent",

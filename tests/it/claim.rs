@@ -402,3 +402,32 @@ async fn a_quiet_delivery_round_waits_out_the_grace_and_a_late_sent_stands() {
     assert!(!n.contains_key("gave_up"), "{n}");
     app.cleanup().await;
 }
+
+/// A host whose clock runs 90 s ahead takes a live 60 s lease for an
+/// expired one, until its claimer measures the database server's clock:
+/// from then on it compares in the server's time, as every daemon writes.
+#[tokio::test]
+async fn a_host_clock_ahead_takes_no_live_lease_once_synced() {
+    let app = TestApp::new().await;
+    let id = ObjectId::new();
+    app.queues().insert_one(pending(id)).await.unwrap();
+    let a = Claimer::new(&app.db, "a", Duration::from_secs(60));
+    let b = Claimer::new(&app.db, "b", Duration::from_secs(60));
+    let job = a.claim_next().await.unwrap().unwrap();
+    // b plays a host whose clock is 90 s ahead; its sync corrects it (on
+    // this host the server's clock is the host's).
+    b.clock().set_offset_ms(90_000);
+    let offset = b.clock().sync(&app.db).await.unwrap().expect("a measure");
+    assert!(offset.abs() < 1_000, "offset {offset} ms on one host");
+    assert_eq!(b.rescue_expired(Duration::ZERO).await.unwrap(), 0);
+    assert!(b.claim_next().await.unwrap().is_none());
+    job.lease.heartbeat().await.unwrap();
+    // Unsynced, the same host rescues the live lease: what the sync is for.
+    b.clock().set_offset_ms(90_000);
+    assert_eq!(b.rescue_expired(Duration::ZERO).await.unwrap(), 1);
+    assert!(matches!(
+        job.lease.heartbeat().await,
+        Err(claim::Error::LeaseLost { .. })
+    ));
+    app.cleanup().await;
+}

@@ -162,5 +162,13 @@ async fn the_listener_serves_health_metrics_and_progress_to_the_importing_accoun
         text.contains("importd_batch_write_seconds_bucket"),
         "{text}"
     );
+    // The daemon measured its clock against the server's (one host here).
+    let offset: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("importd_clock_offset_seconds "))
+        .unwrap_or_else(|| panic!("no clock offset in:\n{text}"))
+        .parse()
+        .unwrap();
+    assert!(offset.abs() < 1.0, "{offset}");
     app.cleanup().await;
 }
