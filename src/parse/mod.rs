@@ -23,7 +23,8 @@
 //! - Encodings: UTF-8 with or without BOM (cells that are not valid UTF-8
 //!   are read as Windows-1252, see `domain::text`), UTF-16 LE/BE with BOM
 //!   (transcoded to UTF-8 on the fly). Delimiter `,` `;` tab or `|`, detected
-//!   from the header line outside quotes.
+//!   from the header line outside quotes, or named by an Excel `sep=` line
+//!   above the header.
 //! - Binary content (NUL bytes, zip/xlsx, xls, pdf signatures) is refused
 //!   before any record is read.
 //!
@@ -47,7 +48,7 @@ mod sniff;
 use decode::{LoneCr, Transcode};
 use lines::{Scan, Tail, Width};
 pub use sniff::detect_delimiter;
-use sniff::{detect_line_ending, first_line_end, holds_sample, looks_binary};
+use sniff::{detect_line_ending, first_line_end, holds_sample, looks_binary, sep_line};
 
 /// Errors of the parse layer.
 #[derive(Debug, thiserror::Error)]
@@ -239,16 +240,22 @@ where
     }
     // Peek again after transcoding: the delimiter is found in text, in the
     // header line, after any blank lines.
-    let (blank, head, reader) = skip_blank_lines(reader).await?;
+    let (blank, mut head, reader) = skip_blank_lines(reader).await?;
+    // An Excel `sep=` line names the delimiter; the header follows it.
+    let sep = sep_line(&head);
+    if let Some((_, len)) = sep {
+        head.drain(..len);
+    }
     if head.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(if head.is_empty() && blank.bytes == 0 {
+        return Err(if head.is_empty() && blank.bytes == 0 && sep.is_none() {
             FileError::EmptyFile
         } else {
             FileError::NoHeader
         }
         .into());
     }
-    let delimiter = detect_delimiter(&head);
+    let delimiter = sep.map_or_else(|| detect_delimiter(&head), |(d, _)| d);
+    let sep_bytes = sep.map_or(0, |(_, len)| len as u64);
     let dialect = Dialect {
         delimiter,
         encoding,
@@ -259,8 +266,8 @@ where
         reader,
         dialect,
         Start {
-            line: 1 + blank.lines,
-            byte: bom as u64 + blank.bytes,
+            line: 1 + blank.lines + u64::from(sep.is_some()),
+            byte: bom as u64 + blank.bytes + sep_bytes,
         },
     );
     let headers = match records.next().await? {
@@ -766,6 +773,28 @@ mod tests {
         let (h, rows) = rt().block_on(read_all(csv)).unwrap();
         assert_eq!(h, vec!["name", "value"]);
         assert_eq!(rows[0].0, 200_002);
+    }
+
+    /// An Excel `sep=` line: its delimiter is the file's (the header would
+    /// tell `,` here), the header is the next line, lines and offsets
+    /// count it.
+    #[test]
+    fn an_excel_sep_line_sets_the_delimiter_and_counts_as_a_line() {
+        let csv = b"\xEF\xBB\xBFsep=;\r\nName;Amount (EUR, net)\r\nAcme;5,5\r\n".to_vec();
+        let (h, rows) = rt().block_on(read_all(csv.clone())).unwrap();
+        assert_eq!(h, vec!["Name", "Amount (EUR, net)"]);
+        assert_eq!(rows, vec![(3, vec!["Acme".to_owned(), "5,5".to_owned()])]);
+        let end = rt().block_on(async {
+            let (_, mut r) = open(std::io::Cursor::new(csv.clone())).await.unwrap();
+            r.next().await.unwrap().unwrap().end_byte
+        });
+        assert_eq!(end, csv.len() as u64);
+        // Only the sep line: no header.
+        let code = match rt().block_on(read_all(b"sep=;\r\n".to_vec())) {
+            Err(Error::File(e)) => e.code(),
+            other => panic!("expected a file error, got {:?}", other.map(|_| ())),
+        };
+        assert_eq!(code, "no_header");
     }
 
     #[test]

@@ -186,6 +186,38 @@ pub(super) fn detect_line_ending(head: &[u8], delimiter: u8) -> LineEnding {
     }
 }
 
+/// An Excel `sep=` line before the header (`sep=;`, or quoted `"sep=;"`,
+/// `sep` in any case): the delimiter it names and the line's length with
+/// its line end. Only a whole line counts (a header cell `sep=;x` is a
+/// header), and only a delimiter that can be one (not a quote or a line
+/// break).
+pub(super) fn sep_line(head: &[u8]) -> Option<(u8, usize)> {
+    let (quoted, rest) = match head.strip_prefix(b"\"") {
+        Some(rest) => (true, rest),
+        None => (false, head),
+    };
+    let (prefix, rest) = rest.split_at_checked(4)?;
+    if !prefix.eq_ignore_ascii_case(b"sep=") {
+        return None;
+    }
+    let (&delimiter, rest) = rest.split_first()?;
+    if matches!(delimiter, b'"' | b'\r' | b'\n') || !delimiter.is_ascii() {
+        return None;
+    }
+    let rest = if quoted {
+        rest.strip_prefix(b"\"")?
+    } else {
+        rest
+    };
+    let end = match rest {
+        [b'\r', b'\n', ..] => 2,
+        [b'\n' | b'\r', ..] => 1,
+        [] => 0,
+        _ => return None,
+    };
+    Some((delimiter, head.len() - rest.len() + end))
+}
+
 /// NUL bytes or a known binary signature in the first bytes.
 pub(super) fn looks_binary(head: &[u8]) -> bool {
     const SIGNATURES: [&[u8]; 5] = [
@@ -201,6 +233,21 @@ pub(super) fn looks_binary(head: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_excel_sep_line_names_the_delimiter() {
+        assert_eq!(sep_line(b"sep=;\nName;Value\n"), Some((b';', 6)));
+        assert_eq!(sep_line(b"SEP=|\r\nName|Value"), Some((b'|', 7)));
+        assert_eq!(sep_line(b"\"sep=\t\"\rName"), Some((b'\t', 8)));
+        assert_eq!(sep_line(b"sep=,"), Some((b',', 5)));
+        // A header, not a sep line.
+        assert_eq!(sep_line(b"sep=;x,y\n"), None);
+        assert_eq!(sep_line(b"sep=\n"), None);
+        assert_eq!(sep_line(b"sep=\"\n"), None);
+        assert_eq!(sep_line(b"\"sep=;\n"), None);
+        assert_eq!(sep_line(b"separator,x\n"), None);
+        assert_eq!(sep_line(b"se"), None);
+    }
 
     #[test]
     fn line_ending_is_told_from_the_first_line() {
