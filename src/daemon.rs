@@ -200,22 +200,26 @@ impl Daemon {
     }
 
     /// Measures this host's clock against the database server's, whose
-    /// time every lease is written and compared in (see [`claim::Clock`]).
+    /// time every lease is written and compared in (see [`crate::clock`]).
     async fn sync_clock(&self) {
         let clock = self.inner.claimer.clock();
         let before = clock.offset_ms();
         match clock.sync(&self.inner.services.db).await {
             Ok(Some(offset)) => {
                 metrics::gauge!(m::CLOCK_OFFSET).set(offset as f64 / 1000.0);
-                // Said once when it becomes large, not at every tick.
-                if offset.abs() >= CLOCK_WARN_MS && (offset - before).abs() >= CLOCK_WARN_MS {
+                // Said when it becomes large (at once, or drifting there),
+                // not at every tick.
+                if offset.abs() >= CLOCK_WARN_MS && before.abs() < CLOCK_WARN_MS {
                     warn!(
                         offset_ms = offset,
                         "This host's clock is off the database server's; leases use the server's"
                     );
                 }
             }
-            Ok(None) => {}
+            Ok(None) => warn!(
+                offset_ms = before,
+                "Could not measure the database server's clock precisely (slow answer); keeping the last offset"
+            ),
             Err(e) => warn!(error = %error_chain(&e), "Could not read the database server's clock"),
         }
     }

@@ -15,6 +15,7 @@
 pub mod app;
 pub mod claim;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod contacts;
 pub mod daemon;

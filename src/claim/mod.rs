@@ -33,13 +33,12 @@ use bson::{Bson, DateTime, Document, doc};
 use mongodb::options::ReturnDocument;
 use mongodb::{Collection, Database};
 
+use crate::clock::Clock;
 use crate::domain::{FileError, JobState, collections};
 
-mod clock;
 mod spec;
 mod undo;
 
-pub use clock::Clock;
 pub use spec::spec_from_doc;
 pub use undo::UndoLease;
 
@@ -419,6 +418,13 @@ impl Lease {
     /// Lease duration.
     pub fn duration(&self) -> Duration {
         self.duration
+    }
+
+    /// The clock of the claimer that took the lease (the database server's
+    /// time): the import's records are stamped with it, as its queue
+    /// document is.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     /// Extends the lease and reports whether cancellation was requested.

@@ -20,7 +20,8 @@ use bson::{Bson, Document, doc};
 use mongodb::Collection;
 use mongodb::options::ReturnDocument;
 
-use super::{Claimer, Clock, Error, Result, after};
+use super::{Claimer, Error, Result, after};
+use crate::clock::Clock;
 use crate::domain::JobState;
 
 /// The final states an undo may follow.

@@ -33,6 +33,7 @@ use futures::TryStreamExt;
 use mongodb::{Collection, Database};
 use quick_cache::sync::Cache;
 
+use crate::clock::Clock;
 use crate::domain::{ImportSpec, LineNo, collections, contact_fallback_id, contact_id};
 use crate::map::MappedContact;
 use crate::write::{InsertFailure, insert_unordered, raw_with_capacity};
@@ -274,6 +275,7 @@ pub struct ContactLinker {
     coll: Collection<RawDocumentBuf>,
     builder: ContactBuilder,
     cache: Arc<Cache<Box<str>, ObjectId>>,
+    clock: Clock,
 }
 
 impl ContactLinker {
@@ -283,7 +285,14 @@ impl ContactLinker {
             coll: db.collection(collections::CONTACTS),
             builder: ContactBuilder::new(spec),
             cache: Arc::new(Cache::new(cache_entries.max(1))),
+            clock: Clock::default(),
         }
+    }
+
+    /// Stamps the contacts it creates with `clock`'s time.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Resolves each ref to its contact, creating the missing ones.
@@ -298,7 +307,7 @@ impl ContactLinker {
         let wanted = plan(refs, |e| resolved.contains_key(e));
         let mut created = 0;
         if !wanted.is_empty() {
-            let now = DateTime::now();
+            let now = self.clock.now();
             // Deterministic ids first (a replay recognises its own
             // contacts); a line past their range gets a fresh id.
             let ids: Vec<ObjectId> = wanted

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use backon::{BackoffBuilder, Retryable};
 use bson::oid::ObjectId;
-use bson::{DateTime, RawDocumentBuf, doc};
+use bson::{RawDocumentBuf, doc};
 use mongodb::Database;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, warn};
@@ -46,7 +46,7 @@ pub(super) struct DealSink {
 impl DealSink {
     pub(super) async fn new(
         svc: &Services,
-        queue_id: ObjectId,
+        lease: &Lease,
         spec: &ImportSpec,
         pipeline_id: ObjectId,
         plan: &Plan,
@@ -59,11 +59,13 @@ impl DealSink {
         };
         Ok(Self {
             db: svc.db.clone(),
-            queue_id,
-            writer: DealWriter::new(svc.db.collection(collections::DEALS), spec, pipeline_id),
+            queue_id: lease.queue_id,
+            writer: DealWriter::new(svc.db.collection(collections::DEALS), spec, pipeline_id)
+                .with_clock(lease.clock().clone()),
             stages,
             linker: plan.links_contacts().then(|| {
                 ContactLinker::new(&svc.db, spec, svc.settings.import.contact_cache.get())
+                    .with_clock(lease.clock().clone())
             }),
             dedupe: Dedupe {
                 strategy: spec.duplicate_strategy,
@@ -188,7 +190,7 @@ async fn prepare(
     dedupe: &mut Dedupe,
     batch: Batch<MappedDeal>,
 ) -> Result<Prepared, Abort> {
-    let now = DateTime::now();
+    let now = writer.now();
     let mut docs = Vec::with_capacity(batch.rows.len());
     let mut lines = Vec::with_capacity(batch.rows.len());
     let mut raws = Vec::with_capacity(batch.rows.len());

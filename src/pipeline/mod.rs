@@ -453,8 +453,7 @@ async fn import(
     }
     match pipeline_id {
         Some(pipeline_id) => {
-            let mut sink =
-                DealSink::new(svc, lease.queue_id, spec, pipeline_id, &plan, replayed).await?;
+            let mut sink = DealSink::new(svc, lease, spec, pipeline_id, &plan, replayed).await?;
             let writers = match spec.duplicate_strategy {
                 // Updates must see the deals earlier batches create.
                 DuplicateStrategy::Update => 1,
@@ -467,7 +466,8 @@ async fn import(
         None => {
             let mut sink = ContactSink {
                 db: svc.db.clone(),
-                writer: ContactWriter::new(svc.db.collection(collections::CONTACTS), spec),
+                writer: ContactWriter::new(svc.db.collection(collections::CONTACTS), spec)
+                    .with_clock(lease.clock().clone()),
                 queue_id: lease.queue_id,
                 replayed,
             };

@@ -497,7 +497,7 @@ impl Notifier {
         Ok((
             "sent",
             doc! {
-                "undo_notify.sent_at": DateTime::now(),
+                "undo_notify.sent_at": self.claimer.clock().now(),
                 "undo_notify.to": to.email.to_string(),
                 "undo_notify.subject": subject,
             },
@@ -690,7 +690,7 @@ impl Notifier {
             .notify(|e, d| warn!(error = %error_chain(e), delay_ms = d.as_millis() as u64, "Sending the summary failed; retrying"))
             .await?;
         info!("Summary email sent");
-        fields.insert("notify.sent_at", DateTime::now());
+        fields.insert("notify.sent_at", self.claimer.clock().now());
         fields.insert("notify.to", to.email.to_string());
         fields.insert("notify.subject", subject);
         Ok(("sent", fields))

@@ -32,6 +32,7 @@ use mongodb::Collection;
 use super::{
     Error, Result, UPDATE_COMMAND_BYTES, insert_unordered, keeps_trail, superseded, update_by_id,
 };
+use crate::clock::Clock;
 use crate::contacts::ContactBuilder;
 use crate::domain::{DuplicateStrategy, ImportSpec, LineNo, contact_id};
 use crate::map::MappedContact;
@@ -66,6 +67,7 @@ pub struct ContactWriter {
     queue_id: ObjectId,
     account_id: ObjectId,
     strategy: DuplicateStrategy,
+    clock: Clock,
 }
 
 impl ContactWriter {
@@ -77,7 +79,14 @@ impl ContactWriter {
             queue_id: spec.queue_id,
             account_id: spec.account_id,
             strategy: spec.duplicate_strategy,
+            clock: Clock::default(),
         }
+    }
+
+    /// Stamps contacts (`created_at`, `updated_at`) with `clock`'s time.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The id a line's new contact gets.
@@ -99,7 +108,7 @@ impl ContactWriter {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let now = DateTime::now();
+        let now = self.clock.now();
         let update = self.strategy == DuplicateStrategy::Update;
         let groups = group_by_email(rows, update);
         let mut docs = Vec::with_capacity(groups.len());

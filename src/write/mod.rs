@@ -19,6 +19,7 @@ use futures::TryStreamExt;
 use mongodb::Collection;
 use mongodb::error::{ErrorKind, InsertManyError};
 
+use crate::clock::Clock;
 use crate::domain::{ImportSpec, LineNo, deal_id};
 use crate::map::MappedDeal;
 
@@ -348,6 +349,7 @@ fn command_cuts(statements: &[(ObjectId, usize)], limit: usize) -> Vec<std::ops:
 pub struct DealWriter {
     coll: Collection<RawDocumentBuf>,
     builder: DealBuilder,
+    clock: Clock,
 }
 
 impl DealBuilder {
@@ -461,7 +463,19 @@ impl DealWriter {
         Self {
             coll: coll.clone_with_type(),
             builder: DealBuilder::new(spec, pipeline_id),
+            clock: Clock::default(),
         }
+    }
+
+    /// Stamps records (`created_at`, `updated_at`) with `clock`'s time.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The time to stamp records with.
+    pub fn now(&self) -> DateTime {
+        self.clock.now()
     }
 
     /// Builds this import's documents.

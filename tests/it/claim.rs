@@ -417,7 +417,16 @@ async fn a_host_clock_ahead_takes_no_live_lease_once_synced() {
     // b plays a host whose clock is 90 s ahead; its sync corrects it (on
     // this host the server's clock is the host's).
     b.clock().set_offset_ms(90_000);
-    let offset = b.clock().sync(&app.db).await.unwrap().expect("a measure");
+    // A measure is kept when its round trip is under a second: a loaded
+    // machine may need a few tries.
+    let mut offset = None;
+    for _ in 0..20 {
+        offset = b.clock().sync(&app.db).await.unwrap();
+        if offset.is_some() {
+            break;
+        }
+    }
+    let offset = offset.expect("a measure");
     assert!(offset.abs() < 1_000, "offset {offset} ms on one host");
     assert_eq!(b.rescue_expired(Duration::ZERO).await.unwrap(), 0);
     assert!(b.claim_next().await.unwrap().is_none());

@@ -149,7 +149,8 @@ async fn the_listener_serves_health_metrics_and_progress_to_the_importing_accoun
                 .starts_with("text/plain")
         );
         let text = r.text().await.unwrap();
-        let all = expected.iter().all(|e| text.lines().any(|l| l == *e));
+        let all = expected.iter().all(|e| text.lines().any(|l| l == *e))
+            && text.contains("importd_clock_offset_seconds ");
         if all || start.elapsed() > Duration::from_secs(10) {
             break text;
         }

@@ -5,9 +5,10 @@
 //! minute ahead would take live leases for expired ones. So every time a
 //! claimer writes or compares (lease expiries, backoffs, delivery rounds)
 //! is its host's clock corrected by the offset to the server's clock,
-//! measured with the `hello` command's `localTime` (any MongoDB server
-//! answers it) at start-up and at each rescue tick. Until a measure
-//! succeeds, the offset is zero: the host's clock as it is.
+//! measured with the `hello` command's `localTime` at start-up and at each
+//! rescue tick (a replica set's primary answers it; behind `mongos`, the
+//! router the driver picks, so the routers' hosts must agree). Until a
+//! measure succeeds, the offset is zero: the host's clock as it is.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -58,11 +59,12 @@ impl Clock {
     /// `None` when the answer came too late to be precise or carried no
     /// time (the offset is then left as it was).
     pub async fn sync(&self, db: &Database) -> mongodb::error::Result<Option<i64>> {
+        // The round trip is timed by the monotonic clock: a step of the
+        // host's clock during the call does not skew the midpoint.
         let sent = DateTime::now();
         let started = std::time::Instant::now();
         let hello = db.run_command(doc! { "hello": 1 }).await?;
         let round_trip = started.elapsed();
-        let received = DateTime::now();
         let Ok(server) = hello.get_datetime("localTime") else {
             return Ok(None);
         };
@@ -71,7 +73,7 @@ impl Clock {
         }
         let offset = offset_ms(
             sent.timestamp_millis(),
-            received.timestamp_millis(),
+            round_trip.as_millis() as i64,
             server.timestamp_millis(),
         );
         self.set_offset_ms(offset);
@@ -80,10 +82,10 @@ impl Clock {
 }
 
 /// The server's clock minus this host's (pure): the server read its clock
-/// at `server`, about halfway between this host's `sent` and `received`.
-pub fn offset_ms(sent: i64, received: i64, server: i64) -> i64 {
-    let midpoint = sent + (received - sent) / 2;
-    server - midpoint
+/// at `server`, about halfway through the `round_trip` this host began at
+/// `sent` (milliseconds).
+pub fn offset_ms(sent: i64, round_trip: i64, server: i64) -> i64 {
+    server - (sent + round_trip / 2)
 }
 
 #[cfg(test)]
@@ -92,10 +94,10 @@ mod tests {
 
     #[test]
     fn the_offset_is_taken_at_the_round_trip_midpoint() {
-        assert_eq!(offset_ms(1_000, 1_010, 1_005), 0);
+        assert_eq!(offset_ms(1_000, 10, 1_005), 0);
         // The server's clock runs a minute ahead, or 30 s behind.
-        assert_eq!(offset_ms(1_000, 1_010, 61_005), 60_000);
-        assert_eq!(offset_ms(100_000, 100_020, 70_010), -30_000);
+        assert_eq!(offset_ms(1_000, 10, 61_005), 60_000);
+        assert_eq!(offset_ms(100_000, 20, 70_010), -30_000);
     }
 
     #[test]
