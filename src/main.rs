@@ -323,6 +323,11 @@ async fn support(
                 eprintln!("no outcomes for import {id} (no such import, or nothing processed yet)");
                 return Ok(ExitCode::from(1));
             }
+            if batches == 0 && status::status(db, id).await?.is_none() {
+                // No failed line: fine for an import, not for a wrong id.
+                eprintln!("no import {id}");
+                return Ok(ExitCode::from(1));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo {

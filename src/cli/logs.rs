@@ -10,6 +10,7 @@ use bson::{Bson, Document, doc};
 use futures::TryStreamExt;
 use mongodb::Database;
 
+use crate::domain::text::printable;
 use crate::domain::{LineNo, RecordKind, collections};
 use crate::outcomes::{LineOutcome, RowErrorDoc};
 
@@ -39,8 +40,8 @@ pub fn format_failure(f: &RowErrorDoc) -> String {
         "line {}\tfailed\t{}\t{}\t{}",
         f.line,
         f.code,
-        f.field.as_deref().unwrap_or("-"),
-        f.message.replace(['\n', '\r', '\t'], " ")
+        printable(f.field.as_deref().unwrap_or("-")),
+        printable(&f.message)
     )
 }
 

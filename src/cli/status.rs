@@ -8,6 +8,7 @@ use bson::{Bson, Document, doc};
 use mongodb::Database;
 
 use crate::domain::collections;
+use crate::domain::text::printable;
 
 /// An import as support sees it.
 #[derive(Clone, Debug)]
@@ -44,7 +45,7 @@ impl ImportStatus {
         {
             out.push_str(&format!(
                 "  file:     {}\n",
-                c.get_str("name").unwrap_or("?")
+                printable(c.get_str("name").unwrap_or("?"))
             ));
         }
         if q.get_document("additional_data")
@@ -79,10 +80,10 @@ impl ImportStatus {
             out.push_str(&format!(
                 "  error:    {}: {}\n",
                 e.get_str("code").unwrap_or("?"),
-                e.get_str("message").unwrap_or("?")
+                printable(e.get_str("message").unwrap_or("?"))
             ));
             if let Ok(detail) = e.get_str("detail") {
-                out.push_str(&format!("  cause:    {detail}\n"));
+                out.push_str(&format!("  cause:    {}\n", printable(detail)));
             }
         } else if q.get_str("status") == Ok("pending")
             && let Some(attempts) = q
@@ -92,9 +93,10 @@ impl ImportStatus {
         {
             // Waiting for its next attempt after trouble.
             out.push_str(&format!(
-                "  retrying: after {} (attempt {attempts} ended: {e})\n",
+                "  retrying: after {} (attempt {attempts} ended: {})\n",
                 q.get_datetime("retry_at")
                     .map_or_else(|_| "-".into(), |t| t.to_string()),
+                printable(&e),
             ));
         }
         match (q.get_bool("undo_requested"), q.get_document("undo")) {
@@ -103,7 +105,7 @@ impl ImportStatus {
                 match u.get_str("state") {
                     Ok("refused") => out.push_str(&format!(
                         "  undo:     refused: {}\n",
-                        u.get_str("reason").unwrap_or("-")
+                        printable(u.get_str("reason").unwrap_or("-"))
                     )),
                     _ => out.push_str(&format!(
                         "  undo:     done: {} removed, {} kept (changed since), {} updates not reverted\n",
@@ -142,8 +144,8 @@ impl ImportStatus {
                 out.push_str(&format!(
                     "  line {}: {} ({})\n",
                     l.get_i64("line").unwrap_or(0),
-                    l.get_str("message").unwrap_or(""),
-                    l.get_str("field").unwrap_or("-"),
+                    printable(l.get_str("message").unwrap_or("")),
+                    printable(l.get_str("field").unwrap_or("-")),
                 ));
             }
         }

@@ -64,9 +64,37 @@ pub fn token(s: &str) -> String {
     out
 }
 
+/// `s` safe to print on one terminal line: tabs and line breaks become
+/// spaces, other control characters (escape sequences) their `\u{..}`
+/// escape; everything else, accents and emoji included, as is.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' | '\r' | '\t' => out.push(' '),
+            c if c.is_control() => out.extend(c.escape_default()),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printable_text_keeps_one_line_and_no_escape_sequence() {
+        assert_eq!(printable("Café 😀"), "Café 😀");
+        assert_eq!(
+            printable("a\nstatus: completed\r\tb"),
+            "a status: completed  b"
+        );
+        assert_eq!(printable("\x1b]0;x\x07\u{9b}"), "\\u{1b}]0;x\\u{7}\\u{9b}");
+    }
     use proptest::prelude::*;
 
     #[test]

@@ -172,6 +172,17 @@ impl Storage {
         let command = s3::command::Command::GetObjectRange { start, end: None };
         let request = ReqwestRequest::new(&self.stream_bucket, key, command).await?;
         let response = request.response_data_to_stream().await.map_err(classify)?;
+        if start > 0 && response.status_code != 206 {
+            // A server (or proxy) that ignores `Range` sends the whole
+            // object: its bytes before `start` must not be read as rows
+            // after it.
+            tracing::warn!(
+                start,
+                status = response.status_code,
+                "The storage ignored the byte range; skipping to the offset"
+            );
+            return Ok(Box::pin(skip_bytes(response.bytes, start)));
+        }
         Ok(response.bytes)
     }
 
@@ -242,6 +253,25 @@ impl Storage {
     }
 }
 
+/// `stream` without its first `n` bytes.
+fn skip_bytes(
+    stream: s3::request::DataStream,
+    mut n: u64,
+) -> impl Stream<Item = s3::request::StreamItem> + Send {
+    stream.filter_map(move |chunk| {
+        let chunk = match chunk {
+            Ok(mut bytes) if n > 0 => {
+                let drop = n.min(bytes.len() as u64);
+                n -= drop;
+                let rest = bytes.split_off(drop as usize);
+                (!rest.is_empty()).then_some(Ok(rest))
+            }
+            other => Some(other),
+        };
+        futures::future::ready(chunk)
+    })
+}
+
 struct Resumable {
     storage: Storage,
     key: String,
@@ -300,5 +330,31 @@ impl Resumable {
     fn fail(mut self, msg: String) -> Option<(io::Result<Bytes>, Self)> {
         self.done = true;
         Some((Err(io::Error::other(msg)), self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skipping_drops_exactly_the_first_bytes_across_chunks() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for n in 0..=9u64 {
+            let chunks: Vec<s3::request::StreamItem> = ["abc", "de", "", "fgh", "i"]
+                .into_iter()
+                .map(|c| Ok(Bytes::from_static(c.as_bytes())))
+                .collect();
+            let stream: s3::request::DataStream = Box::pin(futures::stream::iter(chunks));
+            let got: Vec<u8> = rt.block_on(async {
+                skip_bytes(stream, n)
+                    .map(|c| c.unwrap().to_vec())
+                    .concat()
+                    .await
+            });
+            assert_eq!(got, &b"abcdefghi"[n as usize..], "skip {n}");
+        }
     }
 }

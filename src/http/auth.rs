@@ -29,18 +29,19 @@ struct DashboardClaims {
 
 /// The account a request's token speaks for.
 pub fn account_of(header: Option<&str>, secret: &SecretString) -> Result<ObjectId, AuthError> {
+    // The scheme is case-insensitive (RFC 9110).
     let token = header
-        .and_then(|h| {
-            h.strip_prefix("Bearer ")
-                .or_else(|| h.strip_prefix("bearer "))
-        })
-        .map(str::trim)
+        .and_then(|h| h.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
         .filter(|t| !t.is_empty())
         .ok_or(AuthError::Missing)?;
     // Expiry is required and checked; HS256 only (no `alg: none`, no RS/HS
     // confusion).
     let mut validation = Validation::new(Algorithm::HS256);
     validation.leeway = 30;
+    // A token not valid yet (`nbf`, when it has one) is refused too.
+    validation.validate_nbf = true;
     let data = jsonwebtoken::decode::<DashboardClaims>(
         token,
         &DecodingKey::from_secret(secret.expose_secret().as_bytes()),
@@ -91,6 +92,21 @@ mod tests {
         );
         let header = format!("Bearer {t}");
         assert_eq!(account_of(Some(&header), &secret()), Ok(account));
+        let header = format!("BEARER {t}");
+        assert_eq!(account_of(Some(&header), &secret()), Ok(account));
+    }
+
+    #[test]
+    fn a_token_not_valid_yet_is_refused() {
+        let t = token(
+            json!({ "type": "access_token", "account_id": ObjectId::new().to_hex(), "exp": now() + 7200, "nbf": now() + 3600 }),
+            "test-secret-of-the-dashboard",
+            Algorithm::HS256,
+        );
+        assert_eq!(
+            account_of(Some(&format!("Bearer {t}")), &secret()),
+            Err(AuthError::Invalid)
+        );
     }
 
     #[test]

@@ -7,8 +7,11 @@
 //!   the batch's line range, the lines imported (their deal id is
 //!   `deal_id(queue_id, line)`), and each failed line with field, value,
 //!   message and its original cells for the error report. Cells of failed
-//!   rows are capped per document ([`MAX_ROW_BYTES_PER_DOC`]), so a batch of
-//!   1,000 failures of huge rows still stays a few MB.
+//!   rows are capped per document ([`MAX_ROW_BYTES_PER_DOC`]), and all of a
+//!   document's failures ([`MAX_FAILURE_BYTES_PER_DOC`]: past it a failure
+//!   keeps its line, code, field and message, not its value or cells), so
+//!   10,000 failures of huge rows or long non-ASCII values stay far below
+//!   16 MB.
 //! - Writing the batch document is an upsert on its deterministic `_id`:
 //!   a replayed batch rewrites the same document, so every line has exactly
 //!   one outcome however often it is processed. Batches are cut by row
@@ -38,6 +41,17 @@ use crate::map::FailedRow;
 /// Largest total size of failed rows' cells kept in one batch document.
 pub const MAX_ROW_BYTES_PER_DOC: usize = 4 * 1024 * 1024;
 
+/// Largest total size of one batch document's failures, about: what their
+/// lines, codes, fields and messages (at most [`MAX_MESSAGE_BYTES`] each)
+/// leave of it holds values and cells, in line order; a failure past it
+/// keeps the former only. With 10,000 failures (the largest batch) and the
+/// line lists, a document stays under 13 MB.
+pub const MAX_FAILURE_BYTES_PER_DOC: usize = 12 * 1024 * 1024;
+
+/// Longest message kept with a failed line, in bytes (importd's own
+/// messages are far shorter; a database's could quote a record).
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
 /// Failures copied into `csv_imports.logs`.
 pub const SUMMARY_LOG_LIMIT: usize = 1000;
 
@@ -63,16 +77,45 @@ pub struct BatchOutcome {
     pub contacts_created: u64,
 }
 
-fn failure_doc(f: &FailedRow, keep_row: bool) -> Document {
+/// The bytes of a failed line's entry without its value and cells: line,
+/// code, field and message, with their BSON overhead.
+fn fixed_bytes(e: &RowError) -> usize {
+    let field = e
+        .field
+        .as_deref()
+        .map_or(0, |s| s.len().min(MAX_MESSAGE_BYTES));
+    64 + e.message.len().min(MAX_MESSAGE_BYTES) + field
+}
+
+/// The stored entry of a failed line; its value and cells only if they fit
+/// in what is left of the document's `budget` for them (bytes, counted
+/// down).
+fn failure_doc(f: &FailedRow, budget: &mut usize, row_bytes: &mut usize) -> Document {
     let e = &f.error;
+    let message = cut_to_bytes(&e.message, MAX_MESSAGE_BYTES);
+    let field = e
+        .field
+        .as_deref()
+        .map(|s| cut_to_bytes(s, MAX_MESSAGE_BYTES));
     let mut d = doc! {
         "line": e.line as i64,
         "code": e.code.as_str(),
-        "field": e.field.as_deref(),
-        "value": e.value.as_deref(),
-        "message": &e.message,
+        "field": field,
+        "message": message,
     };
+    let value = e.value.as_deref().map_or(0, |v| v.len() + 16);
+    if value <= *budget {
+        *budget -= value;
+        d.insert("value", e.value.as_deref());
+    } else {
+        d.insert("value", Bson::Null);
+        d.insert("value_omitted", true);
+    }
+    let cells = f.cells.iter().map(|c| c.len() + 16).sum::<usize>();
+    let keep_row = cells <= *budget && *row_bytes + cells <= MAX_ROW_BYTES_PER_DOC;
     if keep_row {
+        *budget -= cells;
+        *row_bytes += cells;
         d.insert(
             "row",
             f.cells
@@ -86,6 +129,18 @@ fn failure_doc(f: &FailedRow, keep_row: bool) -> Document {
     d
 }
 
+/// `s` cut at a character boundary to at most `max` bytes.
+fn cut_to_bytes(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 fn pairs(lines: &[(LineNo, ObjectId)]) -> Vec<Document> {
     lines
         .iter()
@@ -97,15 +152,14 @@ fn pairs(lines: &[(LineNo, ObjectId)]) -> Vec<Document> {
 /// batch past the largest line number.
 pub fn batch_document(queue_id: ObjectId, batch: &BatchOutcome) -> Option<Document> {
     let id = deal_id(&queue_id, batch.first_line)?;
-    let mut row_bytes = 0usize;
+    // Every failure keeps its line, code, field and message; values and
+    // cells share what they leave.
+    let fixed: usize = batch.failed.iter().map(|f| fixed_bytes(&f.error)).sum();
+    let (mut budget, mut row_bytes) = (MAX_FAILURE_BYTES_PER_DOC.saturating_sub(fixed), 0);
     let failed: Vec<Document> = batch
         .failed
         .iter()
-        .map(|f| {
-            // Each cell costs its bytes plus its BSON element's overhead.
-            row_bytes += f.cells.iter().map(|c| c.len() + 16).sum::<usize>();
-            failure_doc(f, row_bytes <= MAX_ROW_BYTES_PER_DOC)
-        })
+        .map(|f| failure_doc(f, &mut budget, &mut row_bytes))
         .collect();
     Some(doc! {
         "_id": id,
@@ -578,6 +632,49 @@ mod tests {
                 proptest::prop_assert_eq!(read.outcome(line + 1), None);
             }
         }
+    }
+
+    /// The largest batch, every line failed with the longest value (200
+    /// emoji), a long message and its cells: the document stays far below
+    /// 16 MB; the last failures keep their message without value or cells.
+    #[test]
+    fn ten_thousand_long_failures_stay_far_below_16_mb() {
+        let q = ObjectId::new();
+        let value = crate::domain::truncate_value(&"😀".repeat(1000));
+        let failed: Vec<FailedRow> = (2..10_002)
+            .map(|line| FailedRow {
+                error: RowError {
+                    line,
+                    code: RowCode::InvalidNumber,
+                    field: Some("value".into()),
+                    value: Some(value.clone()),
+                    message: "é".repeat(2000),
+                },
+                cells: vec!["ü".repeat(200); 3],
+            })
+            .collect();
+        let batch = BatchOutcome {
+            first_line: 2,
+            last_line: 10_001,
+            failed,
+            ..BatchOutcome::default()
+        };
+        let d = batch_document(q, &batch).unwrap();
+        let size = bson::to_vec(&d).unwrap().len();
+        assert!(size < 13 * 1024 * 1024, "{size} bytes");
+        let failed = d.get_array("failed").unwrap();
+        assert_eq!(failed.len(), 10_000);
+        let first = failed[0].as_document().unwrap();
+        assert_eq!(first.get_str("value").unwrap(), value);
+        assert!(first.contains_key("row"));
+        assert_eq!(first.get_str("message").unwrap().len(), MAX_MESSAGE_BYTES);
+        let last = failed[9_999].as_document().unwrap();
+        assert_eq!(last.get_bool("value_omitted"), Ok(true));
+        assert_eq!(last.get_bool("row_omitted"), Ok(true));
+        assert_eq!(last.get_i64("line"), Ok(10_001));
+        // It reads back as failed, with its message.
+        let read = RecordedBatch::from_doc(q, &d);
+        assert!(matches!(read.outcome(10_001), Some(LineOutcome::Failed(_))));
     }
 
     #[test]

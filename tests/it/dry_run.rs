@@ -210,6 +210,18 @@ async fn a_dry_run_tells_which_rows_would_update_or_skip() {
         out.contains("would update\tthe deal line 3 would create"),
         "{out}"
     );
+    // No failed line: nothing to print, not an error; a wrong id is one.
+    let none_failed = app
+        .binary(&["logs", &id.to_hex(), "--failed"])
+        .output()
+        .unwrap();
+    assert!(none_failed.status.success() && none_failed.stdout.is_empty());
+    let unknown = app
+        .binary(&["logs", &ObjectId::new().to_hex(), "--failed"])
+        .output()
+        .unwrap();
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no import"));
     app.cleanup().await;
 }
 
