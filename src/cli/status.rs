@@ -108,8 +108,8 @@ impl ImportStatus {
                         printable(u.get_str("reason").unwrap_or("-"))
                     )),
                     _ => out.push_str(&format!(
-                        "  undo:     done: {} removed, {} kept (changed since), {} updates not reverted\n",
-                        c.removed, c.kept_changed, c.updates_not_reverted
+                        "  undo:     done: {} removed, {} kept (changed since), {} updates reverted, {} not\n",
+                        c.removed, c.kept_changed, c.updates_reverted, c.updates_not_reverted
                     )),
                 }
             }

@@ -79,9 +79,15 @@ impl UndoSummary {
                 counted(c.kept_linked, "contact")
             ));
         }
+        if c.updates_reverted > 0 {
+            out.push(format!(
+                "Reverted: {} of {noun}s that existed before the import (put back as the import found them).",
+                counted(c.updates_reverted, "update")
+            ));
+        }
         if c.updates_not_reverted > 0 {
             out.push(format!(
-                "Not reverted: {} of {noun}s that existed before the import (their earlier values were not kept).",
+                "Not reverted: {} of {noun}s that existed before the import (changed since, or made before their earlier values were kept).",
                 counted(c.updates_not_reverted, "update")
             ));
         }

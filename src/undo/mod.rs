@@ -24,10 +24,13 @@
 //!   running (it may have just resolved one); the others are kept and
 //!   named. Checked again once removed: a stage an import resolved in
 //!   between is put back as it was.
-//! - Not taken back, and counted: updates of existing records
-//!   (`duplicate_strategy: update`; their earlier values are not stored),
-//!   and contacts a deals import created for its `contact_email` links
-//!   (other records may link them since).
+//! - Updates of existing records (`duplicate_strategy: update`) are put
+//!   back from the before images the import stored (`write::befores`),
+//!   newest line first (`revert_updates`), unless the record changed
+//!   since; those are counted as not reverted.
+//! - Not taken back, and counted: updates made before importd stored
+//!   before images, and contacts a deals import created for its
+//!   `contact_email` links (other records may link them since).
 //! - Resumable and exact after a crash: each batch's deletes are
 //!   idempotent, and the checkpoint (`undo.next_line`) is saved with the
 //!   counts it covers in one update, so a later holder redoes at most the
@@ -86,7 +89,10 @@ pub struct UndoCounts {
     pub kept_changed: u64,
     /// Contacts a contacts import created, kept because deals link them.
     pub kept_linked: u64,
-    /// Existing records the import updated: not taken back.
+    /// Updates of existing records put back as the import found them.
+    pub updates_reverted: u64,
+    /// Updates of existing records not taken back: changed since, or made
+    /// before importd kept what updates overwrite.
     pub updates_not_reverted: u64,
     /// Contacts a deals import created for its links: kept.
     pub contacts_kept: u64,
@@ -103,6 +109,7 @@ impl UndoCounts {
             "removed": self.removed as i64,
             "kept_changed": self.kept_changed as i64,
             "kept_linked": self.kept_linked as i64,
+            "updates_reverted": self.updates_reverted as i64,
             "updates_not_reverted": self.updates_not_reverted as i64,
             "contacts_kept": self.contacts_kept as i64,
             "stages_removed": &self.stages_removed,
@@ -125,6 +132,7 @@ impl UndoCounts {
             removed: count(d, "removed"),
             kept_changed: count(d, "kept_changed"),
             kept_linked: count(d, "kept_linked"),
+            updates_reverted: count(d, "updates_reverted"),
             updates_not_reverted: count(d, "updates_not_reverted"),
             contacts_kept: count(d, "contacts_kept"),
             stages_removed: labels("stages_removed"),
@@ -148,9 +156,15 @@ impl UndoCounts {
                 self.kept_linked
             );
         }
+        if self.updates_reverted > 0 {
+            out += &format!(
+                "reverted: {} updates of existing {noun}s\n",
+                self.updates_reverted
+            );
+        }
         if self.updates_not_reverted > 0 {
             out += &format!(
-                "not reverted: {} updates of existing {noun}s\n",
+                "not reverted: {} updates of existing {noun}s (changed since)\n",
                 self.updates_not_reverted
             );
         }
@@ -226,6 +240,10 @@ struct Tally {
     kept_changed: u64,
     kept_linked: u64,
     not_reverted: u64,
+    /// Updates put back (of existing records, from their before images).
+    reverted: u64,
+    /// The before images of lines from here on are done (newest first).
+    revert_below: Option<u64>,
 }
 
 impl Tally {
@@ -236,6 +254,11 @@ impl Tally {
             kept_changed: count(undo, "kept_changed"),
             kept_linked: count(undo, "kept_linked"),
             not_reverted: count(undo, "updates_not_reverted"),
+            reverted: count(undo, "updates_reverted"),
+            revert_below: undo
+                .get("revert_below_line")
+                .is_some()
+                .then(|| count(undo, "revert_below_line")),
         }
     }
 
@@ -246,6 +269,8 @@ impl Tally {
             "kept_changed": self.kept_changed as i64,
             "kept_linked": self.kept_linked as i64,
             "updates_not_reverted": self.not_reverted as i64,
+            "updates_reverted": self.reverted as i64,
+            "revert_below_line": self.revert_below.map(|l| l as i64),
         }
     }
 }
@@ -405,6 +430,9 @@ pub async fn run(
     if unsaved {
         lease.save(tally.to_doc()).await?;
     }
+    if revert_updates(db, lease, &records, cutoff, &mut tally, stop).await? {
+        return Ok(UndoEnd::Released);
+    }
 
     let mut counts = UndoCounts::from_doc(&undo);
     counts.kept_changed = tally.kept_changed;
@@ -412,7 +440,8 @@ pub async fn run(
     counts.removed = tally
         .imported
         .saturating_sub(tally.kept_changed + tally.kept_linked);
-    counts.updates_not_reverted = tally.not_reverted;
+    counts.updates_reverted = tally.reverted;
+    counts.updates_not_reverted = tally.not_reverted.saturating_sub(tally.reverted);
     if kind == RecordKind::Deals {
         counts.contacts_kept = count(q, "contacts_created");
         if let Ok(pipeline_id) = q
@@ -445,6 +474,79 @@ pub async fn run(
         "Undo done"
     );
     Ok(UndoEnd::Done(counts))
+}
+
+/// Puts back the existing records the import updated, from the before
+/// images its updates stored (`write::befores`), newest line first: a
+/// record several lines updated ends as the first found it. A record
+/// changed since (by another import, or in the CRM after the import's end)
+/// is left as it is, and counted as not reverted. The import's own records
+/// (a later line updating one an earlier line created) are not: they were
+/// removed, or kept as changed. Resumable: `revert_below_line` is saved
+/// with the count; the images past it are applied again in the same
+/// order, to the same end. Returns true when `stop` asked for a release.
+async fn revert_updates(
+    db: &Database,
+    lease: &UndoLease,
+    records: &mongodb::Collection<Document>,
+    cutoff: DateTime,
+    tally: &mut Tally,
+    stop: &CancellationToken,
+) -> Result<bool, Error> {
+    let queue_id = lease.queue_id;
+    let (lo, top) = deal_id_range(&queue_id);
+    // Line 0: all done.
+    let ids = match tally.revert_below.map(|l| (l, deal_id(&queue_id, l))) {
+        Some((0, _)) => return Ok(false),
+        Some((_, Some(below))) => doc! { "$gte": lo, "$lt": below },
+        _ => doc! { "$gte": lo, "$lte": top },
+    };
+    let filter = doc! { "_id": ids, "queue_id": queue_id };
+    let mut images = db
+        .collection::<Document>(crate::write::befores::COLLECTION)
+        .find(filter)
+        .sort(doc! { "_id": -1 })
+        .batch_size(1_000)
+        .await?;
+    let mut last_save = Instant::now();
+    while let Some(image) = images.try_next().await? {
+        let line = count(&image, "line");
+        if let Ok(record_id) = image.get_object_id("record_id")
+            && line_of_deal_id(&queue_id, &record_id).is_none()
+        {
+            let guard = doc! {
+                "_id": record_id,
+                // Untouched since: the last to write it is still this
+                // import, and not after it ended.
+                "last_import.queue_id": queue_id,
+                "updated_at": { "$lte": cutoff },
+            };
+            let restore = crate::write::befores::restore(&image);
+            let r = (|| {
+                records
+                    .update_one(guard.clone(), restore.clone())
+                    .into_future()
+            })
+            .retry(retry())
+            .when(crate::db::is_transient)
+            .await?;
+            // An image of a contact stands for the lines merged into it.
+            tally.reverted += r.matched_count * count(&image, "lines").max(1);
+        }
+        tally.revert_below = Some(line);
+        if last_save.elapsed() >= SAVE_EVERY || stop.is_cancelled() {
+            lease.save(tally.to_doc()).await?;
+            last_save = Instant::now();
+        }
+        if stop.is_cancelled() {
+            lease.release().await?;
+            info!(revert_below = line, "Undo released at shutdown");
+            return Ok(true);
+        }
+    }
+    tally.revert_below = Some(0);
+    lease.save(tally.to_doc()).await?;
+    Ok(false)
 }
 
 /// Deletes the records `guard` matches that were not edited since their
@@ -708,6 +810,7 @@ mod tests {
             removed: 98,
             kept_changed: 2,
             kept_linked: 0,
+            updates_reverted: 4,
             updates_not_reverted: 5,
             contacts_kept: 0,
             stages_removed: vec!["Brand New".into()],
@@ -721,6 +824,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("not reverted: 5 updates"), "{text}");
+        assert!(text.contains("reverted: 4 updates"), "{text}");
         assert!(text.contains("stages kept (in use): Won"), "{text}");
         assert!(!text.contains("contacts"), "{text}");
     }

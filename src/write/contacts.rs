@@ -30,7 +30,8 @@ use futures::TryStreamExt;
 use mongodb::Collection;
 
 use super::{
-    Error, Result, UPDATE_COMMAND_BYTES, insert_unordered, keeps_trail, superseded, update_by_id,
+    Error, Result, UPDATE_COMMAND_BYTES, befores, insert_unordered, keeps_trail, superseded,
+    update_by_id,
 };
 use crate::clock::Clock;
 use crate::contacts::ContactBuilder;
@@ -63,6 +64,8 @@ pub enum ContactWrite {
 #[derive(Clone)]
 pub struct ContactWriter {
     coll: Collection<RawDocumentBuf>,
+    /// Before images of the updates (`befores`).
+    befores: Collection<RawDocumentBuf>,
     builder: ContactBuilder,
     queue_id: ObjectId,
     account_id: ObjectId,
@@ -75,6 +78,7 @@ impl ContactWriter {
     pub fn new(coll: Collection<Document>, spec: &ImportSpec) -> Self {
         Self {
             coll: coll.clone_with_type(),
+            befores: super::befores_of(&coll),
             builder: ContactBuilder::new(spec),
             queue_id: spec.queue_id,
             account_id: spec.account_id,
@@ -121,13 +125,17 @@ impl ContactWriter {
         let mut first = vec![ContactWrite::Created; groups.len()];
         let conflicts = self.insert(&docs, &mut first).await?;
         drop(docs);
+        let emails: Vec<&str> = conflicts
+            .iter()
+            .map(|&k| groups[k].contact.email.as_str())
+            .collect();
+        let stored = if emails.is_empty() {
+            HashMap::new()
+        } else {
+            self.ids_by_email(&emails).await?
+        };
         let mut updates = Vec::new();
         if !conflicts.is_empty() {
-            let emails: Vec<&str> = conflicts
-                .iter()
-                .map(|&k| groups[k].contact.email.as_str())
-                .collect();
-            let stored = self.ids_by_email(&emails).await?;
             for &k in &conflicts {
                 let c = &groups[k].contact;
                 first[k] = match stored.get(c.email.as_str()) {
@@ -140,7 +148,7 @@ impl ContactWriter {
                         if superseded(last.as_ref(), self.queue_id, groups[k].last_line) {
                             ContactWrite::Superseded(*id)
                         } else {
-                            updates.push((k, *id, keeps_trail(last.as_ref())));
+                            updates.push((k, *id, keeps_trail(last.as_ref()), last.as_ref()));
                             ContactWrite::Updated(*id)
                         }
                     }
@@ -210,26 +218,54 @@ impl ContactWriter {
     async fn update(
         &self,
         groups: &[Group<'_>],
-        updates: &[(usize, ObjectId, bool)],
+        updates: &[(usize, ObjectId, bool, Option<&Document>)],
         results: &mut [ContactWrite],
         now: DateTime,
     ) -> Result<()> {
+        let statements: Vec<RawDocumentBuf> = updates
+            .iter()
+            .map(|&(k, id, trail, _)| {
+                let g = &groups[k];
+                self.builder
+                    .update_statement(id, &g.contact, g.last_line, trail, now)
+            })
+            .collect();
+        // What they overwrite, stored before they do (an undo puts it
+        // back); one image for the group's merged lines.
+        let mut images = Vec::with_capacity(updates.len());
+        for (&(k, id, _, stored), statement) in updates.iter().zip(&statements) {
+            let (Some(stored), Ok(set)) = (
+                stored,
+                statement
+                    .get_document("u")
+                    .and_then(|u| u.get_document("$set")),
+            ) else {
+                continue;
+            };
+            let g = &groups[k];
+            let fields = befores::changed_fields(set);
+            if let Some(mut image) = befores::image(self.queue_id, g.last_line, id, stored, &fields)
+            {
+                image.insert("lines", g.rows.len() as i64);
+                images.push(image);
+            }
+        }
+        befores::store(&self.befores, &images).await?;
+        let mut statements = statements.into_iter();
         let mut start = 0;
         while start < updates.len() {
             let mut chunk = RawArrayBuf::new();
             let mut bytes = 0;
             let mut end = start;
             while end < updates.len() && (end == start || bytes < UPDATE_COMMAND_BYTES) {
-                let (k, id, trail) = updates[end];
-                let g = &groups[k];
-                let statement =
-                    self.builder
-                        .update_statement(id, &g.contact, g.last_line, trail, now);
+                let Some(statement) = statements.next() else {
+                    break;
+                };
                 bytes += statement.as_bytes().len();
                 chunk.push(statement);
                 end += 1;
             }
-            let ids: Vec<ObjectId> = updates[start..end].iter().map(|(_, id, _)| *id).collect();
+            let ids: Vec<ObjectId> = updates[start..end].iter().map(|(_, id, ..)| *id).collect();
             let scope = doc! { "account_id": self.account_id };
             let failed = update_by_id(&self.coll, chunk, &ids, scope, "contact").await?;
             for (&(k, ..), f) in updates[start..end].iter().zip(failed) {
@@ -275,12 +311,16 @@ impl ContactWriter {
         &self,
         emails: &[&str],
     ) -> Result<HashMap<String, (ObjectId, Option<Document>)>> {
-        let mut cursor = self
-            .coll
-            .clone_with_type::<Document>()
-            .find(crate::db::contacts_by_email(self.account_id, emails))
-            .projection(doc! { "_id": 1, "email": 1, "last_import": 1, "last_imports": 1 })
-            .await?;
+        let coll = self.coll.clone_with_type::<Document>();
+        let find = coll.find(crate::db::contacts_by_email(self.account_id, emails));
+        // Under `update`, the whole contact: its before image is taken from
+        // it (contacts are small).
+        let mut cursor = if self.strategy == DuplicateStrategy::Update {
+            find.await?
+        } else {
+            find.projection(doc! { "_id": 1, "email": 1, "last_import": 1, "last_imports": 1 })
+                .await?
+        };
         let mut found = HashMap::with_capacity(emails.len());
         while let Some(d) = cursor.try_next().await? {
             if let (Ok(id), Ok(email)) = (d.get_object_id("_id"), d.get_str("email")) {

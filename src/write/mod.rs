@@ -23,6 +23,7 @@ use crate::clock::Clock;
 use crate::domain::{ImportSpec, LineNo, deal_id};
 use crate::map::MappedDeal;
 
+pub mod befores;
 mod contacts;
 mod dedupe;
 
@@ -51,6 +52,9 @@ pub enum Error {
     /// A line past the deterministic id's range.
     #[error("line {0} is beyond the largest supported line number")]
     LineOutOfRange(LineNo),
+    /// The database refused to store what an update overwrites.
+    #[error("the database refused a before image (code {0})")]
+    ImageRefused(i32),
 }
 
 impl Error {
@@ -59,7 +63,9 @@ impl Error {
         match self {
             Self::Mongo(e) => crate::db::is_transient(e),
             Self::WriteConcern(_) => true,
-            Self::LineOutOfRange(_) | Self::Bson(_) | Self::BsonSer(_) => false,
+            Self::LineOutOfRange(_) | Self::Bson(_) | Self::BsonSer(_) | Self::ImageRefused(_) => {
+                false
+            }
         }
     }
 }
@@ -238,6 +244,13 @@ impl From<InsertFailure> for Error {
     }
 }
 
+/// The before images' collection, in the database of `coll`.
+pub(crate) fn befores_of<T: Send + Sync>(coll: &Collection<T>) -> Collection<RawDocumentBuf> {
+    coll.client()
+        .database(&coll.namespace().db)
+        .collection(befores::COLLECTION)
+}
+
 /// Updates by imports a record remembers (`last_imports`, oldest first).
 pub const KEPT_UPDATES: i32 = 8;
 
@@ -348,6 +361,8 @@ fn command_cuts(statements: &[(ObjectId, usize)], limit: usize) -> Vec<std::ops:
 #[derive(Clone)]
 pub struct DealWriter {
     coll: Collection<RawDocumentBuf>,
+    /// Before images of the updates (`befores`).
+    befores: Collection<RawDocumentBuf>,
     builder: DealBuilder,
     clock: Clock,
 }
@@ -462,6 +477,7 @@ impl DealWriter {
     pub fn new(coll: Collection<Document>, spec: &ImportSpec, pipeline_id: ObjectId) -> Self {
         Self {
             coll: coll.clone_with_type(),
+            befores: befores_of(&coll),
             builder: DealBuilder::new(spec, pipeline_id),
             clock: Clock::default(),
         }
@@ -508,6 +524,26 @@ impl DealWriter {
             .filter(|(_, s)| !**s)
             .map(|((id, set), _)| (*id, *set, keeps_trail(records.get(id))))
             .collect();
+        // What they overwrite, stored before they do (an undo puts it back);
+        // a record two lines update is imaged as the first leaves it.
+        let mut records = records;
+        let mut images = Vec::with_capacity(due.len());
+        for (id, set, trail) in &due {
+            let (Some(line), Some(record)) = (set_line(set), records.get_mut(id)) else {
+                continue;
+            };
+            let queue_id = self.builder.queue_id;
+            images.extend(befores::image(
+                queue_id,
+                line,
+                *id,
+                record,
+                &befores::changed_fields(set),
+            ));
+            let pushed = trail.then(|| doc! { "queue_id": queue_id, "line": line as i64 });
+            befores::apply(record, set, pushed, KEPT_UPDATES as usize);
+        }
+        befores::store(&self.befores, &images).await?;
         let mut applied = self.update_all(&due).await?.into_iter();
         Ok(superseded
             .iter()
@@ -572,6 +608,13 @@ impl DealWriter {
         updates: &[(ObjectId, &RawDocumentBuf)],
     ) -> Result<std::collections::HashMap<ObjectId, Document>> {
         let ids: Vec<ObjectId> = updates.iter().map(|(id, _)| *id).collect();
+        // What the updates tell apart (`last_import`, `last_imports`) and
+        // what they overwrite (their before images).
+        let mut fields = std::collections::BTreeSet::from(["last_import".to_owned()]);
+        for (_, set) in updates {
+            fields.extend(befores::changed_fields(set));
+        }
+        let projection: Document = fields.into_iter().map(|f| (f, Bson::Int32(1))).collect();
         let mut cursor = self
             .coll
             .clone_with_type::<Document>()
@@ -580,7 +623,7 @@ impl DealWriter {
                 "account_id": self.builder.account_id,
                 "pipeline_id": self.builder.pipeline_id,
             })
-            .projection(doc! { "last_import": 1, "last_imports": 1 })
+            .projection(projection)
             .await?;
         let mut records = std::collections::HashMap::with_capacity(ids.len());
         while let Some(d) = cursor.try_next().await? {

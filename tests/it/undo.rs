@@ -33,13 +33,21 @@ fn names(deals: &[Document]) -> Vec<&str> {
 async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
     let smtp = SmtpCatcher::start().await;
     let mut app = TestApp::with_settings(settings_with_smtp(smtp.port)).await;
-    // The CRM's own deal, which the import updates (not taken back).
-    let acme = ObjectId::new();
+    // The CRM's own deals, which the import updates: Acme (twice) is put
+    // back as it was; Stark, edited since, is not.
+    let (acme, stark) = (ObjectId::new(), ObjectId::new());
+    let acme_before = doc! {
+        "_id": acme, "name": "Acme", "value": 1.0, "additional_info": { "note": "crm" },
+        "account_id": app.account_id, "pipeline_id": app.pipeline_id,
+    };
     app.coll(collections::DEALS)
-        .insert_one(doc! {
-            "_id": acme, "name": "Acme", "value": 1.0,
-            "account_id": app.account_id, "pipeline_id": app.pipeline_id,
-        })
+        .insert_many([
+            acme_before.clone(),
+            doc! {
+                "_id": stark, "name": "Stark", "value": 2.0,
+                "account_id": app.account_id, "pipeline_id": app.pipeline_id,
+            },
+        ])
         .await
         .unwrap();
     app.spawn_daemon();
@@ -52,7 +60,9 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
                Hooli,oops,Won\n\
                Umbrella,400,Won\n\
                globex,250,Brand New\n\
-               Wayne,500,Won\n";
+               Wayne,500,Won\n\
+               Stark,600,Won\n\
+               ACME,150,Won\n";
     let update = doc! { "additional_data": { "pipeline_id": app.pipeline_id, "duplicate_strategy": "update" } };
     let id = app
         .enqueue_with(
@@ -68,7 +78,11 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
         .await;
     let q = app.wait_completed(id, LONG).await;
     assert_eq!(get_i64(&q, "progress.imported_rows"), 4, "{q}");
-    assert_eq!(get_i64(&q, "progress.updated_rows"), 2, "{q}");
+    assert_eq!(get_i64(&q, "progress.updated_rows"), 4, "{q}");
+    let befores = app
+        .find_all("import_befores", doc! { "queue_id": id })
+        .await;
+    assert_eq!(befores.len(), 4, "one before image per updated line");
     // While the import ran (a second after its insert, long before the
     // import ended), a user edited Wayne.
     let wayne = deal_id(&id, 8).unwrap();
@@ -88,9 +102,17 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
         )
         .await
         .unwrap();
-    // Since the import: a user edits Umbrella, adds a deal in "Won", and a
-    // second import updates Initech (at once: within the clock slack).
+    // Since the import: a user edits Umbrella and Stark, adds a deal in
+    // "Won", and a second import updates Initech (at once: within the
+    // clock slack).
     let later = DateTime::from_millis(DateTime::now().timestamp_millis() + 600_000);
+    app.coll(collections::DEALS)
+        .update_one(
+            doc! { "_id": stark },
+            doc! { "$set": { "value": 650.0, "updated_at": later } },
+        )
+        .await
+        .unwrap();
     app.coll(collections::DEALS)
         .update_one(
             doc! { "_id": deal_id(&id, 6).unwrap() },
@@ -127,7 +149,8 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
     for line in [
         "removed: 1 deals the import created",
         "kept: 3 deals it created that changed since",
-        "not reverted: 1 updates of existing deals",
+        "reverted: 2 updates of existing deals",
+        "not reverted: 1 updates of existing deals (changed since)",
         "stages removed: Brand New",
         "stages kept (in use): Won",
     ] {
@@ -137,13 +160,18 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
     let deals = app.find_all(collections::DEALS, doc! {}).await;
     assert_eq!(
         names(&deals),
-        ["Acme", "Initech", "Manual", "Umbrella", "Wayne"]
+        ["Acme", "Initech", "Manual", "Stark", "Umbrella", "Wayne"]
     );
-    let acme_now = deals
-        .iter()
-        .find(|d| d.get_object_id("_id") == Ok(acme))
-        .unwrap();
-    assert_eq!(acme_now.get_f64("value").unwrap(), 100.0, "updates stay");
+    let find = |id| {
+        deals
+            .iter()
+            .find(|d| d.get_object_id("_id") == Ok(id))
+            .unwrap()
+    };
+    // As the CRM had it before both of the import's lines: the fields they
+    // set and the import's marks (stage, times, last_import) gone.
+    assert_eq!(find(acme), &acme_before, "Acme put back");
+    assert_eq!(find(stark).get_f64("value").unwrap(), 650.0, "Stark kept");
     let stages = app.find_all(collections::PIPELINE_STAGES, doc! {}).await;
     assert_eq!(stages.len(), 1);
     assert_eq!(stages[0].get_str("name").unwrap(), "won");
@@ -159,6 +187,7 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
     assert_eq!(get_i64(u, "removed"), 1);
     assert_eq!(get_i64(u, "kept_changed"), 3);
     assert_eq!(get_i64(u, "updates_not_reverted"), 1);
+    assert_eq!(get_i64(u, "updates_reverted"), 2);
     assert!(u.get("owner").is_none() && u.get("expires_at").is_none());
     assert!(
         q.get("undo_requested").is_none(),
@@ -168,8 +197,9 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
     assert_eq!(get_i64(&summary, "undo.removed"), 1, "{summary}");
     let (_, status, _) = app.cli(&["status", &id.to_hex()]);
     assert!(
-        status
-            .contains("undo:     done: 1 removed, 3 kept (changed since), 1 updates not reverted"),
+        status.contains(
+            "undo:     done: 1 removed, 3 kept (changed since), 2 updates reverted, 1 not"
+        ),
         "{status}"
     );
 
@@ -213,7 +243,7 @@ async fn undo_removes_what_the_import_created_and_keeps_what_changed_since() {
     let (code, again, err) = app.cli(&["undo", &id.to_hex()]);
     assert_eq!(code, 0, "{err}");
     assert!(again.contains("removed: 1 deals"), "{again}");
-    assert_eq!(app.count(collections::DEALS, doc! {}).await, 5);
+    assert_eq!(app.count(collections::DEALS, doc! {}).await, 6);
     app.cleanup().await;
 }
 
@@ -272,6 +302,51 @@ async fn a_dashboard_request_is_undone_by_a_daemon() {
     emails.sort_unstable();
     assert_eq!(emails, ["bob@x.co", "old@x.co"]);
     assert!(left.iter().any(|c| c.get_object_id("_id") == Ok(existing)));
+    app.cleanup().await;
+}
+
+/// A contacts import under `update`: the existing contact two lines
+/// updated is put back as it was; the one it created is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undo_puts_back_the_contacts_an_update_import_changed() {
+    let mut app = TestApp::new().await;
+    let before = doc! {
+        "_id": ObjectId::new(), "account_id": app.account_id, "email": "old@x.co",
+        "first_name": "Olga", "phone": "111",
+    };
+    app.coll(collections::CONTACTS)
+        .insert_one(before.clone())
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let csv = "Email,Name,Company\nold@x.co,Olivia,Acme\nnew@x.co,Ned,Initech\nOLD@x.co,,Globex\n";
+    let id = app
+        .enqueue_with(
+            "c.csv",
+            csv.as_bytes(),
+            &[("Email", "email"), ("Name", "name"), ("Company", "company")],
+            doc! { "source": "contacts", "additional_data": { "duplicate_strategy": "update" } },
+        )
+        .await;
+    let q = app.wait_completed(id, LONG).await;
+    assert_eq!(get_i64(&q, "progress.updated_rows"), 2, "{q}");
+    let changed = app
+        .coll(collections::CONTACTS)
+        .find_one(doc! { "email": "old@x.co" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(changed.get_str("company").unwrap(), "Globex", "{changed}");
+    let (code, out, err) = app.cli(&["undo", &id.to_hex()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("removed: 1 contacts"), "{out}");
+    assert!(
+        out.contains("reverted: 2 updates of existing contacts"),
+        "{out}"
+    );
+    assert!(!out.contains("not reverted"), "{out}");
+    let left = app.find_all(collections::CONTACTS, doc! {}).await;
+    assert_eq!(left, [before], "put back exactly as it was");
     app.cleanup().await;
 }
 

@@ -1,0 +1,222 @@
+//! What an update changed, kept so that an undo can put it back
+//! (`import_befores`).
+//!
+//! Before an `update` import's statement changes an existing record, the
+//! values it is about to overwrite are stored: for each field its `$set`
+//! names (and the record's `last_imports`, which it pushes onto), the value
+//! the record has, or the field's name among those it lacks. One document
+//! per updated line, `_id = domain::deal_id(queue_id, line)` (its own
+//! collection, so the ids do not meet the deals'): a replayed batch finds
+//! its lines stored and keeps the first image, taken before any of its
+//! writes, however often the batch runs.
+//!
+//! Fields are stored as `{f, v}` pairs, not as a document: their paths
+//! (`additional_info.<id>`) hold dots, which stored field names should not.
+
+use bson::oid::ObjectId;
+use bson::{Bson, Document, RawDocumentBuf, doc};
+use mongodb::Collection;
+
+use super::{Error, Result, insert_unordered};
+use crate::domain::{LineNo, deal_id};
+
+/// The collection of before images.
+pub const COLLECTION: &str = "import_befores";
+
+/// The field an update pushes onto rather than sets.
+const TRAIL: &str = "last_imports";
+
+/// The value at dotted `path` of `record` (pure).
+fn at_path<'a>(record: &'a Document, path: &str) -> Option<&'a Bson> {
+    let mut parts = path.split('.');
+    let mut value = record.get(parts.next()?)?;
+    for part in parts {
+        value = value.as_document()?.get(part)?;
+    }
+    Some(value)
+}
+
+/// The fields an update statement's `$set` writes, and the trail it pushes
+/// onto (pure).
+pub fn changed_fields(set: &bson::RawDocument) -> Vec<String> {
+    let mut fields: Vec<String> = set
+        .iter()
+        .filter_map(|e| e.ok().map(|(k, _)| k.to_owned()))
+        .collect();
+    if !fields.iter().any(|f| f == TRAIL) {
+        fields.push(TRAIL.to_owned());
+    }
+    fields
+}
+
+/// The before image of line `line` of import `queue_id`, updating
+/// `record_id` (as read now: `record`) in `fields` (pure). `None` past the
+/// largest line number.
+pub fn image(
+    queue_id: ObjectId,
+    line: LineNo,
+    record_id: ObjectId,
+    record: &Document,
+    fields: &[String],
+) -> Option<Document> {
+    let mut before = Vec::new();
+    let mut absent = Vec::new();
+    for f in fields {
+        match at_path(record, f) {
+            Some(v) => before.push(Bson::Document(doc! { "f": f, "v": v.clone() })),
+            None => absent.push(Bson::String(f.clone())),
+        }
+    }
+    Some(doc! {
+        "_id": deal_id(&queue_id, line)?,
+        "queue_id": queue_id,
+        "line": line as i64,
+        "record_id": record_id,
+        "before": before,
+        "absent": absent,
+    })
+}
+
+/// `record` as an update leaves it (pure): `set`'s fields set, and
+/// `pushed` (its `last_imports` entry) appended, keeping the last `kept`.
+/// The next update of the same record in the same batch takes its image
+/// from this, as it will find the record.
+pub fn apply(record: &mut Document, set: &RawDocumentBuf, pushed: Option<Document>, kept: usize) {
+    for (path, value) in set.iter().filter_map(std::result::Result::ok) {
+        let Ok(value) = Bson::try_from(value.to_raw_bson()) else {
+            continue;
+        };
+        let mut parts: Vec<&str> = path.split('.').collect();
+        let Some(last) = parts.pop() else { continue };
+        let mut at = &mut *record;
+        for part in parts {
+            if !matches!(at.get(part), Some(Bson::Document(_))) {
+                at.insert(part, Document::new());
+            }
+            let Some(Bson::Document(inner)) = at.get_mut(part) else {
+                return;
+            };
+            at = inner;
+        }
+        at.insert(last, value);
+    }
+    if let Some(entry) = pushed {
+        let mut trail = match record.remove(TRAIL) {
+            Some(Bson::Array(a)) => a,
+            _ => Vec::new(),
+        };
+        trail.push(Bson::Document(entry));
+        let excess = trail.len().saturating_sub(kept);
+        trail.drain(..excess);
+        record.insert(TRAIL, trail);
+    }
+}
+
+/// The update that puts a record back as `image` found it (pure): `$set`
+/// of the values it had, `$unset` of the fields it lacked.
+pub fn restore(image: &Document) -> Document {
+    let mut set = Document::new();
+    for pair in image
+        .get_array("before")
+        .into_iter()
+        .flatten()
+        .filter_map(Bson::as_document)
+    {
+        if let (Ok(f), Some(v)) = (pair.get_str("f"), pair.get("v")) {
+            set.insert(f, v.clone());
+        }
+    }
+    let unset: Document = image
+        .get_array("absent")
+        .into_iter()
+        .flatten()
+        .filter_map(Bson::as_str)
+        .map(|f| (f.to_owned(), Bson::String(String::new())))
+        .collect();
+    let mut update = Document::new();
+    if !set.is_empty() {
+        update.insert("$set", set);
+    }
+    if !unset.is_empty() {
+        update.insert("$unset", unset);
+    }
+    update
+}
+
+/// Stores `images` unless their lines are stored already (the first image
+/// of a line stands).
+pub async fn store(coll: &Collection<RawDocumentBuf>, images: &[Document]) -> Result<()> {
+    let raw: Vec<RawDocumentBuf> = images
+        .iter()
+        .map(RawDocumentBuf::from_document)
+        .collect::<std::result::Result<_, _>>()?;
+    let failed = insert_unordered(coll, &raw).await?;
+    match failed.into_iter().find(|&(_, code)| code != 11000) {
+        None => Ok(()),
+        Some((_, code)) => Err(Error::ImageRefused(code)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_image_holds_what_the_update_overwrites_and_restores_it() {
+        let q = ObjectId::new();
+        let id = ObjectId::new();
+        let mut set = RawDocumentBuf::new();
+        set.append("name", "New");
+        set.append("value", 5.0);
+        set.append("additional_info.abc", "x");
+        set.append("updated_at", bson::DateTime::from_millis(2));
+        let fields = changed_fields(&set);
+        assert_eq!(
+            fields,
+            [
+                "name",
+                "value",
+                "additional_info.abc",
+                "updated_at",
+                "last_imports"
+            ]
+        );
+        let record = doc! {
+            "_id": id, "name": "Old", "additional_info": { "abc": "old", "keep": 1 },
+            "updated_at": bson::DateTime::from_millis(1),
+        };
+        let image = image(q, 7, id, &record, &fields).unwrap();
+        assert_eq!(image.get_object_id("_id").unwrap(), deal_id(&q, 7).unwrap());
+        assert_eq!(image.get_i64("line").unwrap(), 7);
+        assert_eq!(
+            restore(&image),
+            doc! {
+                "$set": {
+                    "name": "Old", "additional_info.abc": "old",
+                    "updated_at": bson::DateTime::from_millis(1),
+                },
+                "$unset": { "value": "", "last_imports": "" },
+            }
+        );
+        // As the update leaves it, for the next line's image.
+        let mut after = record.clone();
+        apply(&mut after, &set, Some(doc! { "line": 7_i64 }), 2);
+        assert_eq!(
+            after,
+            doc! {
+                "_id": id, "name": "New", "additional_info": { "abc": "x", "keep": 1 },
+                "updated_at": bson::DateTime::from_millis(2), "value": 5.0,
+                "last_imports": [{ "line": 7_i64 }],
+            }
+        );
+        apply(&mut after, &set, Some(doc! { "line": 8_i64 }), 2);
+        apply(&mut after, &set, Some(doc! { "line": 9_i64 }), 2);
+        assert_eq!(
+            after.get_array("last_imports").unwrap(),
+            &vec![
+                Bson::from(doc! { "line": 8_i64 }),
+                Bson::from(doc! { "line": 9_i64 })
+            ]
+        );
+    }
+}
