@@ -55,6 +55,7 @@ use crate::domain::{
     JobState, LineNo, RecordKind, collections, deal_id, deal_id_range, line_of_deal_id,
 };
 use crate::telemetry::error_chain;
+use crate::write::befores;
 
 /// Allowance for the clocks of the daemons that wrote an import: a record
 /// counts as changed since the import only when its `updated_at` is later
@@ -255,10 +256,12 @@ impl Tally {
             kept_linked: count(undo, "kept_linked"),
             not_reverted: count(undo, "updates_not_reverted"),
             reverted: count(undo, "updates_reverted"),
-            revert_below: undo
-                .get("revert_below_line")
-                .is_some()
-                .then(|| count(undo, "revert_below_line")),
+            // A number once the phase began (null before).
+            revert_below: match undo.get("revert_below_line") {
+                Some(Bson::Int64(n)) => Some((*n).max(0) as u64),
+                Some(Bson::Int32(n)) => Some((*n).max(0) as u64),
+                _ => None,
+            },
         }
     }
 
@@ -430,7 +433,7 @@ pub async fn run(
     if unsaved {
         lease.save(tally.to_doc()).await?;
     }
-    if revert_updates(db, lease, &records, cutoff, &mut tally, stop).await? {
+    if revert_updates(db, lease, &records, &mut tally, stop).await? {
         return Ok(UndoEnd::Released);
     }
 
@@ -478,18 +481,22 @@ pub async fn run(
 
 /// Puts back the existing records the import updated, from the before
 /// images its updates stored (`write::befores`), newest line first: a
-/// record several lines updated ends as the first found it. A record
-/// changed since (by another import, or in the CRM after the import's end)
-/// is left as it is, and counted as not reverted. The import's own records
-/// (a later line updating one an earlier line created) are not: they were
-/// removed, or kept as changed. Resumable: `revert_below_line` is saved
-/// with the count; the images past it are applied again in the same
-/// order, to the same end. Returns true when `stop` asked for a release.
+/// record several lines updated ends as the first found it. Each image
+/// applies only to its record as its line left it ([`befores::guard`]): a
+/// record written since (by another import, or a CRM edit that set
+/// `updated_at`) is left as it is, and counted as not reverted. The
+/// import's own records (a later line updating one an earlier line
+/// created) are not: they were removed, or kept as changed. Updates the
+/// database refused are applied (later images of their record were taken
+/// as if they had) but not counted. Resumable and exact: the checkpoint
+/// (`revert_below_line`) is saved with the count after every image; the
+/// one image a stop can leave unrecorded is counted on resume if its
+/// record holds what it puts back. Returns true when `stop` asked for a
+/// release.
 async fn revert_updates(
     db: &Database,
     lease: &UndoLease,
     records: &mongodb::Collection<Document>,
-    cutoff: DateTime,
     tally: &mut Tally,
     stop: &CancellationToken,
 ) -> Result<bool, Error> {
@@ -503,25 +510,21 @@ async fn revert_updates(
     };
     let filter = doc! { "_id": ids, "queue_id": queue_id };
     let mut images = db
-        .collection::<Document>(crate::write::befores::COLLECTION)
+        .collection::<Document>(befores::COLLECTION)
         .find(filter)
         .sort(doc! { "_id": -1 })
         .batch_size(1_000)
         .await?;
-    let mut last_save = Instant::now();
+    // The first image after a checkpoint may have been applied by the run
+    // that saved it, just before it stopped.
+    let mut in_doubt = tally.revert_below.is_some();
     while let Some(image) = images.try_next().await? {
         let line = count(&image, "line");
-        if let Ok(record_id) = image.get_object_id("record_id")
-            && line_of_deal_id(&queue_id, &record_id).is_none()
-        {
-            let guard = doc! {
-                "_id": record_id,
-                // Untouched since: the last to write it is still this
-                // import, and not after it ended.
-                "last_import.queue_id": queue_id,
-                "updated_at": { "$lte": cutoff },
-            };
-            let restore = crate::write::befores::restore(&image);
+        let foreign = image
+            .get_object_id("record_id")
+            .is_ok_and(|id| line_of_deal_id(&queue_id, &id).is_none());
+        if foreign && let Some(guard) = befores::guard(&image) {
+            let restore = befores::restore(&image);
             let r = (|| {
                 records
                     .update_one(guard.clone(), restore.clone())
@@ -530,14 +533,23 @@ async fn revert_updates(
             .retry(retry())
             .when(crate::db::is_transient)
             .await?;
-            // An image of a contact stands for the lines merged into it.
-            tally.reverted += r.matched_count * count(&image, "lines").max(1);
+            let mut reverted = r.matched_count == 1;
+            if !reverted && in_doubt {
+                let id = guard.get("_id").cloned().unwrap_or(Bson::Null);
+                let now = (|| records.find_one(doc! { "_id": id.clone() }).into_future())
+                    .retry(retry())
+                    .when(crate::db::is_transient)
+                    .await?;
+                reverted = now.is_some_and(|r| befores::holds(&r, &image));
+            }
+            if reverted && image.get_bool("refused") != Ok(true) {
+                // An image of a contact stands for the lines merged into it.
+                tally.reverted += count(&image, "lines").max(1);
+            }
         }
+        in_doubt = false;
         tally.revert_below = Some(line);
-        if last_save.elapsed() >= SAVE_EVERY || stop.is_cancelled() {
-            lease.save(tally.to_doc()).await?;
-            last_save = Instant::now();
-        }
+        lease.save(tally.to_doc()).await?;
         if stop.is_cancelled() {
             lease.release().await?;
             info!(revert_below = line, "Undo released at shutdown");
@@ -802,6 +814,18 @@ mod tests {
         ] };
         assert_eq!(foreign_updates(&batch, &q), 2);
         assert_eq!(foreign_updates(&doc! {}, &q), 0);
+    }
+
+    /// The checkpoint of the revert phase is a number once it began; the
+    /// null saved before it is no checkpoint (else a resumed undo would
+    /// take it for "done" and put nothing back).
+    #[test]
+    fn a_null_revert_checkpoint_is_none() {
+        let saved = Tally::default().to_doc();
+        assert_eq!(saved.get("revert_below_line"), Some(&Bson::Null));
+        assert_eq!(Tally::from_doc(&saved).revert_below, None);
+        let t = Tally::from_doc(&doc! { "revert_below_line": 7_i64 });
+        assert_eq!(t.revert_below, Some(7));
     }
 
     #[test]

@@ -49,32 +49,108 @@ pub fn changed_fields(set: &bson::RawDocument) -> Vec<String> {
     fields
 }
 
-/// The before image of line `line` of import `queue_id`, updating
-/// `record_id` (as read now: `record`) in `fields` (pure). `None` past the
-/// largest line number.
+/// The before image of line `line` of import `queue_id`, whose update's
+/// `$set` is `set`, of `record_id` (as read now: `record`) (pure): the
+/// values of the fields it changes, the fields it adds (a field inside a
+/// document the record lacks counts as that document: unset whole on
+/// undo, no empty one left), and the `updated_at` it writes, which tells
+/// on undo that nobody wrote the record since. `None` past the largest
+/// line number.
 pub fn image(
     queue_id: ObjectId,
     line: LineNo,
     record_id: ObjectId,
     record: &Document,
-    fields: &[String],
+    set: &bson::RawDocument,
 ) -> Option<Document> {
     let mut before = Vec::new();
-    let mut absent = Vec::new();
-    for f in fields {
-        match at_path(record, f) {
-            Some(v) => before.push(Bson::Document(doc! { "f": f, "v": v.clone() })),
-            None => absent.push(Bson::String(f.clone())),
+    let mut absent: Vec<String> = Vec::new();
+    for f in changed_fields(set) {
+        if let Some(v) = at_path(record, &f) {
+            before.push(Bson::Document(doc! { "f": &f, "v": v.clone() }));
+            continue;
+        }
+        let top = f.split('.').next().unwrap_or(&f);
+        let missing = if record.contains_key(top) {
+            f.as_str()
+        } else {
+            top
+        };
+        if !absent.iter().any(|a| a == missing) {
+            absent.push(missing.to_owned());
         }
     }
-    Some(doc! {
+    let mut image = doc! {
         "_id": deal_id(&queue_id, line)?,
         "queue_id": queue_id,
         "line": line as i64,
         "record_id": record_id,
         "before": before,
         "absent": absent,
-    })
+    };
+    if let Ok(written) = set.get_datetime("updated_at") {
+        image.insert("written_at", written);
+    }
+    Some(image)
+}
+
+/// The filter that finds `image`'s record only as its line left it (pure):
+/// the last to write it is that line of that import, at that time (a CRM
+/// edit that sets `updated_at`, or another import, since makes it miss).
+pub fn guard(image: &Document) -> Option<Document> {
+    let mut guard = doc! {
+        "_id": image.get_object_id("record_id").ok()?,
+        "last_import.queue_id": image.get_object_id("queue_id").ok()?,
+        "last_import.line": image.get_i64("line").ok()?,
+    };
+    if let Ok(written) = image.get_datetime("written_at") {
+        guard.insert("updated_at", *written);
+    }
+    Some(guard)
+}
+
+/// Whether `record` holds what `image` would put back (pure): an undo that
+/// stopped right after putting it back, before recording so.
+pub fn holds(record: &Document, image: &Document) -> bool {
+    let pairs = image
+        .get_array("before")
+        .into_iter()
+        .flatten()
+        .filter_map(Bson::as_document)
+        .all(|p| match (p.get_str("f"), p.get("v")) {
+            (Ok(f), Some(v)) => at_path(record, f) == Some(v),
+            _ => false,
+        });
+    let absent = image
+        .get_array("absent")
+        .into_iter()
+        .flatten()
+        .filter_map(Bson::as_str)
+        .all(|f| at_path(record, f).is_none());
+    pairs && absent
+}
+
+/// Marks the images of `lines` of import `queue_id` as of updates the
+/// database refused: an undo still applies them (a record's later images
+/// were taken as if they applied), but does not count them.
+pub async fn mark_refused(
+    coll: &Collection<RawDocumentBuf>,
+    queue_id: ObjectId,
+    lines: &[LineNo],
+) -> Result<()> {
+    let ids: Vec<ObjectId> = lines
+        .iter()
+        .filter_map(|&l| deal_id(&queue_id, l))
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    coll.update_many(
+        doc! { "_id": { "$in": ids }, "queue_id": queue_id },
+        doc! { "$set": { "refused": true } },
+    )
+    .await?;
+    Ok(())
 }
 
 /// `record` as an update leaves it (pure): `set`'s fields set, and
@@ -170,9 +246,8 @@ mod tests {
         set.append("value", 5.0);
         set.append("additional_info.abc", "x");
         set.append("updated_at", bson::DateTime::from_millis(2));
-        let fields = changed_fields(&set);
         assert_eq!(
-            fields,
+            changed_fields(&set),
             [
                 "name",
                 "value",
@@ -185,9 +260,17 @@ mod tests {
             "_id": id, "name": "Old", "additional_info": { "abc": "old", "keep": 1 },
             "updated_at": bson::DateTime::from_millis(1),
         };
-        let image = image(q, 7, id, &record, &fields).unwrap();
+        let image = image(q, 7, id, &record, &set).unwrap();
         assert_eq!(image.get_object_id("_id").unwrap(), deal_id(&q, 7).unwrap());
         assert_eq!(image.get_i64("line").unwrap(), 7);
+        assert_eq!(
+            guard(&image).unwrap(),
+            doc! {
+                "_id": id, "last_import.queue_id": q, "last_import.line": 7_i64,
+                "updated_at": bson::DateTime::from_millis(2),
+            }
+        );
+        assert!(holds(&record, &image));
         assert_eq!(
             restore(&image),
             doc! {
@@ -201,6 +284,7 @@ mod tests {
         // As the update leaves it, for the next line's image.
         let mut after = record.clone();
         apply(&mut after, &set, Some(doc! { "line": 7_i64 }), 2);
+        assert!(!holds(&after, &image));
         assert_eq!(
             after,
             doc! {
@@ -218,5 +302,21 @@ mod tests {
                 Bson::from(doc! { "line": 9_i64 })
             ]
         );
+    }
+
+    /// A custom field of a record without `additional_info`: the undo
+    /// unsets `additional_info` whole, leaving no empty document.
+    #[test]
+    fn a_field_inside_a_missing_document_is_undone_with_the_document() {
+        let mut set = RawDocumentBuf::new();
+        set.append("additional_info.a", "x");
+        set.append("additional_info.b", "y");
+        let record = doc! { "_id": 1, "name": "N" };
+        let image = image(ObjectId::new(), 2, ObjectId::new(), &record, &set).unwrap();
+        assert_eq!(
+            restore(&image),
+            doc! { "$unset": { "additional_info": "", "last_imports": "" } }
+        );
+        assert!(image.get("written_at").is_none());
     }
 }

@@ -243,9 +243,7 @@ impl ContactWriter {
                 continue;
             };
             let g = &groups[k];
-            let fields = befores::changed_fields(set);
-            if let Some(mut image) = befores::image(self.queue_id, g.last_line, id, stored, &fields)
-            {
+            if let Some(mut image) = befores::image(self.queue_id, g.last_line, id, stored, set) {
                 image.insert("lines", g.rows.len() as i64);
                 images.push(image);
             }
@@ -268,11 +266,14 @@ impl ContactWriter {
             let ids: Vec<ObjectId> = updates[start..end].iter().map(|(_, id, ..)| *id).collect();
             let scope = doc! { "account_id": self.account_id };
             let failed = update_by_id(&self.coll, chunk, &ids, scope, "contact").await?;
+            let mut refused = Vec::new();
             for (&(k, ..), f) in updates[start..end].iter().zip(failed) {
                 if let Some(message) = f {
                     results[k] = ContactWrite::Rejected(message);
+                    refused.push(groups[k].last_line);
                 }
             }
+            befores::mark_refused(&self.befores, self.queue_id, &refused).await?;
             start = end;
         }
         Ok(())

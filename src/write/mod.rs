@@ -533,18 +533,20 @@ impl DealWriter {
                 continue;
             };
             let queue_id = self.builder.queue_id;
-            images.extend(befores::image(
-                queue_id,
-                line,
-                *id,
-                record,
-                &befores::changed_fields(set),
-            ));
+            images.extend(befores::image(queue_id, line, *id, record, set));
             let pushed = trail.then(|| doc! { "queue_id": queue_id, "line": line as i64 });
             befores::apply(record, set, pushed, KEPT_UPDATES as usize);
         }
         befores::store(&self.befores, &images).await?;
-        let mut applied = self.update_all(&due).await?.into_iter();
+        let applied = self.update_all(&due).await?;
+        let refused: Vec<LineNo> = due
+            .iter()
+            .zip(&applied)
+            .filter(|(_, r)| matches!(r, LineWrite::Rejected(_)))
+            .filter_map(|((_, set, _), _)| set_line(set))
+            .collect();
+        befores::mark_refused(&self.befores, self.builder.queue_id, &refused).await?;
+        let mut applied = applied.into_iter();
         Ok(superseded
             .iter()
             .map(|s| {

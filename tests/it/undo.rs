@@ -399,6 +399,85 @@ async fn an_undo_left_by_a_dead_holder_resumes_with_exact_counts() {
     app.cleanup().await;
 }
 
+/// An undo whose holder died while putting updates back: it had recorded
+/// line 5's image, then put back line 4's and stopped. The next holder
+/// counts line 4 (its record holds what it puts back) and goes on: every
+/// record as the import found it, counts exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undo_stopped_while_putting_updates_back_resumes_exactly() {
+    let mut app = TestApp::new().await;
+    let crm = |name: &str, value: f64| {
+        doc! {
+            "_id": ObjectId::new(), "name": name, "value": value,
+            "account_id": app.account_id, "pipeline_id": app.pipeline_id,
+        }
+    };
+    let before = [crm("Acme", 1.0), crm("Bolt", 2.0), crm("Core", 3.0)];
+    app.coll(collections::DEALS)
+        .insert_many(before.clone())
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let id = app
+        .enqueue_with(
+            "u.csv",
+            b"Deal Name,Value\nAcme,10\nBolt,20\nacme,11\nCore,30\n",
+            &[("Deal Name", "name"), ("Value", "value")],
+            doc! { "additional_data": { "pipeline_id": app.pipeline_id, "duplicate_strategy": "update" } },
+        )
+        .await;
+    let q = app.wait_completed(id, LONG).await;
+    assert_eq!(get_i64(&q, "progress.updated_rows"), 4, "{q}");
+    let image = |line: u64| {
+        let app = &app;
+        async move {
+            app.coll("import_befores")
+                .find_one(doc! { "_id": deal_id(&id, line).unwrap() })
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    // The dead holder's work: line 5 (Core) and line 4 (Acme, to how
+    // line 2 left it) put back; only line 5 recorded.
+    for line in [5, 4] {
+        let img = image(line).await;
+        let r = app
+            .coll(collections::DEALS)
+            .update_one(
+                importd::write::befores::guard(&img).unwrap(),
+                importd::write::befores::restore(&img),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.matched_count, 1, "line {line}");
+    }
+    app.queues()
+        .update_one(
+            doc! { "_id": id },
+            doc! { "$set": {
+                "undo_requested": true,
+                "undo": {
+                    "state": "running", "owner": "a-dead-daemon", "attempts": 1_i64,
+                    "expires_at": DateTime::from_millis(0),
+                    "next_line": 6_i64, "imported": 0_i64, "kept_changed": 0_i64,
+                    "updates_not_reverted": 4_i64, "updates_reverted": 1_i64,
+                    "revert_below_line": 5_i64,
+                },
+            } },
+        )
+        .await
+        .unwrap();
+    let q = wait_undone(&app, id).await;
+    let u = q.get_document("undo").unwrap();
+    assert_eq!(get_i64(u, "updates_reverted"), 4, "{q}");
+    assert_eq!(get_i64(u, "updates_not_reverted"), 0, "{q}");
+    let mut now = app.find_all(collections::DEALS, doc! {}).await;
+    now.sort_by_key(|d| d.get_str("name").unwrap().to_owned());
+    assert_eq!(now, before, "every record as the import found it");
+    app.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dry_run_has_nothing_to_undo() {
     let mut app = TestApp::new().await;
