@@ -488,7 +488,9 @@ pub async fn run(
 /// import's own records (a later line updating one an earlier line
 /// created) are not: they were removed, or kept as changed. Updates the
 /// database refused are applied (later images of their record were taken
-/// as if they had) but not counted. Resumable and exact: the checkpoint
+/// as if they had) but not counted; a restore the database refuses for
+/// good leaves its record and is counted as not reverted. Resumable and
+/// exact: the checkpoint
 /// (`revert_below_line`) is saved with the count after every image; the
 /// one image a stop can leave unrecorded is counted on resume if its
 /// record holds what it puts back. Returns true when `stop` asked for a
@@ -532,8 +534,17 @@ async fn revert_updates(
             })
             .retry(retry())
             .when(crate::db::is_transient)
-            .await?;
-            let mut reverted = r.matched_count == 1;
+            .await;
+            let mut reverted = match r {
+                Ok(r) => r.matched_count == 1,
+                // Refused for good (a validator added since, ...): this
+                // record stays as it is, the others are still put back.
+                Err(e) if !crate::db::is_transient(&e) => {
+                    warn!(line, error = %error_chain(&e), "An update could not be put back");
+                    false
+                }
+                Err(e) => return Err(e.into()),
+            };
             if !reverted && in_doubt {
                 let id = guard.get("_id").cloned().unwrap_or(Bson::Null);
                 let now = (|| records.find_one(doc! { "_id": id.clone() }).into_future())
