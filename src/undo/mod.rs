@@ -70,6 +70,11 @@ pub const MAX_ATTEMPTS: i64 = 10;
 /// How often a running undo saves its checkpoint (which renews its lease).
 const SAVE_EVERY: Duration = Duration::from_secs(1);
 
+/// Before images put back between two saves of the checkpoint, at most: a
+/// resumed undo checks that many after the checkpoint for ones already
+/// put back.
+const REVERT_WINDOW: usize = 100;
+
 /// Errors of an undo (it is then resumed by a later claim).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -490,10 +495,10 @@ pub async fn run(
 /// database refused are applied (later images of their record were taken
 /// as if they had) but not counted; a restore the database refuses for
 /// good leaves its record and is counted as not reverted. Resumable and
-/// exact: the checkpoint
-/// (`revert_below_line`) is saved with the count after every image; the
-/// one image a stop can leave unrecorded is counted on resume if its
-/// record holds what it puts back. Returns true when `stop` asked for a
+/// exact: the checkpoint (`revert_below_line`) is saved with the count at
+/// least every [`REVERT_WINDOW`] images; a resumed run counts an image of
+/// its first window whose record already holds what it (or a later image
+/// of the record) puts back. Returns true when `stop` asked for a
 /// release.
 async fn revert_updates(
     db: &Database,
@@ -517,59 +522,106 @@ async fn revert_updates(
         .sort(doc! { "_id": -1 })
         .batch_size(1_000)
         .await?;
-    // The first image after a checkpoint may have been applied by the run
-    // that saved it, just before it stopped.
-    let mut in_doubt = tally.revert_below.is_some();
-    while let Some(image) = images.try_next().await? {
-        let line = count(&image, "line");
-        let foreign = image
-            .get_object_id("record_id")
-            .is_ok_and(|id| line_of_deal_id(&queue_id, &id).is_none());
-        if foreign && let Some(guard) = befores::guard(&image) {
-            let restore = befores::restore(&image);
-            let r = (|| {
-                records
-                    .update_one(guard.clone(), restore.clone())
-                    .into_future()
-            })
-            .retry(retry())
-            .when(crate::db::is_transient)
-            .await;
-            let mut reverted = match r {
-                Ok(r) => r.matched_count == 1,
-                // Refused for good (a validator added since, ...): this
-                // record stays as it is, the others are still put back.
-                Err(e) if !crate::db::is_transient(&e) => {
-                    warn!(line, error = %error_chain(&e), "An update could not be put back");
-                    false
-                }
-                Err(e) => return Err(e.into()),
-            };
-            if !reverted && in_doubt {
-                let id = guard.get("_id").cloned().unwrap_or(Bson::Null);
-                let now = (|| records.find_one(doc! { "_id": id.clone() }).into_future())
-                    .retry(retry())
-                    .when(crate::db::is_transient)
-                    .await?;
-                reverted = now.is_some_and(|r| befores::holds(&r, &image));
+    // A resumed run's first window may hold images the run before it put
+    // back after its last save (it saved at least every window).
+    let mut resumed = tally.revert_below.is_some();
+    let mut window: Vec<Document> = Vec::with_capacity(REVERT_WINDOW);
+    let mut last_save = Instant::now();
+    loop {
+        window.clear();
+        while window.len() < REVERT_WINDOW {
+            match images.try_next().await? {
+                Some(image) => window.push(image),
+                None => break,
             }
-            if reverted && image.get_bool("refused") != Ok(true) {
+        }
+        if window.is_empty() {
+            break;
+        }
+        for (i, image) in window.iter().enumerate() {
+            let line = count(image, "line");
+            let in_doubt = resumed.then(|| &window[i + 1..]);
+            if revert_one(records, &queue_id, image, in_doubt).await?
+                && image.get_bool("refused") != Ok(true)
+            {
                 // An image of a contact stands for the lines merged into it.
-                tally.reverted += count(&image, "lines").max(1);
+                tally.reverted += count(image, "lines").max(1);
+            }
+            tally.revert_below = Some(line);
+            if stop.is_cancelled() || last_save.elapsed() >= SAVE_EVERY {
+                lease.save(tally.to_doc()).await?;
+                last_save = Instant::now();
+            }
+            if stop.is_cancelled() {
+                lease.release().await?;
+                info!(revert_below = line, "Undo released at shutdown");
+                return Ok(true);
             }
         }
-        in_doubt = false;
-        tally.revert_below = Some(line);
+        resumed = false;
         lease.save(tally.to_doc()).await?;
-        if stop.is_cancelled() {
-            lease.release().await?;
-            info!(revert_below = line, "Undo released at shutdown");
-            return Ok(true);
-        }
+        last_save = Instant::now();
     }
     tally.revert_below = Some(0);
     lease.save(tally.to_doc()).await?;
     Ok(false)
+}
+
+/// Applies one before image (see [`revert_updates`]); returns whether its
+/// record is put back (by this call, or, `in_doubt`, by the run before:
+/// its record holds what this image, or a later one of the same record in
+/// the rest of the window, puts back). The import's own records are left.
+async fn revert_one(
+    records: &mongodb::Collection<Document>,
+    queue_id: &ObjectId,
+    image: &Document,
+    in_doubt: Option<&[Document]>,
+) -> Result<bool, Error> {
+    let Ok(record_id) = image.get_object_id("record_id") else {
+        return Ok(false);
+    };
+    if line_of_deal_id(queue_id, &record_id).is_some() {
+        return Ok(false);
+    }
+    let Some(guard) = befores::guard(image) else {
+        return Ok(false);
+    };
+    let restore = befores::restore(image);
+    let applied = (|| {
+        records
+            .update_one(guard.clone(), restore.clone())
+            .into_future()
+    })
+    .retry(retry())
+    .when(crate::db::is_transient)
+    .await;
+    match applied {
+        Ok(r) if r.matched_count == 1 => return Ok(true),
+        Ok(_) => {}
+        // Refused for good (a validator added since, ...): this record
+        // stays as it is, the others are still put back.
+        Err(e) if !crate::db::is_transient(&e) => {
+            let line = count(image, "line");
+            warn!(line, error = %error_chain(&e), "An update could not be put back");
+            return Ok(false);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let Some(later) = in_doubt else {
+        return Ok(false);
+    };
+    let now = (|| records.find_one(doc! { "_id": record_id }).into_future())
+        .retry(retry())
+        .when(crate::db::is_transient)
+        .await?;
+    let Some(now) = now else {
+        return Ok(false);
+    };
+    Ok(befores::holds(&now, image)
+        || later
+            .iter()
+            .filter(|l| l.get_object_id("record_id") == Ok(record_id))
+            .any(|l| befores::holds(&now, l)))
 }
 
 /// Deletes the records `guard` matches that were not edited since their

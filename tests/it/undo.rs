@@ -400,9 +400,10 @@ async fn an_undo_left_by_a_dead_holder_resumes_with_exact_counts() {
 }
 
 /// An undo whose holder died while putting updates back: it had recorded
-/// line 5's image, then put back line 4's and stopped. The next holder
-/// counts line 4 (its record holds what it puts back) and goes on: every
-/// record as the import found it, counts exact.
+/// line 5's image, then put back lines 4, 3 and 2 (Acme twice) and
+/// stopped. The next holder counts them (their records hold what they, or
+/// a later image of the record, put back): every record as the import
+/// found it, counts exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undo_stopped_while_putting_updates_back_resumes_exactly() {
     let mut app = TestApp::new().await;
@@ -438,9 +439,8 @@ async fn an_undo_stopped_while_putting_updates_back_resumes_exactly() {
                 .unwrap()
         }
     };
-    // The dead holder's work: line 5 (Core) and line 4 (Acme, to how
-    // line 2 left it) put back; only line 5 recorded.
-    for line in [5, 4] {
+    // The dead holder's work: every line put back, only line 5 recorded.
+    for line in [5, 4, 3, 2] {
         let img = image(line).await;
         let r = app
             .coll(collections::DEALS)
