@@ -494,12 +494,14 @@ pub async fn run(
 /// created) are not: they were removed, or kept as changed. Updates the
 /// database refused are applied (later images of their record were taken
 /// as if they had) but not counted; a restore the database refuses for
-/// good leaves its record and is counted as not reverted. Resumable and
-/// exact: the checkpoint (`revert_below_line`) is saved with the count at
-/// least every [`REVERT_WINDOW`] images; a resumed run counts an image of
-/// its first window whose record already holds what it (or a later image
-/// of the record) puts back. Returns true when `stop` asked for a
-/// release.
+/// good leaves its record and is counted as not reverted. Resumable: the
+/// checkpoint (`revert_below_line`) is saved with the count at least every
+/// [`REVERT_WINDOW`] images; a resumed run counts an image of its first
+/// window whose record already holds what it (or a later image of the
+/// record) puts back. That count is exact unless a record was written
+/// again between the stop and the resume (then counted as not reverted),
+/// or an image is of an update that never ran (a failed import: then
+/// counted as put back). Returns true when `stop` asked for a release.
 async fn revert_updates(
     db: &Database,
     lease: &UndoLease,

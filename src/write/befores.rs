@@ -219,18 +219,30 @@ pub fn restore(image: &Document) -> Document {
     update
 }
 
-/// Stores `images` unless their lines are stored already (the first image
-/// of a line stands).
+/// Stores `images` of updates about to be applied. A line stored already
+/// (a batch written again: its update did not apply, or it would not be
+/// written again) keeps its first image, taken before any of its writes,
+/// with the time this write stamps (`written_at`) and no `refused` mark.
 pub async fn store(coll: &Collection<RawDocumentBuf>, images: &[Document]) -> Result<()> {
     let raw: Vec<RawDocumentBuf> = images
         .iter()
         .map(RawDocumentBuf::from_document)
         .collect::<std::result::Result<_, _>>()?;
-    let failed = insert_unordered(coll, &raw).await?;
-    match failed.into_iter().find(|&(_, code)| code != 11000) {
-        None => Ok(()),
-        Some((_, code)) => Err(Error::ImageRefused(code)),
+    for (index, code) in insert_unordered(coll, &raw).await? {
+        if code != 11000 {
+            return Err(Error::ImageRefused(code));
+        }
+        let Some(image) = images.get(index) else {
+            continue;
+        };
+        let mut update = doc! { "$unset": { "refused": "" } };
+        if let Ok(written) = image.get_datetime("written_at") {
+            update.insert("$set", doc! { "written_at": *written });
+        }
+        coll.update_one(doc! { "_id": image.get("_id") }, update)
+            .await?;
     }
+    Ok(())
 }
 
 #[cfg(test)]

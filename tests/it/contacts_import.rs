@@ -11,7 +11,7 @@ use bson::{Document, doc};
 use importd::domain::{collections, contact_id};
 use importd::map::MappedContact;
 use importd::outcomes::{self, LineOutcome};
-use importd::write::{ContactWrite, ContactWriter};
+use importd::write::{ContactWrite, ContactWriter, befores};
 
 use crate::helpers::{SmtpCatcher, TestApp, get_i64, settings_with_smtp, test_settings};
 
@@ -486,5 +486,58 @@ async fn a_replayed_update_batch_never_writes_an_older_line_over_a_newer_one() {
             .unwrap(),
         created
     );
+    app.cleanup().await;
+}
+
+/// A batch written again after its images were stored but before its
+/// update applied (a failed command, a crash): the first image stands, and
+/// takes the time the update now stamps, so an undo still finds the
+/// record as the line left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_again_keeps_the_first_image_with_the_time_it_stamps() {
+    let app = TestApp::new().await;
+    let spec = app.spec(
+        importd::domain::RecordKind::Contacts,
+        importd::domain::DuplicateStrategy::Update,
+    );
+    let existing = ObjectId::new();
+    app.coll(collections::CONTACTS)
+        .insert_one(doc! { "_id": existing, "account_id": app.account_id, "email": "old@x.co", "phone": "000" })
+        .await
+        .unwrap();
+    // The first attempt's image, stored before its update failed.
+    let mut set = bson::RawDocumentBuf::new();
+    set.append("phone", "111");
+    set.append("updated_at", bson::DateTime::from_millis(1_000));
+    let record = doc! { "_id": existing, "phone": "000" };
+    let mut first = befores::image(spec.queue_id, 2, existing, &record, &set).unwrap();
+    first.insert("refused", true);
+    let images = app.db.collection(befores::COLLECTION);
+    befores::store(&images, &[first]).await.unwrap();
+    let writer = ContactWriter::new(app.coll(collections::CONTACTS), &spec);
+    let row = MappedContact {
+        line: 2,
+        email: "old@x.co".into(),
+        phone: Some("111".into()),
+        ..MappedContact::default()
+    };
+    assert_eq!(
+        writer.write(&[row]).await.unwrap(),
+        [ContactWrite::Updated(existing)]
+    );
+    let c = contact(&app, "old@x.co").await;
+    let stored = app
+        .coll(befores::COLLECTION)
+        .find_one(doc! { "record_id": existing })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stored.get_datetime("written_at").unwrap(),
+        c.get_datetime("updated_at").unwrap()
+    );
+    assert!(stored.get("refused").is_none(), "{stored}");
+    let guard = befores::guard(&stored).unwrap();
+    assert_eq!(app.count(collections::CONTACTS, guard).await, 1);
     app.cleanup().await;
 }
