@@ -23,6 +23,23 @@ async fn wait_undone(app: &TestApp, id: ObjectId) -> Document {
     .await
 }
 
+/// Leaves the undo of `id` as a holder that died would: running, its
+/// lease expired, with the checkpoint and counts in `progress`.
+async fn leave_dead_undo(app: &TestApp, id: ObjectId, progress: Document) {
+    let mut undo = doc! {
+        "state": "running", "owner": "a-dead-daemon", "attempts": 1_i64,
+        "expires_at": DateTime::from_millis(0),
+    };
+    undo.extend(progress);
+    app.queues()
+        .update_one(
+            doc! { "_id": id },
+            doc! { "$set": { "undo_requested": true, "undo": undo } },
+        )
+        .await
+        .unwrap();
+}
+
 fn names(deals: &[Document]) -> Vec<&str> {
     let mut n: Vec<&str> = deals.iter().map(|d| d.get_str("name").unwrap()).collect();
     n.sort_unstable();
@@ -376,20 +393,12 @@ async fn an_undo_left_by_a_dead_holder_resumes_with_exact_counts() {
         .delete_many(first_batch)
         .await
         .unwrap();
-    app.queues()
-        .update_one(
-            doc! { "_id": id },
-            doc! { "$set": {
-                "undo_requested": true,
-                "undo": {
-                    "state": "running", "owner": "a-dead-daemon", "attempts": 1_i64,
-                    "expires_at": DateTime::from_millis(0),
-                    "next_line": 1002_i64, "imported": 1000_i64, "kept_changed": 0_i64,
-                },
-            } },
-        )
-        .await
-        .unwrap();
+    leave_dead_undo(
+        &app,
+        id,
+        doc! { "next_line": 1002_i64, "imported": 1000_i64, "kept_changed": 0_i64 },
+    )
+    .await;
     let q = wait_undone(&app, id).await;
     let u = q.get_document("undo").unwrap();
     assert_eq!(get_i64(u, "removed"), 2_500, "{q}");
@@ -452,22 +461,14 @@ async fn an_undo_stopped_while_putting_updates_back_resumes_exactly() {
             .unwrap();
         assert_eq!(r.matched_count, 1, "line {line}");
     }
-    app.queues()
-        .update_one(
-            doc! { "_id": id },
-            doc! { "$set": {
-                "undo_requested": true,
-                "undo": {
-                    "state": "running", "owner": "a-dead-daemon", "attempts": 1_i64,
-                    "expires_at": DateTime::from_millis(0),
-                    "next_line": 6_i64, "imported": 0_i64, "kept_changed": 0_i64,
-                    "updates_not_reverted": 4_i64, "updates_reverted": 1_i64,
-                    "revert_below_line": 5_i64,
-                },
-            } },
-        )
-        .await
-        .unwrap();
+    leave_dead_undo(
+        &app,
+        id,
+        doc! { "next_line": 6_i64, "imported": 0_i64, "kept_changed": 0_i64,
+        "updates_not_reverted": 4_i64, "updates_reverted": 1_i64,
+        "revert_below_line": 5_i64, },
+    )
+    .await;
     let q = wait_undone(&app, id).await;
     let u = q.get_document("undo").unwrap();
     assert_eq!(get_i64(u, "updates_reverted"), 4, "{q}");
