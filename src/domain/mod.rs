@@ -349,6 +349,19 @@ pub enum FileError {
         /// Configured limit.
         limit: u64,
     },
+    /// The object was replaced in storage (uploaded again under the same
+    /// name) after the import began reading it; what it wrote was taken
+    /// back.
+    #[error(
+        "The file was replaced in storage while it was being imported, so nothing was imported. Please start a new import with the new file."
+    )]
+    FileChanged,
+    /// As [`FileError::FileChanged`], when what the import wrote stays (see
+    /// [`FileError::TooManyRowsKept`] for when).
+    #[error(
+        "The file was replaced in storage while it was being imported, so the import stopped: the rows read before that were processed (see the summary), the rest were not. Please import the new file's remaining rows as a separate file."
+    )]
+    FileChangedKept,
     /// The mapping is unusable.
     #[error("The column mapping is invalid: {0}")]
     MappingInvalid(String),
@@ -380,6 +393,22 @@ impl FileError {
         }
     }
 
+    /// Whether the import's writes are to be taken back, where they can
+    /// be: the file as a whole was refused after rows of it were written.
+    pub fn takes_back(&self) -> bool {
+        matches!(self, Self::TooManyRows { .. } | Self::FileChanged)
+    }
+
+    /// The same failure when what the import wrote stays (it could not be
+    /// taken back).
+    pub fn kept(self) -> Self {
+        match self {
+            Self::TooManyRows { limit } => Self::TooManyRowsKept { limit },
+            Self::FileChanged => Self::FileChangedKept,
+            other => other,
+        }
+    }
+
     /// Stable machine-readable code, stored as `error.code`.
     pub fn code(&self) -> &'static str {
         match self {
@@ -392,6 +421,7 @@ impl FileError {
             Self::Malformed { .. } => "malformed_csv",
             Self::FileTooLarge { .. } => "file_too_large",
             Self::TooManyRows { .. } | Self::TooManyRowsKept { .. } => "too_many_rows",
+            Self::FileChanged | Self::FileChangedKept => "file_changed",
             Self::MappingInvalid(_) => "mapping_invalid",
             Self::PipelineNotFound => "pipeline_not_found",
             Self::TooManyAttempts { .. } => "too_many_attempts",

@@ -10,6 +10,10 @@
 //!   error after the retries are spent. rust-s3 applies its request timeout
 //!   to the whole body, so streams use their own, longer timeout.
 //! - A missing object is [`Error::NotFound`], matched on the HTTP status.
+//! - Every GET of an object is pinned to the version its HEAD saw (an
+//!   `If-Match` on its ETag): a file replaced under the same key while it
+//!   is read, or between two attempts, is [`Error::Changed`], never bytes of
+//!   the new file read from an offset of the old one.
 
 use std::io;
 use std::pin::Pin;
@@ -18,6 +22,7 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use reqwest::header::{HeaderValue, IF_MATCH};
 use s3::creds::Credentials;
 use s3::error::S3Error;
 use s3::request::Request as _;
@@ -34,6 +39,9 @@ pub enum Error {
     /// No object at this key.
     #[error("object not found")]
     NotFound,
+    /// The object is no longer the version first read (412 on `If-Match`).
+    #[error("the object was replaced while it was read")]
+    Changed,
     /// The storage failed (see [`Error::is_transient`]).
     #[error("object storage: {}", brief(.0))]
     S3(#[from] S3Error),
@@ -51,7 +59,7 @@ impl Error {
     /// Whether retrying later may succeed (5xx, 408, 429, network trouble).
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::NotFound | Self::Local { .. } => false,
+            Self::NotFound | Self::Changed | Self::Local { .. } => false,
             Self::S3(e) => s3_transient(e),
         }
     }
@@ -77,6 +85,7 @@ fn s3_transient(e: &S3Error) -> bool {
 fn classify(e: S3Error) -> Error {
     match e {
         S3Error::HttpFailWithBody(404, _) => Error::NotFound,
+        S3Error::HttpFailWithBody(412, _) => Error::Changed,
         e => Error::S3(e),
     }
 }
@@ -84,11 +93,23 @@ fn classify(e: S3Error) -> Error {
 /// Result alias of this layer.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// What a HEAD tells.
-#[derive(Clone, Copy, Debug)]
+/// What a HEAD tells: which version of the object, and its size.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectInfo {
     /// Size in bytes.
     pub size: u64,
+    /// The version's ETag, as the server quotes it (`None` if it sends
+    /// none: reads are then not pinned).
+    pub etag: Option<String>,
+}
+
+impl ObjectInfo {
+    /// Whether `self` (a HEAD now) may be a different object than
+    /// `earlier` (pure): another size, or another ETag when both have one.
+    pub fn differs_from(&self, earlier: &ObjectInfo) -> bool {
+        self.size != earlier.size
+            || matches!((&self.etag, &earlier.etag), (Some(a), Some(b)) if a != b)
+    }
 }
 
 /// Retry policy of a broken stream: exponential backoff with jitter.
@@ -165,12 +186,29 @@ impl Storage {
             size: head
                 .content_length
                 .map_or(0, |n| u64::try_from(n).unwrap_or(0)),
+            etag: head.e_tag.filter(|t| !t.is_empty()),
         })
     }
 
-    async fn open_range(&self, key: &str, start: u64) -> Result<s3::request::DataStream> {
+    async fn open_range(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+        start: u64,
+    ) -> Result<s3::request::DataStream> {
         let command = s3::command::Command::GetObjectRange { start, end: None };
-        let request = ReqwestRequest::new(&self.stream_bucket, key, command).await?;
+        let pinned;
+        let bucket = match etag.map(HeaderValue::from_str) {
+            Some(Ok(tag)) => {
+                let mut headers = self.stream_bucket.extra_headers.clone();
+                headers.insert(IF_MATCH, tag);
+                pinned = self.stream_bucket.with_extra_headers(headers)?;
+                &pinned
+            }
+            // An ETag that is no header value cannot be sent: unpinned.
+            Some(Err(_)) | None => &*self.stream_bucket,
+        };
+        let request = ReqwestRequest::new(bucket, key, command).await?;
         let response = request.response_data_to_stream().await.map_err(classify)?;
         if start > 0 && response.status_code != 206 {
             // A server (or proxy) that ignores `Range` sends the whole
@@ -186,16 +224,20 @@ impl Storage {
         Ok(response.bytes)
     }
 
-    /// Streams the object at `key` from byte `start` to its end (`size`,
-    /// from [`Storage::head`]). The first request happens here, so a missing
-    /// object fails now rather than at the first read.
-    pub async fn open(&self, key: &str, start: u64, size: u64) -> Result<ObjectReader> {
+    /// Streams the version `object` (from [`Storage::head`]) of the object
+    /// at `key` from byte `start` to its end. The first request happens
+    /// here, so a missing or replaced object fails now rather than at the
+    /// first read; one replaced later fails the read with an
+    /// [`io::Error`] wrapping [`Error::Changed`] (see [`is_changed`]).
+    pub async fn open(&self, key: &str, object: &ObjectInfo, start: u64) -> Result<ObjectReader> {
+        let size = object.size;
         if start >= size {
             let empty: Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>> =
                 Box::pin(futures::stream::empty());
             return Ok(StreamReader::new(empty));
         }
-        let first = (|| self.open_range(key, start))
+        let etag = object.etag.as_deref();
+        let first = (|| self.open_range(key, etag, start))
             .retry(self.retry)
             .when(Error::is_transient)
             .notify(|e, d| tracing::warn!(error = %e, delay_ms = d.as_millis() as u64, "S3 GET failed; retrying"))
@@ -203,6 +245,7 @@ impl Storage {
         let state = Resumable {
             storage: self.clone(),
             key: key.to_owned(),
+            etag: object.etag.clone(),
             offset: start,
             size,
             current: Some(first),
@@ -253,6 +296,13 @@ impl Storage {
     }
 }
 
+/// Whether a read failed because the object was replaced under it.
+pub fn is_changed(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<Error>())
+        .is_some_and(|e| matches!(e, Error::Changed))
+}
+
 /// `stream` without its first `n` bytes.
 fn skip_bytes(
     stream: s3::request::DataStream,
@@ -275,6 +325,7 @@ fn skip_bytes(
 struct Resumable {
     storage: Storage,
     key: String,
+    etag: Option<String>,
     offset: u64,
     size: u64,
     current: Option<s3::request::DataStream>,
@@ -290,13 +341,17 @@ impl Resumable {
                 return None;
             }
             let failure = match self.current.as_mut() {
-                None => match self.storage.open_range(&self.key, self.offset).await {
+                None => match (self.storage)
+                    .open_range(&self.key, self.etag.as_deref(), self.offset)
+                    .await
+                {
                     Ok(s) => {
                         self.current = Some(s);
                         continue;
                     }
                     Err(e) if e.is_transient() => e.to_string(),
-                    Err(e) => return self.fail(e.to_string()),
+                    Err(e @ Error::Changed) => return self.fail(io::Error::other(e)),
+                    Err(e) => return self.fail(io::Error::other(e.to_string())),
                 },
                 Some(stream) => match stream.next().await {
                     Some(Ok(chunk)) => {
@@ -315,7 +370,7 @@ impl Resumable {
             self.current = None;
             self.failures += 1;
             let Some(delay) = self.delays.next() else {
-                return self.fail(failure);
+                return self.fail(io::Error::other(failure));
             };
             tracing::warn!(
                 offset = self.offset,
@@ -327,15 +382,38 @@ impl Resumable {
         }
     }
 
-    fn fail(mut self, msg: String) -> Option<(io::Result<Bytes>, Self)> {
+    fn fail(mut self, e: io::Error) -> Option<(io::Result<Bytes>, Self)> {
         self.done = true;
-        Some((Err(io::Error::other(msg)), self))
+        Some((Err(e), self))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn another_size_or_etag_is_another_object() {
+        let info = |size, etag: Option<&str>| ObjectInfo {
+            size,
+            etag: etag.map(str::to_owned),
+        };
+        let first = info(10, Some("\"a\""));
+        assert!(!info(10, Some("\"a\"")).differs_from(&first));
+        assert!(info(10, Some("\"b\"")).differs_from(&first));
+        assert!(info(11, Some("\"a\"")).differs_from(&first));
+        // Without an ETag on either side only the size tells.
+        assert!(!info(10, None).differs_from(&first));
+        assert!(!first.differs_from(&info(10, None)));
+        assert!(info(9, None).differs_from(&info(10, None)));
+    }
+
+    #[test]
+    fn a_changed_object_is_told_through_an_io_error() {
+        assert!(is_changed(&io::Error::other(Error::Changed)));
+        assert!(!is_changed(&io::Error::other(Error::NotFound)));
+        assert!(!is_changed(&io::Error::other("reset")));
+    }
 
     #[test]
     fn skipping_drops_exactly_the_first_bytes_across_chunks() {

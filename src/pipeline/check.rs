@@ -16,7 +16,7 @@ use crate::write::{Match, NameIndex};
 use super::deals::{deal_names, load_stages, stage_limit_row};
 use super::drive::{Batch, Sink, Written};
 use super::stop::Abort;
-use super::{Services, delete_outcomes, record_outcome, write_retry};
+use super::{Services, record_outcome, write_retry};
 
 /// A dry run's sink: records each line's outcome as a real run would (a
 /// valid row would create a record, or, under `skip` / `update`, meet an
@@ -142,10 +142,5 @@ impl<R: Mapped + Send + 'static> Sink<R> for CheckSink {
             }
             .in_current_span(),
         )))
-    }
-
-    async fn roll_back(&self) -> Result<bool, Abort> {
-        delete_outcomes(&self.db, self.queue_id).await?;
-        Ok(true)
     }
 }

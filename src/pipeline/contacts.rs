@@ -47,12 +47,6 @@ impl Sink<MappedContact> for ContactSink {
             .in_current_span(),
         )))
     }
-
-    async fn roll_back(&self) -> Result<bool, Abort> {
-        // Other imports may already link to, skip against or update the
-        // contacts it created: they stay, with their line outcomes.
-        Ok(false)
-    }
 }
 
 /// Writes a batch of contacts, then stores its outcomes; retried as a whole

@@ -109,17 +109,6 @@ impl Sink<MappedDeal> for DealSink {
         )
         .await
     }
-
-    async fn roll_back(&self) -> Result<bool, Abort> {
-        // Under `skip` or `update` a re-import of the split file meets its
-        // own deals by name (no duplicate), and the updates of existing
-        // deals could not be taken back: what was written stays.
-        if self.dedupe.strategy != DuplicateStrategy::Create {
-            return Ok(false);
-        }
-        roll_back(&self.db, self.queue_id).await?;
-        Ok(true)
-    }
 }
 
 /// The names of the pipeline's deals, for `skip` / `update` matching.
@@ -139,14 +128,14 @@ pub(super) async fn deal_names(
 
 /// Deletes the deals this import created and its per-line outcomes
 /// (idempotent: a retry or a later attempt deletes what is left).
-async fn roll_back(db: &Database, queue_id: ObjectId) -> Result<(), Abort> {
+pub(super) async fn roll_back(db: &Database, queue_id: ObjectId) -> Result<(), Abort> {
     let deleted = (|| write::delete_created(db, queue_id))
         .retry(write_retry())
         .when(|e| e.is_transient())
         .await
         .map_err(|e| Abort::Transient(error_chain(&e)))?;
     delete_outcomes(db, queue_id).await?;
-    warn!(deleted, "Import over the row limit: its deals were removed");
+    warn!(deleted, "Import failed as a whole: its deals were removed");
     Ok(())
 }
 

@@ -98,10 +98,6 @@ pub(super) trait Sink<R> {
     async fn settle(&mut self, _done: &mut Done) -> Result<(), Abort> {
         Ok(())
     }
-    /// Over the row limit: takes back what the import wrote, if it can.
-    /// Returns whether it did (else what was written stays, and is
-    /// reported).
-    async fn roll_back(&self) -> Result<bool, Abort>;
 }
 
 /// The shared context of one run's write loop.
@@ -186,22 +182,11 @@ impl Run<'_> {
             }
             None => {}
         }
-        let total_records = match producer
+        // A file-level error of the producer (over the row limit, the
+        // object replaced) comes after every batch it sent is committed.
+        let total_records = producer
             .await
-            .map_err(|e| Abort::Transient(format!("parser task failed: {e}")))?
-        {
-            Err(Abort::File(FileError::TooManyRows { limit })) => {
-                // Over the row limit: the import fails. Deals are taken back
-                // (a split and re-imported file must not meet these rows
-                // again); contacts may be shared by then, so they stay.
-                return Err(Abort::File(if sink.roll_back().await? {
-                    FileError::TooManyRows { limit }
-                } else {
-                    FileError::TooManyRowsKept { limit }
-                }));
-            }
-            other => other?,
-        };
+            .map_err(|e| Abort::Transient(format!("parser task failed: {e}")))??;
         tracker.progress.total_rows = Some(total_records);
         info!(rows = total_records, "All rows written");
         Ok(())
@@ -272,7 +257,7 @@ where
             && count > limit
         {
             // The rows up to the limit are written (and taken back, or
-            // kept, by the sink) like any others.
+            // kept: see `pipeline::take_back`) like any others.
             if let Some(last) = batch.take() {
                 tokio::select! {
                     _ = stop.cancelled() => {}

@@ -48,7 +48,7 @@ use crate::config::Settings;
 use crate::domain::{
     DuplicateStrategy, FileError, ImportSpec, JobState, LineNo, RecordKind, collections,
 };
-use crate::fetch::Storage;
+use crate::fetch::{ObjectInfo, Storage};
 use crate::map::{FailedRow, Plan, RawCells, Rules};
 use crate::outcomes::{self, BatchOutcome, RecordedBatch};
 use crate::parse::{self, Start};
@@ -124,6 +124,7 @@ pub async fn run(svc: &Services, job: ClaimedJob, shutdown: CancellationToken) -
         started: Instant::now(),
         exact_offsets: false,
         size: 0,
+        object: object_read_before(&job.doc),
         last_save: Instant::now(),
     };
     let max_attempts = svc.settings.scheduler.max_attempts;
@@ -298,6 +299,59 @@ async fn import(
     tracker: &mut Tracker,
     stop: &Stop,
 ) -> Result<(), Abort> {
+    match import_file(svc, lease, spec, tracker, stop).await {
+        Err(Abort::File(e)) if e.takes_back() => {
+            // Refused as a whole after rows of it were written (all of
+            // them committed by now).
+            let taken = take_back(&svc.db, spec).await?;
+            Err(Abort::File(if taken { e } else { e.kept() }))
+        }
+        other => other,
+    }
+}
+
+/// Takes back what the import wrote, where it can: the deals it created
+/// (a split or corrected file imported again must not meet them), or a
+/// check's outcomes. Under `skip` or `update` a re-import meets its deals
+/// by name and the updates could not be taken back, and other imports may
+/// already link to, skip against or update the contacts it created: what
+/// those wrote stays, with their line outcomes. Returns whether it took
+/// back.
+async fn take_back(db: &Database, spec: &ImportSpec) -> Result<bool, Abort> {
+    if spec.dry_run {
+        delete_outcomes(db, spec.queue_id).await?;
+        return Ok(true);
+    }
+    match (spec.kind, spec.duplicate_strategy) {
+        (RecordKind::Deals, DuplicateStrategy::Create) => {
+            deals::roll_back(db, spec.queue_id).await?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// The object an earlier run of the import read (`file_size`, `file_etag`
+/// it stored), if one did.
+fn object_read_before(doc: &Document) -> Option<ObjectInfo> {
+    let size = match doc.get("file_size")? {
+        bson::Bson::Int64(n) => u64::try_from(*n).ok()?,
+        bson::Bson::Int32(n) => u64::try_from(*n).ok()?,
+        _ => return None,
+    };
+    Some(ObjectInfo {
+        size,
+        etag: doc.get_str("file_etag").ok().map(str::to_owned),
+    })
+}
+
+async fn import_file(
+    svc: &Services,
+    lease: &Lease,
+    spec: &ImportSpec,
+    tracker: &mut Tracker,
+    stop: &Stop,
+) -> Result<(), Abort> {
     let settings = &svc.settings;
     let pipeline_id = match spec.kind {
         RecordKind::Deals => Some(spec.pipeline_id.ok_or_else(|| {
@@ -320,6 +374,13 @@ async fn import(
         }
     }
     let info = svc.storage.head(&spec.csv_key).await?;
+    if let Some(before) = &tracker.object
+        && info.differs_from(before)
+    {
+        // Replaced since an earlier run read it: its rows and this file's
+        // are not the same lines.
+        return Err(Abort::File(FileError::FileChanged));
+    }
     tracker.size = info.size;
     if let Some(limit) = settings.import.max_file_bytes
         && info.size > limit
@@ -332,7 +393,7 @@ async fn import(
     if info.size == 0 {
         return Err(Abort::File(FileError::EmptyFile));
     }
-    let reader = svc.storage.open(&spec.csv_key, 0, info.size).await?;
+    let reader = svc.storage.open(&spec.csv_key, &info, 0).await?;
     let (headers, records) = parse::open(reader).await?;
     tracker.exact_offsets = records.dialect.encoding.offsets_are_exact();
     let rules = Rules {
@@ -364,10 +425,7 @@ async fn import(
         // read again.
         let dialect = records.dialect;
         drop(records);
-        let reader = svc
-            .storage
-            .open(&spec.csv_key, resume.byte, info.size)
-            .await?;
+        let reader = svc.storage.open(&spec.csv_key, &info, resume.byte).await?;
         (
             parse::resume(
                 reader,
@@ -398,13 +456,15 @@ async fn import(
         _ => settings.import.batch_size.get(),
     };
     tracker.checkpoint.batch_size = batch_size as u64;
-    lease
-        .set_fields(doc! {
-            "file_size": info.size as i64,
-            "columns": &headers,
-            "checkpoint.batch_size": batch_size as i64,
-        })
-        .await?;
+    let mut fields = doc! {
+        "file_size": info.size as i64,
+        "columns": &headers,
+        "checkpoint.batch_size": batch_size as i64,
+    };
+    if let Some(etag) = &info.etag {
+        fields.insert("file_etag", etag);
+    }
+    lease.set_fields(fields).await?;
     let source = Source {
         records,
         batch_size,

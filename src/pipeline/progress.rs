@@ -9,6 +9,7 @@ use tracing::{info, warn};
 
 use crate::claim::{self, Checkpoint, Final, Lease, Progress};
 use crate::domain::LineNo;
+use crate::fetch::ObjectInfo;
 use crate::outcomes::Totals;
 use crate::telemetry::error_chain;
 use crate::telemetry::metrics as m;
@@ -30,6 +31,9 @@ pub(super) struct Tracker {
     /// time left is told from them.
     pub(super) exact_offsets: bool,
     pub(super) size: u64,
+    /// The object an earlier run read, if one did: a resumed run reads
+    /// the same version or none.
+    pub(super) object: Option<ObjectInfo>,
     pub(super) last_save: Instant,
 }
 

@@ -52,6 +52,7 @@ impl From<fetch::Error> for Abort {
     fn from(e: fetch::Error) -> Self {
         match e {
             fetch::Error::NotFound => Self::File(FileError::ObjectNotFound),
+            fetch::Error::Changed => Self::File(FileError::FileChanged),
             e => Self::Transient(error_chain(&e)),
         }
     }
@@ -61,6 +62,9 @@ impl From<parse::Error> for Abort {
     fn from(e: parse::Error) -> Self {
         match e {
             parse::Error::File(f) => Self::File(f),
+            parse::Error::Io { source, .. } if fetch::is_changed(&source) => {
+                Self::File(FileError::FileChanged)
+            }
             e => Self::Transient(error_chain(&e)),
         }
     }

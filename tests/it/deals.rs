@@ -705,6 +705,88 @@ async fn a_file_over_the_row_limit_fails_and_leaves_nothing_behind() {
     app.cleanup().await;
 }
 
+/// A file replaced in storage (uploaded again under the same key, same
+/// size) after a run read it is not read again as if it were the same
+/// lines: the next run fails `file_changed`, takes back what the import
+/// created where it can (`create`), and says what stays where it cannot
+/// (`skip`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_replaced_between_runs_fails_and_is_not_mixed_with_the_first() {
+    let mut app = TestApp::new().await;
+    app.spawn_daemon();
+    let rows = |word: &str| {
+        let mut csv = String::from("Name\n");
+        for i in 0..10 {
+            writeln!(csv, "{word} {i}").unwrap();
+        }
+        csv
+    };
+    let strategies = ["create", "skip"];
+    let mut ids = Vec::new();
+    for strategy in strategies {
+        let id = app
+            .enqueue_with(
+                &format!("{strategy}.csv"),
+                rows(&format!("{strategy} Deal")).as_bytes(),
+                &[("Name", "name")],
+                doc! { "additional_data": { "pipeline_id": app.pipeline_id, "duplicate_strategy": strategy } },
+            )
+            .await;
+        let q = app.wait_completed(id, LONG).await;
+        assert!(
+            q.get_str("file_etag").is_ok(),
+            "the version read is kept: {q}"
+        );
+        ids.push(id);
+    }
+    assert_eq!(app.count(collections::DEALS, doc! {}).await, 20);
+    for (&id, strategy) in ids.iter().zip(strategies) {
+        let key = app.queue(id).await.get_array("csv").unwrap()[0]
+            .as_document()
+            .unwrap()
+            .get_str("key")
+            .unwrap()
+            .to_owned();
+        // Same size, other rows: only the version tells them apart.
+        let second = rows(&format!("{strategy} Lead"));
+        app.services
+            .storage
+            .put_bytes(&key, second.as_bytes(), "text/csv")
+            .await
+            .unwrap();
+        app.replay_from_start(id).await;
+    }
+    for (&id, taken_back) in ids.iter().zip([true, false]) {
+        let q = app.wait_final(id, LONG).await;
+        assert_eq!(q.get_str("status").unwrap(), "failed", "{q}");
+        let error = q.get_document("error").unwrap();
+        assert_eq!(error.get_str("code").unwrap(), "file_changed");
+        let message = error.get_str("message").unwrap();
+        assert_eq!(
+            message.contains("nothing was imported"),
+            taken_back,
+            "{message}"
+        );
+        let summary = app.summary(id).await;
+        assert_eq!(
+            get_i64(&summary, "total_records_added"),
+            if taken_back { 0 } else { 10 },
+            "{summary}"
+        );
+    }
+    let deals = app.find_all(collections::DEALS, doc! {}).await;
+    assert_eq!(deals.len(), 10, "the `skip` import's deals stay");
+    assert!(deals.iter().all(|d| {
+        d.get_str("name").unwrap().starts_with("skip Deal ")
+            && d.get_document("import")
+                .unwrap()
+                .get_object_id("queue_id")
+                .unwrap()
+                == ids[1]
+    }));
+    app.cleanup().await;
+}
+
 /// Updates go out as `update` commands of many statements, cut by size;
 /// each line still gets its own result, and a deal gone meanwhile (or one
 /// of another pipeline) is a failed line, not a silent success.

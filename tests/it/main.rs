@@ -12,5 +12,6 @@ mod http;
 mod indexes;
 mod lifecycle;
 mod notify;
+mod storage;
 mod support_cli;
 mod undo;
