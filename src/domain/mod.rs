@@ -359,7 +359,7 @@ pub enum FileError {
     /// As [`FileError::FileChanged`], when what the import wrote stays (see
     /// [`FileError::TooManyRowsKept`] for when).
     #[error(
-        "The file was replaced in storage while it was being imported, so the import stopped: the rows read before that were processed (see the summary), the rest were not. Please import the new file's remaining rows as a separate file."
+        "The file was replaced in storage while it was being imported, so the import stopped: the rows read before that were processed (see the summary), the rest were not. Please import the new file again."
     )]
     FileChangedKept,
     /// The mapping is unusable.

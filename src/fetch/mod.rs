@@ -12,8 +12,12 @@
 //! - A missing object is [`Error::NotFound`], matched on the HTTP status.
 //! - Every GET of an object is pinned to the version its HEAD saw (an
 //!   `If-Match` on its ETag): a file replaced under the same key while it
-//!   is read, or between two attempts, is [`Error::Changed`], never bytes of
-//!   the new file read from an offset of the old one.
+//!   is read is [`Error::Changed`], never bytes of the new file read from
+//!   an offset of the old one. (Between two runs of an import, the pipeline
+//!   compares their HEADs.) A weak ETag is not pinned (`If-Match` compares
+//!   strongly), nor is a read from a server that refuses the very ETag its
+//!   HEAD still names (some S3 implementations cannot evaluate
+//!   `If-Match`): a warning, and the read goes on unpinned.
 
 use std::io;
 use std::pin::Pin;
@@ -99,7 +103,8 @@ pub struct ObjectInfo {
     /// Size in bytes.
     pub size: u64,
     /// The version's ETag, as the server quotes it (`None` if it sends
-    /// none: reads are then not pinned).
+    /// none, or only a weak one: reads are then not pinned, and only the
+    /// size tells versions apart).
     pub etag: Option<String>,
 }
 
@@ -186,7 +191,7 @@ impl Storage {
             size: head
                 .content_length
                 .map_or(0, |n| u64::try_from(n).unwrap_or(0)),
-            etag: head.e_tag.filter(|t| !t.is_empty()),
+            etag: head.e_tag.filter(|t| !t.is_empty() && !t.starts_with("W/")),
         })
     }
 
@@ -236,16 +241,32 @@ impl Storage {
                 Box::pin(futures::stream::empty());
             return Ok(StreamReader::new(empty));
         }
-        let etag = object.etag.as_deref();
-        let first = (|| self.open_range(key, etag, start))
-            .retry(self.retry)
-            .when(Error::is_transient)
-            .notify(|e, d| tracing::warn!(error = %e, delay_ms = d.as_millis() as u64, "S3 GET failed; retrying"))
-            .await?;
+        let mut etag = object.etag.clone();
+        let get = |etag: Option<String>| async move {
+            (|| self.open_range(key, etag.as_deref(), start))
+                .retry(self.retry)
+                .when(Error::is_transient)
+                .notify(|e, d| tracing::warn!(error = %e, delay_ms = d.as_millis() as u64, "S3 GET failed; retrying"))
+                .await
+        };
+        let first = match get(etag.clone()).await {
+            Err(Error::Changed)
+                if etag.is_some() && !self.head(key).await?.differs_from(object) =>
+            {
+                // Refused an ETag its HEAD still names: this server cannot
+                // evaluate `If-Match`.
+                tracing::warn!(
+                    "The storage refuses If-Match on an unchanged object; reading unpinned"
+                );
+                etag = None;
+                get(None).await?
+            }
+            other => other?,
+        };
         let state = Resumable {
             storage: self.clone(),
             key: key.to_owned(),
-            etag: object.etag.clone(),
+            etag,
             offset: start,
             size,
             current: Some(first),

@@ -192,3 +192,29 @@ pub(super) async fn unless_lost<T>(
         done = step => done,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_of_a_replaced_object_fails_the_file_not_the_attempt() {
+        let changed = parse::Error::Io {
+            line: 7,
+            source: std::io::Error::other(fetch::Error::Changed),
+        };
+        assert!(matches!(
+            Abort::from(changed),
+            Abort::File(FileError::FileChanged)
+        ));
+        assert!(matches!(
+            Abort::from(fetch::Error::Changed),
+            Abort::File(FileError::FileChanged)
+        ));
+        let broken = parse::Error::Io {
+            line: 7,
+            source: std::io::Error::other("connection reset"),
+        };
+        assert!(matches!(Abort::from(broken), Abort::Transient(_)));
+    }
+}
