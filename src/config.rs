@@ -10,7 +10,7 @@
 //! This module reads files and the environment and nothing else.
 
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -58,6 +58,7 @@ struct Raw {
     scheduler: RawScheduler,
     import: RawImport,
     notify: RawNotify,
+    retention: RawRetention,
     http: RawHttp,
     crm: RawCrm,
     log: RawLog,
@@ -129,6 +130,12 @@ struct RawNotify {
 }
 
 #[derive(Deserialize)]
+struct RawRetention {
+    days: u32,
+    sweep_interval_seconds: u64,
+}
+
+#[derive(Deserialize)]
 struct RawHttp {
     enabled: bool,
     bind: String,
@@ -167,6 +174,8 @@ pub struct Settings {
     pub import: ImportSettings,
     /// Summary email, error report link, webhook delivery.
     pub notify: NotifySettings,
+    /// How long an import's per-line data is kept.
+    pub retention: RetentionSettings,
     /// Health, metrics and status API listener.
     pub http: HttpSettings,
     /// CRM integration.
@@ -324,6 +333,16 @@ pub struct NotifySettings {
     pub max_rounds: u32,
     /// Wait before a round whose sender went quiet is claimed again.
     pub rescue_grace: Duration,
+}
+
+/// How long an import's per-line data (outcomes, before images, the
+/// summary's failed lines, the error report) is kept after it ends.
+#[derive(Clone, Debug)]
+pub struct RetentionSettings {
+    /// Days after `completed_at` (`None`: kept for ever).
+    pub days: Option<NonZeroU32>,
+    /// How often imports past it are looked for.
+    pub sweep_interval: Duration,
 }
 
 /// HTTP listener.
@@ -526,6 +545,18 @@ impl Settings {
                 "must be 1 to 7 (S3 presigned URL limit)",
             ));
         }
+        if raw.retention.days > 36_500 {
+            return Err(invalid(
+                "retention.days",
+                "must be 0 (keep for ever) to 36500",
+            ));
+        }
+        if raw.retention.sweep_interval_seconds == 0 {
+            return Err(invalid(
+                "retention.sweep_interval_seconds",
+                "must be at least 1",
+            ));
+        }
         let format = match raw.log.format.as_str() {
             "json" => LogFormat::Json,
             "pretty" => LogFormat::Pretty,
@@ -595,6 +626,10 @@ impl Settings {
                 redeliver_after: Duration::from_secs(raw.notify.redeliver_after_seconds),
                 rescue_grace: Duration::from_secs(raw.notify.rescue_grace_seconds),
                 max_rounds: raw.notify.max_rounds.max(1),
+            },
+            retention: RetentionSettings {
+                days: NonZeroU32::new(raw.retention.days),
+                sweep_interval: Duration::from_secs(raw.retention.sweep_interval_seconds),
             },
             http: HttpSettings {
                 enabled: raw.http.enabled,
@@ -675,6 +710,10 @@ redeliver_after_seconds = {n_redeliver}
 max_rounds = {n_rounds}
 rescue_grace_seconds = {n_grace}
 
+[retention]
+days = {retention_days}
+sweep_interval_seconds = {retention_sweep}
+
 [http]
 enabled = {http_enabled}
 bind = "{http_bind}"
@@ -739,6 +778,11 @@ filter = "{log_filter}"
             n_redeliver = self.notify.redeliver_after.as_secs(),
             n_grace = self.notify.rescue_grace.as_secs(),
             n_rounds = self.notify.max_rounds,
+            retention_days = self
+                .retention
+                .days
+                .map_or_else(|| "0 # (kept for ever)".to_owned(), |d| d.to_string()),
+            retention_sweep = self.retention.sweep_interval.as_secs(),
             http_enabled = self.http.enabled,
             http_bind = self.http.bind,
             webhook = self

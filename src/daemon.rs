@@ -12,6 +12,8 @@
 //! - Shutdown: stop claiming, let every running import finish its batches in
 //!   flight, checkpoint and release its lease, within the grace period.
 //! - A tick also starts one requested undo (`undo`) if none runs here.
+//! - With `retention.days` set, a third job purges the per-line data of
+//!   imports past it every `retention.sweep_interval` ([`crate::retention`]).
 //! - MongoDB trouble never ends the daemon: a failed tick is logged and the
 //!   next one tries again.
 
@@ -46,6 +48,8 @@ struct Inner {
     tick_lock: Mutex<()>,
     /// An undo runs in this daemon (one at a time: a rare operation).
     undoing: AtomicBool,
+    /// Final imports from before retention were marked kept (once).
+    adopted: AtomicBool,
 }
 
 /// A running (or runnable) daemon; cheap to clone.
@@ -74,6 +78,7 @@ impl Daemon {
                 shutdown,
                 tick_lock: Mutex::new(()),
                 undoing: AtomicBool::new(false),
+                adopted: AtomicBool::new(false),
             }),
         })
     }
@@ -244,6 +249,46 @@ impl Daemon {
         }
     }
 
+    /// Purges the per-line data of the imports past `retention.days`.
+    pub async fn sweep_retention(&self) -> crate::retention::Result<usize> {
+        let inner = &self.inner;
+        let Some(days) = inner.services.settings.retention.days else {
+            return Ok(0);
+        };
+        if !inner.adopted.load(Ordering::Acquire) {
+            let n = inner.claimer.adopt_unmarked().await?;
+            if n > 0 {
+                info!(
+                    imports = n,
+                    "Imports that ended before retention marked as kept"
+                );
+            }
+            inner.adopted.store(true, Ordering::Release);
+        }
+        let svc = &inner.services;
+        let purged = crate::retention::sweep(
+            &svc.db,
+            &svc.storage,
+            &inner.claimer,
+            days,
+            crate::retention::MAX_PER_SWEEP,
+            &inner.shutdown,
+        )
+        .await?;
+        metrics::counter!(m::PURGED).increment(purged as u64);
+        Ok(purged)
+    }
+
+    async fn sweep_logged(&self) {
+        if self.inner.shutdown.is_cancelled() {
+            return;
+        }
+        let swept = self.inner.tasks.track_future(self.sweep_retention()).await;
+        if let Err(e) = swept {
+            warn!(error = %error_chain(&e), "Retention sweep failed; the next one retries");
+        }
+    }
+
     /// Runs the scheduler until the shutdown token is cancelled, then drains
     /// running imports within `grace`.
     pub async fn run(&self) -> Result<(), JobSchedulerError> {
@@ -269,6 +314,18 @@ impl Daemon {
                 },
             )?)
             .await?;
+        if settings.retention.days.is_some() {
+            let d = self.clone();
+            sched
+                .add(Job::new_repeated_async(
+                    settings.retention.sweep_interval,
+                    move |_, _| {
+                        let d = d.clone();
+                        Box::pin(async move { d.sweep_logged().await })
+                    },
+                )?)
+                .await?;
+        }
         // Before the first claim: leases are written in the server's time.
         self.sync_clock().await;
         sched.start().await?;

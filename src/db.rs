@@ -97,7 +97,7 @@ impl IndexError {
 
 /// Creates every index importd needs. Safe to run on every start.
 pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
-    let specs: [(&str, Document, &str, bool, Option<Document>); 14] = [
+    let specs: [(&str, Document, &str, bool, Option<Document>); 15] = [
         // Notifications due (final imports whose email is not sent yet).
         (
             collections::QUEUES,
@@ -158,6 +158,15 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
             collections::QUEUES,
             doc! { "undo_requested": 1, "undo.expires_at": 1 },
             "undo_requested",
+            false,
+            None,
+        ),
+        // Retention: the kept imports that ended longest ago (an equality
+        // on the state, then a range over the few that are due).
+        (
+            collections::QUEUES,
+            doc! { "retention.state": 1, "completed_at": 1 },
+            "retention_due",
             false,
             None,
         ),

@@ -8,7 +8,8 @@
 //! deals name, created once) → [`write`](mod@write) (idempotent bulk
 //! inserts) → [`outcomes`] (per-line outcomes and the summary), wired by
 //! [`pipeline`] and driven by [`daemon`]; [`http`] serves health, metrics
-//! and an import's progress; [`undo`] takes a finished import back.
+//! and an import's progress; [`undo`] takes a finished import back;
+//! [`retention`] purges an import's per-line data once it is old.
 //! [`domain`] holds the pure types
 //! every module shares.
 
@@ -28,6 +29,7 @@ pub mod outcomes;
 pub mod parse;
 pub mod pipeline;
 pub mod report;
+pub mod retention;
 pub mod stages;
 pub mod telemetry;
 pub mod undo;

@@ -305,9 +305,14 @@ async fn support(
                         ExitCode::SUCCESS
                     }
                     None => {
-                        eprintln!(
-                            "no outcome for line {line} of import {id} (not a record's first line, or not processed yet)"
-                        );
+                        match status::status(db, id).await?.and_then(|s| s.purged()) {
+                            Some(purged) => {
+                                eprintln!("no outcome for line {line} of import {id}: {purged}")
+                            }
+                            None => eprintln!(
+                                "no outcome for line {line} of import {id} (not a record's first line, or not processed yet)"
+                            ),
+                        }
                         ExitCode::from(1)
                     }
                 });
@@ -319,6 +324,12 @@ async fn support(
             };
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             let batches = logs::write_logs(db, id, filter, &mut out).await?;
+            if batches == 0
+                && let Some(purged) = status::status(db, id).await?.and_then(|s| s.purged())
+            {
+                eprintln!("no outcomes for import {id}: {purged}");
+                return Ok(ExitCode::from(1));
+            }
             if batches == 0 && !failed {
                 eprintln!("no outcomes for import {id} (no such import, or nothing processed yet)");
                 return Ok(ExitCode::from(1));

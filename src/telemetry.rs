@@ -84,6 +84,9 @@ pub mod metrics {
     /// Gauge: seconds the database server's clock is ahead of this host's
     /// (negative: behind), as last measured; leases use the server's.
     pub const CLOCK_OFFSET: &str = "importd_clock_offset_seconds";
+    /// Counter: imports whose per-line data this daemon purged
+    /// (`retention.days`).
+    pub const PURGED: &str = "importd_imports_purged_total";
 
     /// The process-wide recorder, installed on first use. Metrics recorded
     /// before (or without) it are dropped, which is harmless.

@@ -36,6 +36,7 @@ use mongodb::{Collection, Database};
 use crate::clock::Clock;
 use crate::domain::{FileError, JobState, collections};
 
+pub mod retention;
 mod spec;
 mod undo;
 
@@ -485,6 +486,8 @@ impl Lease {
             "progress": progress.to_doc(),
             // Exactly-once notification starts here (report/notify).
             "notify.state": "pending",
+            // Its per-line data is kept until `retention.days` (retention).
+            "retention.state": retention::KEPT,
         };
         if let Final::Failed(e) = outcome {
             let mut error = doc! { "code": e.code(), "message": e.to_string() };

@@ -30,6 +30,22 @@ impl ImportStatus {
         matches!(self.state(), "completed" | "failed" | "cancelled")
     }
 
+    /// When the import's per-line data was purged (`retention.days`), if
+    /// it was: one line for support.
+    pub fn purged(&self) -> Option<String> {
+        let r = self.queue.get_document("retention").ok()?;
+        if r.get_str("state") != Ok(crate::claim::retention::PURGED) {
+            return None;
+        }
+        let at = r
+            .get_datetime("purged_at")
+            .map_or_else(|_| "-".into(), |t| t.to_string());
+        let days = r.get("days").map_or_else(|| "-".into(), |d| d.to_string());
+        Some(format!(
+            "its line outcomes, failed lines and error report were purged on {at}, {days} days after it ended (retention.days)"
+        ))
+    }
+
     /// Human summary, several lines.
     pub fn render(&self) -> String {
         let q = &self.queue;
@@ -136,6 +152,9 @@ impl ImportStatus {
                     "  attempts: {a} claims, {counted} counted towards the limit\n"
                 ));
             }
+        }
+        if let Some(purged) = self.purged() {
+            out.push_str(&format!("  purged:   {purged}\n"));
         }
         if let Some(s) = &self.summary
             && let Ok(logs) = s.get_array("logs")

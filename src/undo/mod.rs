@@ -322,6 +322,18 @@ pub async fn run(
             )
             .await;
         }
+        _ if q
+            .get_document("retention")
+            .and_then(|r| r.get_str("state"))
+            .is_ok_and(|s| s != crate::claim::retention::KEPT) =>
+        {
+            return refuse(
+                lease,
+                "its per-line records were purged after the retention period (retention.days), so \
+                 what it changed can no longer be put back",
+            )
+            .await;
+        }
         (Some(kind), Ok(account)) => (kind, account),
         _ => return refuse(lease, "not an import importd wrote").await,
     };

@@ -12,6 +12,7 @@ mod http;
 mod indexes;
 mod lifecycle;
 mod notify;
+mod retention;
 mod storage;
 mod support_cli;
 mod undo;
