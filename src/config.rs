@@ -551,6 +551,12 @@ impl Settings {
                 "must be 0 (keep for ever) to 36500",
             ));
         }
+        if raw.retention.days != 0 && u64::from(raw.retention.days) < raw.notify.report_link_days {
+            return Err(invalid(
+                "retention.days",
+                "must be 0 or at least notify.report_link_days (the error report an email links is kept until its link expires)",
+            ));
+        }
         if raw.retention.sweep_interval_seconds == 0 {
             return Err(invalid(
                 "retention.sweep_interval_seconds",

@@ -48,8 +48,6 @@ struct Inner {
     tick_lock: Mutex<()>,
     /// An undo runs in this daemon (one at a time: a rare operation).
     undoing: AtomicBool,
-    /// Final imports from before retention were marked kept (once).
-    adopted: AtomicBool,
 }
 
 /// A running (or runnable) daemon; cheap to clone.
@@ -78,7 +76,6 @@ impl Daemon {
                 shutdown,
                 tick_lock: Mutex::new(()),
                 undoing: AtomicBool::new(false),
-                adopted: AtomicBool::new(false),
             }),
         })
     }
@@ -255,16 +252,6 @@ impl Daemon {
         let Some(days) = inner.services.settings.retention.days else {
             return Ok(0);
         };
-        if !inner.adopted.load(Ordering::Acquire) {
-            let n = inner.claimer.adopt_unmarked().await?;
-            if n > 0 {
-                info!(
-                    imports = n,
-                    "Imports that ended before retention marked as kept"
-                );
-            }
-            inner.adopted.store(true, Ordering::Release);
-        }
         let svc = &inner.services;
         let purged = crate::retention::sweep(
             &svc.db,
@@ -315,6 +302,9 @@ impl Daemon {
             )?)
             .await?;
         if settings.retention.days.is_some() {
+            // A first sweep now, not an interval after the start.
+            let d = self.clone();
+            tokio::spawn(async move { d.sweep_logged().await });
             let d = self.clone();
             sched
                 .add(Job::new_repeated_async(

@@ -161,8 +161,9 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), IndexError> {
             false,
             None,
         ),
-        // Retention: the kept imports that ended longest ago (an equality
-        // on the state, then a range over the few that are due).
+        // Retention: the imports to purge that ended longest ago (the
+        // state, kept, purging or none yet, then a range over the few that
+        // are due).
         (
             collections::QUEUES,
             doc! { "retention.state": 1, "completed_at": 1 },

@@ -19,11 +19,13 @@ use bson::oid::ObjectId;
 use bson::{Document, doc};
 use mongodb::Database;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::claim::Claimer;
 use crate::domain::{collections, deal_id_range};
 use crate::fetch::Storage;
+use crate::telemetry::error_chain;
+use crate::telemetry::metrics as m;
 use crate::write::befores;
 
 /// Errors of a purge.
@@ -56,6 +58,8 @@ pub fn cutoff(now: bson::DateTime, days: NonZeroU32) -> bson::DateTime {
 /// Purges the imports that ended more than `days` before now (the
 /// claimer's clock, the database server's time), up to `max`. Returns how
 /// many it purged. Stops between two imports once `stop` is cancelled.
+/// A purge that fails is logged, given back for a later sweep and
+/// skipped; only a failure to claim ends the sweep.
 pub async fn sweep(
     db: &Database,
     storage: &Storage,
@@ -74,12 +78,27 @@ pub async fn sweep(
             continue;
         };
         let span = info_span!("purge", queue_id = %queue_id);
-        let fields = purge(db, storage, queue_id, &q)
-            .instrument(span.clone())
-            .await?;
-        if claimer.finish_purge(queue_id, days.get(), fields).await? {
-            purged += 1;
-            span.in_scope(|| info!(days = days.get(), "Import's per-line data purged"));
+        let done = async {
+            let fields = purge(db, storage, queue_id, &q).await?;
+            Ok::<_, Error>(claimer.finish_purge(queue_id, days.get(), fields).await?)
+        }
+        .instrument(span.clone())
+        .await;
+        let _entered = span.enter();
+        match done {
+            Ok(true) => {
+                purged += 1;
+                info!(days = days.get(), "Import's per-line data purged");
+            }
+            Ok(false) => warn!("Purge took longer than its lease; another daemon finishes it"),
+            Err(e) => {
+                let e = error_chain(&e);
+                metrics::counter!(m::PURGE_FAILURES).increment(1);
+                warn!(error = %e, "Purge failed; it is tried again later");
+                if let Err(e) = claimer.fail_purge(queue_id, &e).await {
+                    warn!(error = %error_chain(&e), "Could not give the purge back; its lease will expire");
+                }
+            }
         }
     }
     Ok(purged)

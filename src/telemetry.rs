@@ -87,6 +87,8 @@ pub mod metrics {
     /// Counter: imports whose per-line data this daemon purged
     /// (`retention.days`).
     pub const PURGED: &str = "importd_imports_purged_total";
+    /// Counter: purges that failed (tried again an hour later).
+    pub const PURGE_FAILURES: &str = "importd_purge_failures_total";
 
     /// The process-wide recorder, installed on first use. Metrics recorded
     /// before (or without) it are dropped, which is harmless.

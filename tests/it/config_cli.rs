@@ -75,6 +75,9 @@ fn invalid_values_name_their_key() {
         // Local runs the status API, which verifies tokens with it.
         ("IMPORTD__APP_SECRET", "", "app_secret"),
         ("IMPORTD__APP_SECRET", "short", "app_secret"),
+        // Shorter than the error report links emails carry (7 days).
+        ("IMPORTD__RETENTION__DAYS", "3", "retention.days"),
+        ("IMPORTD__RETENTION__DAYS", "-1", "retention.days"),
     ] {
         let (ok, _, err) = check_config(&[(var, value)]);
         assert!(!ok, "{var}={value} accepted");

@@ -5,7 +5,7 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use bson::oid::ObjectId;
-use bson::{DateTime, Document, doc};
+use bson::{Bson, DateTime, Document, doc};
 use importd::domain::collections;
 use importd::write::befores;
 
@@ -50,14 +50,25 @@ async fn an_old_imports_line_data_is_purged_and_its_summary_stays() {
     app.wait_completed(updated, LONG).await;
     let recent = app.enqueue_csv("recent.csv", csv, &mapping).await;
     app.wait_completed(recent, LONG).await;
-    for id in [old, updated, recent] {
+    let recent_update = app
+        .enqueue_with(
+            "recent-again.csv",
+            b"Name,Value\nGamma,8\n",
+            &mapping,
+            doc! { "additional_data": { "pipeline_id": app.pipeline_id, "duplicate_strategy": "update" } },
+        )
+        .await;
+    app.wait_completed(recent_update, LONG).await;
+    for id in [old, updated, recent, recent_update] {
         wait_told(&app, id).await;
     }
-    assert_eq!(
-        app.count(befores::COLLECTION, doc! { "queue_id": updated })
-            .await,
-        1
-    );
+    for id in [updated, recent_update] {
+        assert_eq!(
+            app.count(befores::COLLECTION, doc! { "queue_id": id })
+                .await,
+            1
+        );
+    }
     let report_key = app
         .queue(old)
         .await
@@ -118,7 +129,17 @@ async fn an_old_imports_line_data_is_purged_and_its_summary_stays() {
             "{r}"
         );
     }
-    assert_eq!(app.count(befores::COLLECTION, doc! {}).await, 0);
+    assert_eq!(
+        app.count(befores::COLLECTION, doc! { "queue_id": updated })
+            .await,
+        0
+    );
+    assert_eq!(
+        app.count(befores::COLLECTION, doc! { "queue_id": recent_update })
+            .await,
+        1,
+        "a recent import keeps its before images"
+    );
     let summary = app.summary(old).await;
     assert_eq!(summary.get_array("logs").unwrap().len(), 0);
     assert_eq!(get_i64(&summary, "total_records_added"), 2, "totals stay");
@@ -194,18 +215,42 @@ async fn an_import_whose_undo_or_email_is_under_way_is_not_purged() {
     let app = TestApp::with_settings(settings).await;
     // No daemon runs: the states stay as written.
     let mut ids = Vec::new();
-    for extra in [
-        doc! { "undo_requested": true },
-        doc! { "notify": { "state": "pending" } },
-        doc! { "notify": { "state": "sent" }, "webhook": { "state": "sending" } },
-        doc! { "notify": { "state": "sent" } },
-    ] {
+    let cases = [
+        (doc! { "undo_requested": true }, "kept"),
+        (doc! { "notify": { "state": "pending" } }, "kept"),
+        (doc! { "notify": { "state": "sending" } }, "kept"),
+        (doc! { "webhook": { "state": "pending" } }, "kept"),
+        (
+            doc! { "notify": { "state": "sent" }, "webhook": { "state": "sending" } },
+            "kept",
+        ),
+        // Not final (made pending again): not touched.
+        (doc! { "status": "pending" }, "kept"),
+        // Another daemon purges it now.
+        (
+            doc! { "retention": { "state": "purging", "owner": "other", "expires_at": days_ago(-1) } },
+            "purging",
+        ),
+        // Nothing under way: purged.
+        (doc! { "notify": { "state": "sent" } }, "purged"),
+        // Its purger died (lease expired): purged.
+        (
+            doc! { "retention": { "state": "purging", "owner": "dead", "expires_at": days_ago(1) } },
+            "purged",
+        ),
+        // Ended before retention existed (no `retention`): purged.
+        (doc! { "retention": Bson::Null }, "purged"),
+    ];
+    for (extra, _) in &cases {
         let id = ObjectId::new();
         let mut q = doc! {
             "_id": id, "source": "deals", "status": "completed",
             "completed_at": days_ago(2), "retention": { "state": "kept" },
         };
-        q.extend(extra);
+        q.extend(extra.clone());
+        if q.get("retention") == Some(&Bson::Null) {
+            q.remove("retention");
+        }
         app.queues().insert_one(q).await.unwrap();
         ids.push(id);
     }
@@ -220,17 +265,11 @@ async fn an_import_whose_undo_or_email_is_under_way_is_not_purged() {
     )
     .await
     .unwrap();
-    assert_eq!(purged, 1, "only the import with nothing under way");
-    let state = |q: Document| {
-        q.get_document("retention")
-            .unwrap()
-            .get_str("state")
-            .unwrap()
-            .to_owned()
-    };
-    for (i, id) in ids.into_iter().enumerate() {
-        let expected = if i == 3 { "purged" } else { "kept" };
-        assert_eq!(state(app.queue(id).await), expected, "import {i}");
+    assert_eq!(purged, 3, "only the imports with nothing under way");
+    for (id, (extra, expected)) in ids.into_iter().zip(cases) {
+        let q = app.queue(id).await;
+        let r = q.get_document("retention").map(|r| r.get_str("state"));
+        assert_eq!(r, Ok(Ok(expected)), "{extra}: {q}");
     }
     app.cleanup().await;
 }
