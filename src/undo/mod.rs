@@ -40,11 +40,12 @@
 //! the import did is history); the undo is recorded under `undo` on the
 //! queue document and the `csv_imports` summary.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use bson::oid::ObjectId;
-use bson::{Bson, DateTime, Document, doc};
+use bson::{Bson, DateTime, Document, RawArrayBuf, RawDocumentBuf, doc};
 use futures::TryStreamExt;
 use mongodb::Database;
 use tokio_util::sync::CancellationToken;
@@ -84,6 +85,9 @@ pub enum Error {
     /// The undo lease was lost, or renewing it failed.
     #[error(transparent)]
     Claim(#[from] claim::Error),
+    /// A bulk write failed past the retries.
+    #[error(transparent)]
+    Write(#[from] crate::write::Error),
 }
 
 /// What an undo did, stored under `undo` and printed by `importd undo`.
@@ -506,9 +510,11 @@ pub async fn run(
 /// created) are not: they were removed, or kept as changed. Updates the
 /// database refused are applied (later images of their record were taken
 /// as if they had) but not counted; a restore the database refuses for
-/// good leaves its record and is counted as not reverted. Resumable: the
-/// checkpoint (`revert_below_line`) is saved with the count at least every
-/// [`REVERT_WINDOW`] images; a resumed run counts an image of its first
+/// good leaves its record and is counted as not reverted. Images go in
+/// windows of [`REVERT_WINDOW`], each put back with one read and one
+/// write ([`revert_window`]). Resumable: the checkpoint
+/// (`revert_below_line`) is saved with the count after every window; a
+/// resumed run counts an image of its first
 /// window whose record already holds what it (or a later image of the
 /// record) puts back. That count is exact unless a record was written
 /// again between the stop and the resume (then counted as not reverted),
@@ -540,7 +546,6 @@ async fn revert_updates(
     // back after its last save (it saved at least every window).
     let mut resumed = tally.revert_below.is_some();
     let mut window: Vec<Document> = Vec::with_capacity(REVERT_WINDOW);
-    let mut last_save = Instant::now();
     loop {
         window.clear();
         while window.len() < REVERT_WINDOW {
@@ -552,33 +557,129 @@ async fn revert_updates(
         if window.is_empty() {
             break;
         }
-        for (i, image) in window.iter().enumerate() {
-            let line = count(image, "line");
-            let in_doubt = resumed.then(|| &window[i + 1..]);
-            if revert_one(records, &queue_id, image, in_doubt).await?
-                && image.get_bool("refused") != Ok(true)
-            {
+        let put_back = revert_window(records, &queue_id, &window, resumed).await?;
+        for (image, back) in window.iter().zip(put_back) {
+            if back && image.get_bool("refused") != Ok(true) {
                 // An image of a contact stands for the lines merged into it.
                 tally.reverted += count(image, "lines").max(1);
             }
-            tally.revert_below = Some(line);
-            if stop.is_cancelled() || last_save.elapsed() >= SAVE_EVERY {
-                lease.save(tally.to_doc()).await?;
-                last_save = Instant::now();
-            }
-            if stop.is_cancelled() {
-                lease.release().await?;
-                info!(revert_below = line, "Undo released at shutdown");
-                return Ok(true);
-            }
         }
+        let line = window.last().map_or(0, |image| count(image, "line"));
+        tally.revert_below = Some(line);
         resumed = false;
         lease.save(tally.to_doc()).await?;
-        last_save = Instant::now();
+        if stop.is_cancelled() {
+            lease.release().await?;
+            info!(revert_below = line, "Undo released at shutdown");
+            return Ok(true);
+        }
     }
     tally.revert_below = Some(0);
     lease.save(tally.to_doc()).await?;
     Ok(false)
+}
+
+/// Applies a window of before images (newest line first; see
+/// [`revert_updates`]) with their records read once and one ordered
+/// `update` command: which images apply, and what each leaves for the
+/// record's next image, is judged in memory as the server judges it
+/// ([`befores::guard_matches`], [`befores::put_back`]). Returns, per
+/// image, whether its record is put back (by this call, or, `in_doubt`,
+/// by the run before, as [`revert_one`] tells). When the server matched
+/// fewer statements than judged (a record written meanwhile, a statement
+/// refused, a retried command), each image of the window is judged again
+/// one by one, as a resumed window is: already put back, or put back now.
+async fn revert_window(
+    records: &mongodb::Collection<Document>,
+    queue_id: &ObjectId,
+    window: &[Document],
+    in_doubt: bool,
+) -> Result<Vec<bool>, Error> {
+    let mut back = vec![false; window.len()];
+    let mut targets: Vec<(usize, ObjectId)> = Vec::new();
+    for (i, image) in window.iter().enumerate() {
+        match image.get_object_id("record_id") {
+            Ok(id)
+                if line_of_deal_id(queue_id, &id).is_none() && befores::guard(image).is_some() =>
+            {
+                targets.push((i, id));
+            }
+            _ => {}
+        }
+    }
+    if targets.is_empty() {
+        return Ok(back);
+    }
+    let mut ids: Vec<ObjectId> = targets.iter().map(|&(_, id)| id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let found: Vec<Document> = (|| async {
+        records
+            .find(doc! { "_id": { "$in": &ids } })
+            .await?
+            .try_collect()
+            .await
+    })
+    .retry(retry())
+    .when(crate::db::is_transient)
+    .await?;
+    let mut now: HashMap<ObjectId, Document> = found
+        .into_iter()
+        .filter_map(|d| Some((d.get_object_id("_id").ok()?, d)))
+        .collect();
+    let mut statements = RawArrayBuf::new();
+    let mut applied = Vec::new();
+    for &(i, id) in &targets {
+        let image = &window[i];
+        let (Some(record), Some(guard)) = (now.get_mut(&id), befores::guard(image)) else {
+            continue;
+        };
+        if befores::guard_matches(record, image) {
+            befores::put_back(record, image);
+            let statement = doc! { "q": guard, "u": befores::restore(image) };
+            statements.push(
+                RawDocumentBuf::from_document(&statement).map_err(crate::write::Error::from)?,
+            );
+            applied.push(i);
+        } else if in_doubt {
+            back[i] = befores::holds(record, image)
+                || window[i + 1..]
+                    .iter()
+                    .filter(|l| l.get_object_id("record_id") == Ok(id))
+                    .any(|l| befores::holds(record, l));
+        }
+    }
+    if applied.is_empty() {
+        return Ok(back);
+    }
+    let raw = records.clone_with_type::<RawDocumentBuf>();
+    let reply = (|| crate::write::update_command(&raw, statements.clone(), true))
+        .retry(retry())
+        .when(crate::write::Error::is_transient)
+        .await;
+    let matched = match reply {
+        Ok(r) if r.get("writeErrors").is_none() => r
+            .get("n")
+            .and_then(|n| n.as_i64().or_else(|| n.as_i32().map(i64::from))),
+        // Refused statements: judged one by one below.
+        Ok(_) => None,
+        Err(e) if e.is_transient() => return Err(e.into()),
+        Err(_) => None,
+    };
+    if matched == Some(applied.len() as i64) {
+        for i in applied {
+            back[i] = true;
+        }
+        return Ok(back);
+    }
+    warn!(
+        images = window.len(),
+        "A window of updates was not put back as judged; putting it back one by one"
+    );
+    for (i, image) in window.iter().enumerate() {
+        back[i] = revert_one(records, queue_id, image, Some(&window[i + 1..])).await?;
+    }
+    Ok(back)
 }
 
 /// Applies one before image (see [`revert_updates`]); returns whether its

@@ -36,6 +36,38 @@ fn at_path<'a>(record: &'a Document, path: &str) -> Option<&'a Bson> {
     Some(value)
 }
 
+/// Sets `path` (dotted) of `record` to `value`, making the documents on
+/// the way (pure).
+fn set_path(record: &mut Document, path: &str, value: Bson) {
+    let mut parts: Vec<&str> = path.split('.').collect();
+    let Some(last) = parts.pop() else { return };
+    let mut at = record;
+    for part in parts {
+        if !matches!(at.get(part), Some(Bson::Document(_))) {
+            at.insert(part, Document::new());
+        }
+        let Some(Bson::Document(inner)) = at.get_mut(part) else {
+            return;
+        };
+        at = inner;
+    }
+    at.insert(last, value);
+}
+
+/// Removes `path` (dotted) from `record`, if there (pure).
+fn remove_path(record: &mut Document, path: &str) {
+    let mut parts: Vec<&str> = path.split('.').collect();
+    let Some(last) = parts.pop() else { return };
+    let mut at = record;
+    for part in parts {
+        let Some(Bson::Document(inner)) = at.get_mut(part) else {
+            return;
+        };
+        at = inner;
+    }
+    at.remove(last);
+}
+
 /// The fields an update statement's `$set` writes, and the trail it pushes
 /// onto (pure).
 pub fn changed_fields(set: &bson::RawDocument) -> Vec<String> {
@@ -109,6 +141,51 @@ pub fn guard(image: &Document) -> Option<Document> {
     Some(guard)
 }
 
+/// Whether `record` is as `image`'s line left it (pure): what
+/// [`guard`] matches in the database, compared here.
+pub fn guard_matches(record: &Document, image: &Document) -> bool {
+    let number = |v: Option<&Bson>| match v {
+        Some(Bson::Int64(n)) => Some(*n),
+        Some(Bson::Int32(n)) => Some(i64::from(*n)),
+        Some(Bson::Double(n)) if n.fract() == 0.0 => Some(*n as i64),
+        _ => None,
+    };
+    let Ok(last) = record.get_document("last_import") else {
+        return false;
+    };
+    let written = match image.get("written_at") {
+        None => true,
+        Some(w) => record.get("updated_at") == Some(w),
+    };
+    written
+        && last.get_object_id("queue_id").ok() == image.get_object_id("queue_id").ok()
+        && image.get_object_id("queue_id").is_ok()
+        && number(last.get("line")).is_some()
+        && number(last.get("line")) == number(image.get("line"))
+}
+
+/// `record` as [`restore`] of `image` leaves it (pure).
+pub fn put_back(record: &mut Document, image: &Document) {
+    for pair in image
+        .get_array("before")
+        .into_iter()
+        .flatten()
+        .filter_map(Bson::as_document)
+    {
+        if let (Ok(f), Some(v)) = (pair.get_str("f"), pair.get("v")) {
+            set_path(record, f, v.clone());
+        }
+    }
+    for f in image
+        .get_array("absent")
+        .into_iter()
+        .flatten()
+        .filter_map(Bson::as_str)
+    {
+        remove_path(record, f);
+    }
+}
+
 /// Whether `record` holds what `image` would put back (pure): an undo that
 /// stopped right after putting it back, before recording so.
 pub fn holds(record: &Document, image: &Document) -> bool {
@@ -162,19 +239,7 @@ pub fn apply(record: &mut Document, set: &RawDocumentBuf, pushed: Option<Documen
         let Ok(value) = Bson::try_from(value.to_raw_bson()) else {
             continue;
         };
-        let mut parts: Vec<&str> = path.split('.').collect();
-        let Some(last) = parts.pop() else { continue };
-        let mut at = &mut *record;
-        for part in parts {
-            if !matches!(at.get(part), Some(Bson::Document(_))) {
-                at.insert(part, Document::new());
-            }
-            let Some(Bson::Document(inner)) = at.get_mut(part) else {
-                return;
-            };
-            at = inner;
-        }
-        at.insert(last, value);
+        set_path(record, path, value);
     }
     if let Some(entry) = pushed {
         let mut trail = match record.remove(TRAIL) {
@@ -248,6 +313,7 @@ pub async fn store(coll: &Collection<RawDocumentBuf>, images: &[Document]) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bson::rawdoc;
 
     #[test]
     fn an_image_holds_what_the_update_overwrites_and_restores_it() {
@@ -314,6 +380,41 @@ mod tests {
                 Bson::from(doc! { "line": 9_i64 })
             ]
         );
+    }
+
+    /// What the database would match and put back, judged in memory: a
+    /// record as its line left it matches and comes back as it was; one
+    /// written since does not.
+    #[test]
+    fn an_image_is_matched_and_put_back_in_memory_as_the_database_would() {
+        let q = ObjectId::new();
+        let id = ObjectId::new();
+        let mut set = RawDocumentBuf::new();
+        set.append("name", "New");
+        set.append("additional_info.abc", "x");
+        set.append("updated_at", bson::DateTime::from_millis(2));
+        set.append("last_import", rawdoc! { "queue_id": q, "line": 7_i64 });
+        let record = doc! {
+            "_id": id, "name": "Old", "additional_info": { "keep": 1 },
+            "updated_at": bson::DateTime::from_millis(1),
+            "last_import": { "queue_id": ObjectId::new(), "line": 3_i64 },
+        };
+        let image = image(q, 7, id, &record, &set).unwrap();
+        assert!(!guard_matches(&record, &image), "not written by line 7");
+        let mut after = record.clone();
+        apply(&mut after, &set, Some(doc! { "line": 7_i64 }), 2);
+        assert!(guard_matches(&after, &image));
+        // A line stored as a 32-bit number is the same line.
+        let mut narrow = after.clone();
+        narrow.insert("last_import", doc! { "queue_id": q, "line": 7_i32 });
+        assert!(guard_matches(&narrow, &image));
+        // Written since (a CRM edit stamps `updated_at`): left alone.
+        let mut edited = after.clone();
+        edited.insert("updated_at", bson::DateTime::from_millis(3));
+        assert!(!guard_matches(&edited, &image));
+        put_back(&mut after, &image);
+        assert_eq!(after, record);
+        assert!(holds(&after, &image));
     }
 
     /// A custom field of a record without `additional_info`: the undo

@@ -109,12 +109,13 @@ pub async fn delete_created(db: &mongodb::Database, queue_id: ObjectId) -> Resul
 pub(crate) async fn update_command(
     coll: &Collection<RawDocumentBuf>,
     statements: RawArrayBuf,
+    ordered: bool,
 ) -> Result<Document> {
     let ns = coll.namespace();
     let mut command = RawDocumentBuf::new();
     command.append("update", ns.coll.as_str());
     command.append("updates", statements);
-    command.append("ordered", false);
+    command.append("ordered", ordered);
     if let Some(wc) = coll.write_concern() {
         command.append(
             "writeConcern",
@@ -148,7 +149,7 @@ pub(crate) async fn update_by_id(
     mut scope: Document,
     noun: &str,
 ) -> Result<Vec<Option<String>>> {
-    let reply = update_command(coll, statements).await?;
+    let reply = update_command(coll, statements, false).await?;
     let mut failed: Vec<Option<String>> = vec![None; ids.len()];
     let mut refused = 0;
     if let Ok(errors) = reply.get_array("writeErrors") {

@@ -664,3 +664,75 @@ async fn a_stage_resolved_while_it_was_removed_is_put_back() {
     assert_eq!(stages.count_documents(doc! {}).await.unwrap(), 0);
     app.cleanup().await;
 }
+
+/// A window of updates goes back in one command; when the database
+/// refuses one restore (here a unique index created since, which the old
+/// value would now break), the rest of the window still goes back, one by
+/// one, and the counts say which did not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_restore_leaves_one_record_and_the_window_goes_back() {
+    let mut app = TestApp::new().await;
+    app.spawn_daemon();
+    let mapping = [("Name", "name"), ("Value", "value")];
+    let first = app
+        .enqueue_csv("first.csv", b"Name,Value\nA,1\nB,2\nC,3\n", &mapping)
+        .await;
+    app.wait_completed(first, LONG).await;
+    let update = app
+        .enqueue_with(
+            "update.csv",
+            b"Name,Value\nA,10\nB,20\nC,30\n",
+            &mapping,
+            doc! { "additional_data": { "pipeline_id": app.pipeline_id, "duplicate_strategy": "update" } },
+        )
+        .await;
+    let q = app.wait_completed(update, LONG).await;
+    assert_eq!(get_i64(&q, "progress.updated_rows"), 3, "{q}");
+    // Since: a unique index on `value`, and another deal holding 2.
+    let deals = app.coll(collections::DEALS);
+    deals
+        .create_index(
+            mongodb::IndexModel::builder()
+                .keys(doc! { "value": 1 })
+                .options(
+                    mongodb::options::IndexOptions::builder()
+                        .unique(true)
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .unwrap();
+    deals
+        .insert_one(doc! { "name": "Z", "value": 2.0, "account_id": app.account_id })
+        .await
+        .unwrap();
+    let (code, out, err) = app.cli(&["undo", &update.to_hex()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("reverted: 2 updates of existing deals"),
+        "{out}"
+    );
+    assert!(out.contains("not reverted: 1 updates"), "{out}");
+    let value = |name: &'static str| {
+        let deals = deals.clone();
+        let id = first;
+        async move {
+            deals
+                .find_one(doc! { "name": name, "import.queue_id": id })
+                .await
+                .unwrap()
+                .unwrap()
+                .get_f64("value")
+                .unwrap()
+        }
+    };
+    assert_eq!(value("A").await, 1.0);
+    assert_eq!(
+        value("B").await,
+        20.0,
+        "refused: left as the import left it"
+    );
+    assert_eq!(value("C").await, 3.0);
+    app.cleanup().await;
+}
