@@ -616,6 +616,7 @@ async fn revert_window(
     let found: Vec<Document> = (|| async {
         records
             .find(doc! { "_id": { "$in": &ids } })
+            .selection_criteria(primary())
             .await?
             .try_collect()
             .await
@@ -628,6 +629,7 @@ async fn revert_window(
         .filter_map(|d| Some((d.get_object_id("_id").ok()?, d)))
         .collect();
     let mut statements = RawArrayBuf::new();
+    let mut bytes = 0;
     let mut applied = Vec::new();
     for &(i, id) in &targets {
         let image = &window[i];
@@ -637,9 +639,10 @@ async fn revert_window(
         if befores::guard_matches(record, image) {
             befores::put_back(record, image);
             let statement = doc! { "q": guard, "u": befores::restore(image) };
-            statements.push(
-                RawDocumentBuf::from_document(&statement).map_err(crate::write::Error::from)?,
-            );
+            let statement =
+                RawDocumentBuf::from_document(&statement).map_err(crate::write::Error::from)?;
+            bytes += statement.as_bytes().len();
+            statements.push(statement);
             applied.push(i);
         } else if in_doubt {
             back[i] = befores::holds(record, image)
@@ -652,34 +655,48 @@ async fn revert_window(
     if applied.is_empty() {
         return Ok(back);
     }
-    let raw = records.clone_with_type::<RawDocumentBuf>();
-    let reply = (|| crate::write::update_command(&raw, statements.clone(), true))
-        .retry(retry())
-        .when(crate::write::Error::is_transient)
-        .await;
-    let matched = match reply {
-        Ok(r) if r.get("writeErrors").is_none() => r
-            .get("n")
-            .and_then(|n| n.as_i64().or_else(|| n.as_i32().map(i64::from))),
-        // Refused statements: judged one by one below.
-        Ok(_) => None,
-        Err(e) if e.is_transient() => return Err(e.into()),
-        Err(_) => None,
-    };
-    if matched == Some(applied.len() as i64) {
-        for i in applied {
-            back[i] = true;
+    // Before values of huge records: one by one (a command has a size
+    // limit; such windows are rare).
+    let sent = bytes <= crate::write::UPDATE_COMMAND_BYTES;
+    if sent {
+        let raw = records.clone_with_type::<RawDocumentBuf>();
+        let reply = (|| crate::write::update_command(&raw, statements.clone(), true))
+            .retry(retry())
+            .when(crate::write::Error::is_transient)
+            .await;
+        let matched = match reply {
+            Ok(r) if r.get("writeErrors").is_none() => r
+                .get("n")
+                .and_then(|n| n.as_i64().or_else(|| n.as_i32().map(i64::from))),
+            // Refused statements: judged one by one below.
+            Ok(_) => None,
+            Err(e) if e.is_transient() => return Err(e.into()),
+            Err(_) => None,
+        };
+        if matched == Some(applied.len() as i64) {
+            for i in applied {
+                back[i] = true;
+            }
+            return Ok(back);
         }
-        return Ok(back);
+        warn!(
+            images = window.len(),
+            "A window of updates was not put back as judged; putting it back one by one"
+        );
     }
-    warn!(
-        images = window.len(),
-        "A window of updates was not put back as judged; putting it back one by one"
-    );
     for (i, image) in window.iter().enumerate() {
-        back[i] = revert_one(records, queue_id, image, Some(&window[i + 1..])).await?;
+        // In doubt: what the command (or, resumed, the run before) may
+        // have put back already.
+        let doubt = in_doubt || (sent && applied.contains(&i));
+        back[i] = revert_one(records, queue_id, image, doubt.then(|| &window[i + 1..])).await?;
     }
     Ok(back)
+}
+
+/// Reads on the primary: what an undo judges from must be what its
+/// writes will meet, whatever the connection's read preference.
+fn primary() -> mongodb::options::SelectionCriteria {
+    mongodb::options::SelectionCriteria::ReadPreference(mongodb::options::ReadPreference::Primary)
 }
 
 /// Applies one before image (see [`revert_updates`]); returns whether its
@@ -750,6 +767,7 @@ async fn remove_untouched(
 ) -> mongodb::error::Result<()> {
     let found: Vec<Document> = records
         .find(guard.clone())
+        .selection_criteria(primary())
         .projection(doc! {
             "_id": 1, "created_at": 1, "updated_at": 1,
             "last_import.queue_id": 1, "last_imports.queue_id": 1,

@@ -103,7 +103,8 @@ pub async fn delete_created(db: &mongodb::Database, queue_id: ObjectId) -> Resul
     Ok(r.deleted_count)
 }
 
-/// Sends one unordered `update` command of `statements` to `coll`'s
+/// Sends one `update` command of `statements` (`ordered`: stopping at the
+/// first refused statement) to `coll`'s
 /// collection, with the collection's write concern, and returns the reply. A write-concern
 /// error is an error of the whole command (retried), carrying only its code.
 pub(crate) async fn update_command(
