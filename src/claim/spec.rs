@@ -37,12 +37,20 @@ pub fn spec_from_doc(doc: &Document) -> Result<ImportSpec, FileError> {
             ));
         }
     };
-    let csv = doc
-        .get_array("csv")
-        .ok()
-        .and_then(|a| a.first())
+    let files = doc.get_array("csv").map(Vec::as_slice).unwrap_or_default();
+    let csv = files
+        .first()
         .and_then(Bson::as_document)
         .ok_or_else(|| FileError::InvalidQueueDocument("`csv[0]` is missing".to_owned()))?;
+    // One file per import (a line is `(queue_id, line)`): a request naming
+    // several is refused whole rather than imported in part.
+    let keys: std::collections::BTreeSet<&str> = files
+        .iter()
+        .filter_map(|f| f.as_document()?.get_str("key").ok())
+        .collect();
+    if keys.len() > 1 {
+        return Err(FileError::MultipleFiles { count: keys.len() });
+    }
     let csv_key = csv
         .get_str("key")
         .ok()
@@ -196,6 +204,25 @@ mod tests {
     #[test]
     fn missing_fields_are_named() {
         let mut d = base();
+        d.insert(
+            "csv",
+            vec![
+                Bson::from(doc! { "key": "imports/a/b/one.csv", "name": "one.csv" }),
+                Bson::from(doc! { "key": "imports/a/b/two.csv", "name": "two.csv" }),
+            ],
+        );
+        let e = spec_from_doc(&d).unwrap_err();
+        assert_eq!(e.code(), "multiple_files");
+        assert!(e.to_string().contains("names 2 files"), "{e}");
+        // The same file named twice is one file.
+        d.insert(
+            "csv",
+            vec![
+                Bson::from(doc! { "key": "imports/a/b/one.csv", "name": "one.csv" }),
+                Bson::from(doc! { "key": "imports/a/b/one.csv" }),
+            ],
+        );
+        assert_eq!(spec_from_doc(&d).unwrap().csv_key, "imports/a/b/one.csv");
         d.remove("csv");
         let e = spec_from_doc(&d).unwrap_err();
         assert_eq!(e.code(), "invalid_queue_document");

@@ -295,6 +295,14 @@ pub enum FileError {
     /// The queue document lacks a field the daemon needs.
     #[error("The import request is incomplete: {0}. Please start the import again.")]
     InvalidQueueDocument(String),
+    /// `csv` names several files (an import takes one).
+    #[error(
+        "The import names {count} files, and an import takes one file. Please start one import per file."
+    )]
+    MultipleFiles {
+        /// Distinct object keys named.
+        count: usize,
+    },
     /// `source` is not one this daemon imports.
     #[error("Imports of type \"{0}\" are not supported.")]
     UnsupportedSource(String),
@@ -414,6 +422,7 @@ impl FileError {
         match self {
             Self::InvalidQueueDocument(_) => "invalid_queue_document",
             Self::UnsupportedSource(_) => "unsupported_source",
+            Self::MultipleFiles { .. } => "multiple_files",
             Self::ObjectNotFound => "object_not_found",
             Self::EmptyFile => "empty_file",
             Self::NoHeader => "no_header",
