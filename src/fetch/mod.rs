@@ -43,6 +43,10 @@ pub enum Error {
     /// No object at this key.
     #[error("object not found")]
     NotFound,
+    /// A HEAD that names no size (`Content-Length`): not read as an empty
+    /// file, which it need not be.
+    #[error("the storage did not give the object's size")]
+    NoSize,
     /// The object is no longer the version first read (412 on `If-Match`).
     #[error("the object was replaced while it was read")]
     Changed,
@@ -63,7 +67,7 @@ impl Error {
     /// Whether retrying later may succeed (5xx, 408, 429, network trouble).
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::NotFound | Self::Changed | Self::Local { .. } => false,
+            Self::NotFound | Self::Changed | Self::NoSize | Self::Local { .. } => false,
             Self::S3(e) => s3_transient(e),
         }
     }
@@ -190,7 +194,8 @@ impl Storage {
         Ok(ObjectInfo {
             size: head
                 .content_length
-                .map_or(0, |n| u64::try_from(n).unwrap_or(0)),
+                .and_then(|n| u64::try_from(n).ok())
+                .ok_or(Error::NoSize)?,
             etag: head.e_tag.filter(|t| !t.is_empty() && !t.starts_with("W/")),
         })
     }
