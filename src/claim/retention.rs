@@ -17,7 +17,7 @@
 //! gone. A purge that fails stays `purging`, claimable again after
 //! [`PURGE_RETRY`]: never `kept` again, since part of its data may be gone.
 //! An undo of a `purging` or `purged` import is refused (`crate::undo`),
-//! and a purge never takes an import whose undo is requested, so the two
+//! and a purge never takes an import whose undo is requested and not done, so the two
 //! never run on one import at once.
 
 use std::time::Duration;
@@ -64,7 +64,10 @@ impl Claimer {
                     "completed_at": { "$lt": cutoff },
                     "status": { "$in": FINAL.map(JobState::as_str).to_vec() },
                     "retention.expires_at": { "$not": { "$gt": now } },
-                    "undo_requested": { "$ne": true },
+                    // No undo to run: none requested, or the request
+                    // answered (a flag set again after it is not one
+                    // `claim_undo` takes).
+                    "$nor": [{ "undo_requested": true, "undo.finished_at": { "$exists": false } }],
                     "notify.state": { "$nin": UNSENT.to_vec() },
                     "webhook.state": { "$nin": UNSENT.to_vec() },
                 },

@@ -231,6 +231,11 @@ async fn an_import_whose_undo_or_email_is_under_way_is_not_purged() {
             doc! { "retention": { "state": "purging", "owner": "other", "expires_at": days_ago(-1) } },
             "purging",
         ),
+        // An undo done, its flag set again since (no undo takes it): purged.
+        (
+            doc! { "undo_requested": true, "undo": { "state": "done", "finished_at": days_ago(1) } },
+            "purged",
+        ),
         // Nothing under way: purged.
         (doc! { "notify": { "state": "sent" } }, "purged"),
         // Its purger died (lease expired): purged.
@@ -265,7 +270,7 @@ async fn an_import_whose_undo_or_email_is_under_way_is_not_purged() {
     )
     .await
     .unwrap();
-    assert_eq!(purged, 3, "only the imports with nothing under way");
+    assert_eq!(purged, 4, "only the imports with nothing under way");
     for (id, (extra, expected)) in ids.into_iter().zip(cases) {
         let q = app.queue(id).await;
         let r = q.get_document("retention").map(|r| r.get_str("state"));
