@@ -17,8 +17,8 @@
 //! gone. A purge that fails stays `purging`, claimable again after
 //! [`PURGE_RETRY`]: never `kept` again, since part of its data may be gone.
 //! An undo of a `purging` or `purged` import is refused (`crate::undo`),
-//! and a purge never takes an import whose undo is requested and not done, so the two
-//! never run on one import at once.
+//! and a purge never takes an import whose undo is requested and not
+//! done, so the two never run on one import at once.
 
 use std::time::Duration;
 
