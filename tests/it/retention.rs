@@ -278,3 +278,42 @@ async fn an_import_whose_undo_or_email_is_under_way_is_not_purged() {
     }
     app.cleanup().await;
 }
+
+/// The daemon sweeps by itself: once at start, then every
+/// `retention.sweep_interval`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_daemon_purges_what_comes_due() {
+    let mut settings = test_settings();
+    settings.retention.days = NonZeroU32::new(7);
+    settings.retention.sweep_interval = Duration::from_secs(1);
+    let mut app = TestApp::with_settings(settings).await;
+    let old = ObjectId::new();
+    app.queues()
+        .insert_one(doc! {
+            "_id": old, "source": "deals", "status": "completed",
+            "completed_at": days_ago(8), "notify": { "state": "sent" },
+        })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    app.wait_queue(old, LONG, "purged at start", |q| {
+        q.get_document("retention")
+            .is_ok_and(|r| r.get_str("state") == Ok("purged"))
+    })
+    .await;
+    // One that comes due while the daemon runs.
+    let later = ObjectId::new();
+    app.queues()
+        .insert_one(doc! {
+            "_id": later, "source": "deals", "status": "completed",
+            "completed_at": days_ago(9), "retention": { "state": "kept" },
+        })
+        .await
+        .unwrap();
+    app.wait_queue(later, LONG, "purged by a later sweep", |q| {
+        q.get_document("retention")
+            .is_ok_and(|r| r.get_str("state") == Ok("purged"))
+    })
+    .await;
+    app.cleanup().await;
+}
