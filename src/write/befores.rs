@@ -141,27 +141,30 @@ pub fn guard(image: &Document) -> Option<Document> {
     Some(guard)
 }
 
-/// Whether `record` is as `image`'s line left it (pure): what
-/// [`guard`] matches in the database, compared here.
+/// Whether `record` is as `image`'s line left it (pure): each equality of
+/// [`guard`] evaluated here as the server evaluates it (numbers equal
+/// whatever their type), so the two cannot drift apart.
 pub fn guard_matches(record: &Document, image: &Document) -> bool {
-    let number = |v: Option<&Bson>| match v {
-        Some(Bson::Int64(n)) => Some(*n),
-        Some(Bson::Int32(n)) => Some(i64::from(*n)),
-        Some(Bson::Double(n)) if n.fract() == 0.0 => Some(*n as i64),
+    guard(image).is_some_and(|guard| {
+        guard
+            .iter()
+            .all(|(path, wanted)| at_path(record, path).is_some_and(|v| query_eq(v, wanted)))
+    })
+}
+
+/// Equality as a query's `{path: value}` compares (pure): numbers by value
+/// across `int32`, `int64` and `double`; anything else by type and value.
+fn query_eq(a: &Bson, b: &Bson) -> bool {
+    let number = |v: &Bson| match v {
+        Bson::Int64(n) => Some(*n as f64),
+        Bson::Int32(n) => Some(f64::from(*n)),
+        Bson::Double(n) => Some(*n),
         _ => None,
     };
-    let Ok(last) = record.get_document("last_import") else {
-        return false;
-    };
-    let written = match image.get("written_at") {
-        None => true,
-        Some(w) => record.get("updated_at") == Some(w),
-    };
-    written
-        && last.get_object_id("queue_id").ok() == image.get_object_id("queue_id").ok()
-        && image.get_object_id("queue_id").is_ok()
-        && number(last.get("line")).is_some()
-        && number(last.get("line")) == number(image.get("line"))
+    match (number(a), number(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
 }
 
 /// `record` as [`restore`] of `image` leaves it (pure).
