@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::claim::Claimer;
-use crate::domain::{collections, deal_id_range};
+use crate::domain::collections;
 use crate::fetch::Storage;
 use crate::telemetry::error_chain;
 use crate::telemetry::metrics as m;
@@ -113,10 +113,7 @@ async fn purge(
     q: &Document,
 ) -> Result<Document> {
     crate::outcomes::delete_batches(db, queue_id).await?;
-    let (lo, hi) = deal_id_range(&queue_id);
-    db.collection::<Document>(befores::COLLECTION)
-        .delete_many(doc! { "_id": { "$gte": lo, "$lte": hi }, "queue_id": queue_id })
-        .await?;
+    befores::delete_all(db, queue_id).await?;
     db.collection::<Document>(collections::CSV_IMPORTS)
         .update_one(
             doc! { "queue_id": queue_id },

@@ -477,6 +477,10 @@ pub async fn run(
     }
     let result = counts.to_doc();
     lease.finish("done", result.clone()).await?;
+    // Put back, or not to be: an undo is done once.
+    if let Err(e) = befores::delete_all(db, queue_id).await {
+        warn!(error = %error_chain(&e), "Deleting the undone import's before images failed");
+    }
     let mut summary = result;
     summary.insert("finished_at", DateTime::now());
     if let Err(e) = db

@@ -210,6 +210,17 @@ pub fn holds(record: &Document, image: &Document) -> bool {
     pairs && absent
 }
 
+/// Deletes every image of import `queue_id` (idempotent): once its undo
+/// has put them back, or its retention ended.
+pub async fn delete_all(db: &mongodb::Database, queue_id: ObjectId) -> mongodb::error::Result<u64> {
+    let (lo, hi) = crate::domain::deal_id_range(&queue_id);
+    let r = db
+        .collection::<Document>(COLLECTION)
+        .delete_many(doc! { "_id": { "$gte": lo, "$lte": hi }, "queue_id": queue_id })
+        .await?;
+    Ok(r.deleted_count)
+}
+
 /// Marks the images of `lines` of import `queue_id` as of updates the
 /// database refused: an undo still applies them (a record's later images
 /// were taken as if they applied), but does not count them.

@@ -364,6 +364,12 @@ async fn undo_puts_back_the_contacts_an_update_import_changed() {
     assert!(!out.contains("not reverted"), "{out}");
     let left = app.find_all(collections::CONTACTS, doc! {}).await;
     assert_eq!(left, [before], "put back exactly as it was");
+    assert_eq!(
+        app.count(importd::write::befores::COLLECTION, doc! { "queue_id": id })
+            .await,
+        0,
+        "before images go once put back"
+    );
     app.cleanup().await;
 }
 
