@@ -167,24 +167,31 @@ fn query_eq(a: &Bson, b: &Bson) -> bool {
     }
 }
 
-/// `record` as [`restore`] of `image` leaves it (pure).
-pub fn put_back(record: &mut Document, image: &Document) {
-    for pair in image
+/// The fields `image` puts back with their values (`before`) (pure).
+fn before_values(image: &Document) -> impl Iterator<Item = (&str, &Bson)> {
+    image
         .get_array("before")
         .into_iter()
         .flatten()
         .filter_map(Bson::as_document)
-    {
-        if let (Ok(f), Some(v)) = (pair.get_str("f"), pair.get("v")) {
-            set_path(record, f, v.clone());
-        }
-    }
-    for f in image
+        .filter_map(|pair| Some((pair.get_str("f").ok()?, pair.get("v")?)))
+}
+
+/// The fields `image` removes, which the record lacked (`absent`) (pure).
+fn absent_fields(image: &Document) -> impl Iterator<Item = &str> {
+    image
         .get_array("absent")
         .into_iter()
         .flatten()
         .filter_map(Bson::as_str)
-    {
+}
+
+/// `record` as [`restore`] of `image` leaves it (pure).
+pub fn put_back(record: &mut Document, image: &Document) {
+    for (f, v) in before_values(image) {
+        set_path(record, f, v.clone());
+    }
+    for f in absent_fields(image) {
         remove_path(record, f);
     }
 }
@@ -192,22 +199,8 @@ pub fn put_back(record: &mut Document, image: &Document) {
 /// Whether `record` holds what `image` would put back (pure): an undo that
 /// stopped right after putting it back, before recording so.
 pub fn holds(record: &Document, image: &Document) -> bool {
-    let pairs = image
-        .get_array("before")
-        .into_iter()
-        .flatten()
-        .filter_map(Bson::as_document)
-        .all(|p| match (p.get_str("f"), p.get("v")) {
-            (Ok(f), Some(v)) => at_path(record, f) == Some(v),
-            _ => false,
-        });
-    let absent = image
-        .get_array("absent")
-        .into_iter()
-        .flatten()
-        .filter_map(Bson::as_str)
-        .all(|f| at_path(record, f).is_none());
-    pairs && absent
+    before_values(image).all(|(f, v)| at_path(record, f) == Some(v))
+        && absent_fields(image).all(|f| at_path(record, f).is_none())
 }
 
 /// Deletes every image of import `queue_id` (idempotent): once its undo
@@ -270,22 +263,10 @@ pub fn apply(record: &mut Document, set: &RawDocumentBuf, pushed: Option<Documen
 /// The update that puts a record back as `image` found it (pure): `$set`
 /// of the values it had, `$unset` of the fields it lacked.
 pub fn restore(image: &Document) -> Document {
-    let mut set = Document::new();
-    for pair in image
-        .get_array("before")
-        .into_iter()
-        .flatten()
-        .filter_map(Bson::as_document)
-    {
-        if let (Ok(f), Some(v)) = (pair.get_str("f"), pair.get("v")) {
-            set.insert(f, v.clone());
-        }
-    }
-    let unset: Document = image
-        .get_array("absent")
-        .into_iter()
-        .flatten()
-        .filter_map(Bson::as_str)
+    let set: Document = before_values(image)
+        .map(|(f, v)| (f.to_owned(), v.clone()))
+        .collect();
+    let unset: Document = absent_fields(image)
         .map(|f| (f.to_owned(), Bson::String(String::new())))
         .collect();
     let mut update = Document::new();
