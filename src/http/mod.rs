@@ -73,11 +73,68 @@ pub async fn serve(
             }
         })
     };
-    let result = axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
+    accept(listener, router(state), shutdown).await;
     upkeep.abort();
-    result
+    Ok(())
+}
+
+/// Most connections served at once; past it, accepting waits, so a flood
+/// of idle clients cannot take the file descriptors MongoDB and S3 need.
+const MAX_CONNECTIONS: usize = 256;
+/// A request's head must arrive within this: a client that stalls
+/// mid-header is dropped instead of holding a connection for ever.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for requests in flight before the daemon goes
+/// on stopping without them.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// The accept loop: HTTP/1 connections under [`MAX_CONNECTIONS`] and
+/// [`HEADER_READ_TIMEOUT`], drained for at most [`DRAIN`] on shutdown.
+async fn accept(listener: tokio::net::TcpListener, app: Router, shutdown: CancellationToken) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    loop {
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors and the like: wait, do not spin.
+                    warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let conn =
+            http1.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("HTTP connections still open after the drain period; not waiting for them");
+    }
 }
 
 async fn healthz(State(s): State<HttpState>) -> Response {

@@ -173,3 +173,52 @@ async fn the_listener_serves_health_metrics_and_progress_to_the_importing_accoun
     assert!(offset.abs() < 1.0, "{offset}");
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stalled_mid_request_does_not_hold_the_daemon_at_sigterm() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::new().await;
+    let port = free_port();
+    let mut daemon = app
+        .binary(&["run"])
+        .env("IMPORTD__HTTP__ENABLED", "true")
+        .env("IMPORTD__HTTP__BIND", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("daemon starts");
+    let start = Instant::now();
+    let mut stalled = loop {
+        match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            Ok(s) => break s,
+            Err(_) if start.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("the listener never answered: {e}"),
+        }
+    };
+    // Half a request head, then nothing: the connection stays open.
+    stalled
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: a")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(daemon.id().to_string())
+        .status();
+    // Without a bounded drain the daemon would wait on this client for as
+    // long as it stays connected (here: for ever).
+    let exited = Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            break status;
+        }
+        if exited.elapsed() > Duration::from_secs(60) {
+            let _ = daemon.kill();
+            panic!("the daemon did not exit while a client stalled mid-request");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status}");
+    drop(stalled);
+}
