@@ -355,10 +355,19 @@ pub struct HttpSettings {
 }
 
 /// CRM integration.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct CrmSettings {
-    /// Completion webhook; `None` = off.
+    /// Completion webhook; `None` = off. Its path and query may carry a
+    /// secret, so it is only ever shown through [`mask_url`].
     pub webhook_url: Option<String>,
+}
+
+impl std::fmt::Debug for CrmSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CrmSettings")
+            .field("webhook_url", &self.webhook_url.as_deref().map(mask_url))
+            .finish()
+    }
 }
 
 /// Log output format.
@@ -507,15 +516,7 @@ impl Settings {
         })?;
         let webhook_url = match raw.crm.webhook_url.trim() {
             "" => None,
-            url if url.starts_with("http://") || url.starts_with("https://") => {
-                Some(url.to_owned())
-            }
-            _ => {
-                return Err(invalid(
-                    "crm.webhook_url",
-                    "must be an http(s) URL or empty",
-                ));
-            }
+            url => Some(webhook_url(url).map_err(|why| invalid("crm.webhook_url", why))?),
         };
         // The status API verifies dashboard tokens and the webhook signs
         // its own with this key: an empty or short one would let anyone
@@ -861,10 +862,12 @@ fn secret_option(key: &str) -> bool {
 }
 
 /// `scheme://userinfo@rest` split in three, if the URI has a userinfo.
+/// The userinfo ends at the last `@` (as the MongoDB driver reads it): a
+/// password with an unescaped `/` or `@` is still all userinfo. `uri` is
+/// the part before any `?`.
 fn userinfo(uri: &str) -> Option<(&str, &str, &str)> {
     let (scheme, rest) = uri.split_once("://")?;
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let at = rest[..authority_end].rfind('@')?;
+    let at = rest.rfind('@')?;
     Some((scheme, &rest[..at], &rest[at + 1..]))
 }
 
@@ -879,13 +882,38 @@ fn mask_userinfo(uri: &str) -> String {
     }
 }
 
-/// Webhook URLs may carry a token in their query string or userinfo (as
-/// user name or password): the query is left out, the userinfo masked.
+/// Checks `crm.webhook_url`. A user name or password in it would make the
+/// HTTP client send `Authorization: Basic` next to the Bearer token, and
+/// receivers that read the first header would refuse every call.
+fn webhook_url(url: &str) -> Result<String, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|_| "must be an http(s) URL or empty")?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err("must be an http(s) URL or empty".into());
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(
+            "must not carry a user name or password: the webhook authenticates \
+             with a Bearer token signed with app_secret"
+                .into(),
+        );
+    }
+    Ok(url.to_owned())
+}
+
+/// Webhook URLs may carry a token anywhere after the host (Slack-style
+/// paths, `?token=`): only the scheme, host and port are shown.
 fn mask_url(url: &str) -> String {
-    let url = url.split('?').next().unwrap_or(url);
-    match userinfo(url) {
-        Some((scheme, _, rest)) => format!("{scheme}://********@{rest}"),
-        None => url.to_owned(),
+    match reqwest::Url::parse(url) {
+        Ok(parsed) if parsed.host_str().is_some() => {
+            let host = parsed.host_str().unwrap_or_default();
+            let port = parsed.port().map(|p| format!(":{p}")).unwrap_or_default();
+            let rest = match parsed.path() {
+                "" | "/" if parsed.query().is_none() => "",
+                _ => "/********",
+            };
+            format!("{}://{host}{port}{rest}", parsed.scheme())
+        }
+        _ => "********".to_owned(),
     }
 }
 
@@ -914,15 +942,41 @@ mod tests {
     }
 
     #[test]
-    fn webhook_url_credentials_are_masked() {
+    fn a_password_with_a_slash_or_at_sign_is_still_masked() {
         assert_eq!(
-            mask_url("https://hook:pa55@crm.example.com/import-done?token=t0ken"),
-            "https://********@crm.example.com/import-done"
+            mask_uri("mongodb://importd:Zm9v/YmFy@db1,db2/?replicaSet=rs0"),
+            "mongodb://importd:********@db1,db2/?replicaSet=rs0"
         );
         assert_eq!(
-            mask_url("https://crm.example.com/x"),
-            "https://crm.example.com/x"
+            mask_uri("mongodb://importd:p@ss/w@db1:27017/crm"),
+            "mongodb://importd:********@db1:27017/crm"
         );
+    }
+
+    #[test]
+    fn webhook_url_shows_only_scheme_host_and_port() {
+        assert_eq!(
+            mask_url("https://crm.example.com:8443/services/T0/B1/s3cr3t?token=t0ken"),
+            "https://crm.example.com:8443/********"
+        );
+        assert_eq!(
+            mask_url("https://crm.example.com/"),
+            "https://crm.example.com"
+        );
+        assert_eq!(mask_url("not a url"), "********");
+        let crm = CrmSettings {
+            webhook_url: Some("https://crm.example.com/hook/s3cr3t".into()),
+        };
+        assert!(!format!("{crm:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn webhook_url_must_be_http_without_credentials() {
+        assert!(webhook_url("https://crm.example.com/import-done").is_ok());
+        assert!(webhook_url("ftp://crm.example.com/x").is_err());
+        assert!(webhook_url("crm.example.com/x").is_err());
+        let refused = webhook_url("https://hook:pa55@crm.example.com/done").unwrap_err();
+        assert!(refused.contains("user name or password"), "{refused}");
     }
 
     #[test]

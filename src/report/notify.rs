@@ -154,10 +154,7 @@ impl Notifier {
     /// A notifier sending as `claimer`'s owner.
     pub fn new(services: Services, claimer: Claimer) -> Result<Self, Error> {
         let mailer = Mailer::new(&services.settings.smtp)?;
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| Error::Setup(e.to_string()))?;
+        let http = webhook::client().map_err(|e| Error::Setup(e.to_string()))?;
         Ok(Self {
             services,
             claimer,
@@ -718,9 +715,6 @@ impl Notifier {
                 }
             };
             let Some(result) = posted else { return };
-            let label = if result.is_ok() { "sent" } else { "failed" };
-            metrics::counter!(m::NOTIFICATIONS, "channel" => "webhook", "result" => label)
-                .increment(1);
             let now = self.claimer.clock().now();
             let (state, fields) = match &result {
                 Ok(status) => (
@@ -744,6 +738,9 @@ impl Notifier {
                     (if last { "failed" } else { "pending" }, fields)
                 }
             };
+            let label = if state == "pending" { "retry" } else { state };
+            metrics::counter!(m::NOTIFICATIONS, "channel" => "webhook", "result" => label)
+                .increment(1);
             self.finish_round(Channel::Webhook, queue_id, round, state, fields)
                 .await;
         }

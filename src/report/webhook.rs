@@ -63,6 +63,10 @@ pub enum Error {
     /// The endpoint answered with an error status.
     #[error("the endpoint answered {0}")]
     Status(u16),
+    /// The endpoint answered with a redirect, which is not followed (it
+    /// would drop the POST body): not retried.
+    #[error("the endpoint answered {0} (a redirect): set crm.webhook_url to the final URL")]
+    Redirected(u16),
     /// The import's totals could not be read.
     #[error("reading the totals: {0}")]
     Totals(String),
@@ -81,7 +85,7 @@ impl Error {
     /// 4xx other than 408/429 is the endpoint refusing: not retried.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Jwt(_) | Self::NoRoundsLeft => false,
+            Self::Jwt(_) | Self::NoRoundsLeft | Self::Redirected(_) => false,
             Self::Http(_) | Self::Totals(_) => true,
             Self::Status(s) => *s >= 500 || *s == 408 || *s == 429,
         }
@@ -111,6 +115,16 @@ pub fn mint(secret: &SecretString, who: &Principal) -> Result<String, Error> {
     )?)
 }
 
+/// The HTTP client for [`post`]. Redirects are not followed: a 301/302/303
+/// would turn the POST into a GET without the summary, and that GET's 200
+/// would read as delivered.
+pub fn client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+}
+
 /// POSTs `body` once, with a token minted now. Returns the status.
 pub async fn post(
     client: &reqwest::Client,
@@ -129,6 +143,8 @@ pub async fn post(
     let status = r.status().as_u16();
     if r.status().is_success() {
         Ok(status)
+    } else if r.status().is_redirection() {
+        Err(Error::Redirected(status))
     } else {
         Err(Error::Status(status))
     }
@@ -175,6 +191,49 @@ mod tests {
         assert!(Error::Status(408).is_transient());
         assert!(Error::Status(429).is_transient());
         assert!(Error::Status(503).is_transient());
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_not_followed_and_not_retried() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = tokio::spawn(async move {
+            let mut requests = 0;
+            // The redirect target is this listener too: a followed redirect
+            // would come back as a second request.
+            while let Ok(Ok((mut conn, _))) =
+                tokio::time::timeout(Duration::from_millis(500), listener.accept()).await
+            {
+                requests += 1;
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let reply = format!(
+                    "HTTP/1.1 302 Found\r\nLocation: http://{addr}/elsewhere\r\n\
+                     Content-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                let _ = conn.write_all(reply.as_bytes()).await;
+            }
+            requests
+        });
+        let who = Principal {
+            uid: "u".into(),
+            account_id: "a".into(),
+            parent_account: "p".into(),
+            client_id: "c".into(),
+        };
+        let e = post(
+            &client().unwrap(),
+            &format!("http://{addr}/done"),
+            &SecretString::from("s"),
+            &who,
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, Error::Redirected(302)), "{e}");
+        assert!(!e.is_transient());
+        assert_eq!(served.await.unwrap(), 1);
     }
 
     #[tokio::test]

@@ -34,6 +34,10 @@ fn secrets_are_masked_and_env_overrides_apply() {
             "IMPORTD__MONGODB__URI",
             "mongodb://app:mongo-very-secret@db.internal:27017/crm",
         ),
+        (
+            "IMPORTD__CRM__WEBHOOK_URL",
+            "https://crm.internal/hooks/very-secret?token=very-secret",
+        ),
         ("IMPORTD__SCHEDULER__LEASE_SECONDS", "90"),
         // Strings that look like numbers stay as written (secrets too).
         ("IMPORTD__MONGODB__DATABASE", "0012345678901234567890123"),
@@ -48,6 +52,10 @@ fn secrets_are_masked_and_env_overrides_apply() {
     assert!(!out.contains("very-secret"), "a secret leaked:\n{out}");
     assert!(
         out.contains("uri = \"mongodb://app:********@db.internal:27017/crm\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("webhook_url = \"https://crm.internal/********\""),
         "{out}"
     );
     assert!(out.contains("lease_seconds = 90"), "{out}");
@@ -78,6 +86,12 @@ fn invalid_values_name_their_key() {
         // Shorter than the error report links emails carry (7 days).
         ("IMPORTD__RETENTION__DAYS", "3", "retention.days"),
         ("IMPORTD__RETENTION__DAYS", "-1", "retention.days"),
+        // Basic credentials would ride next to the Bearer token.
+        (
+            "IMPORTD__CRM__WEBHOOK_URL",
+            "https://hook:pa55@crm.internal/done",
+            "crm.webhook_url",
+        ),
     ] {
         let (ok, _, err) = check_config(&[(var, value)]);
         assert!(!ok, "{var}={value} accepted");
