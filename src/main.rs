@@ -138,7 +138,12 @@ fn main() -> ExitCode {
         print!("{}", settings.masked());
         return ExitCode::SUCCESS;
     }
-    telemetry::init(settings.log.format, &settings.log.filter, std::io::stdout);
+    // The daemon logs to stdout (the journal); one-shot commands to stderr,
+    // so that what they print (a queue id, an import's lines) stays clean.
+    match cli.command {
+        Command::Run => telemetry::init(settings.log.format, &settings.log.filter, std::io::stdout),
+        _ => telemetry::init(settings.log.format, &settings.log.filter, std::io::stderr),
+    }
     telemetry::log_panics();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -323,7 +328,13 @@ async fn support(
                 logs::Filter::All
             };
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            let batches = logs::write_logs(db, id, filter, &mut out).await?;
+            let batches = match logs::write_logs(db, id, filter, &mut out).await {
+                // `importd logs ID | head`: the reader has what it wanted.
+                Err(logs::Error::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                batches => batches?,
+            };
             if batches == 0
                 && let Some(purged) = status::status(db, id).await?.and_then(|s| s.purged())
             {
