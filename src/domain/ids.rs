@@ -45,7 +45,9 @@ fn queue_hash(queue_id: &ObjectId) -> [u8; 4] {
 
 /// The `_id` of the record created from `line` of import `queue_id`.
 ///
-/// Returns `None` for lines past [`MAX_LINE`]; the parser fails such files.
+/// Returns `None` for lines past [`MAX_LINE`] (only a file of over 4 GiB
+/// can reach one): its writer refuses the batch (`LineOutOfRange`, not
+/// retried) and the import ends `too_many_attempts` naming the line.
 pub fn deal_id(queue_id: &ObjectId, line: LineNo) -> Option<ObjectId> {
     let line = u32::try_from(line).ok()?;
     let q = queue_id.bytes();

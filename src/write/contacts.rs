@@ -154,7 +154,7 @@ impl ContactWriter {
                     }
                     Some((id, _)) => ContactWrite::Skipped(*id),
                     // No contact has the email: the line's own id is taken.
-                    None => self.own_id_taken(c).await?,
+                    None => self.own_id_taken(c, now).await?,
                 };
             }
         }
@@ -279,10 +279,13 @@ impl ContactWriter {
         Ok(())
     }
 
-    /// A line's insert hit its own `_id` but no contact has its email: the
-    /// contact this line created earlier has since been given another
-    /// email (a replay), or an unrelated record holds the id.
-    async fn own_id_taken(&self, c: &MappedContact) -> Result<ContactWrite> {
+    /// A line's insert was refused as a duplicate but no contact has its
+    /// email: the contact this line created earlier has since been given
+    /// another email (a replay), or an unrelated record holds the id. When
+    /// nothing holds the id either, the contact that had the email was
+    /// deleted since (or another unique index refused the line): one more
+    /// insert says which.
+    async fn own_id_taken(&self, c: &MappedContact, now: DateTime) -> Result<ContactWrite> {
         let id = self.id_of(c.line)?;
         let stored = self
             .coll
@@ -290,6 +293,21 @@ impl ContactWriter {
             .find_one(doc! { "_id": id })
             .projection(doc! { "import": 1 })
             .await?;
+        if stored.is_none() {
+            let doc = self.builder.build_row(id, c, now);
+            let refused = insert_unordered(&self.coll, std::slice::from_ref(&doc)).await?;
+            return Ok(match refused.first() {
+                None => ContactWrite::Created,
+                Some(&(_, 11000)) => ContactWrite::Rejected(
+                    "The database refused the contact as a duplicate of another record \
+                     (a unique field other than the email); the line was not imported."
+                        .into(),
+                ),
+                Some(&(_, code)) => ContactWrite::Rejected(format!(
+                    "The database refused the contact (code {code})."
+                )),
+            });
+        }
         let ours = stored
             .as_ref()
             .and_then(|d| d.get_document("import").ok())

@@ -541,3 +541,47 @@ async fn a_write_again_keeps_the_first_image_with_the_time_it_stamps() {
     assert_eq!(app.count(collections::CONTACTS, guard).await, 1);
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_another_unique_index_refuses_fails_naming_the_reason() {
+    let mut app = TestApp::new().await;
+    // The CRM's own unique index on phone numbers, beside importd's on
+    // emails: the insert is refused, yet no contact has the line's email.
+    app.db
+        .run_command(doc! {
+            "createIndexes": collections::CONTACTS,
+            "indexes": [{
+                "key": { "account_id": 1, "phone": 1 }, "name": "crm_phone", "unique": true,
+                "partialFilterExpression": { "phone": { "$type": "string" } },
+            }],
+        })
+        .await
+        .unwrap();
+    app.coll(collections::CONTACTS)
+        .insert_one(doc! { "account_id": app.account_id, "email": "pat@x.co", "phone": "555" })
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let csv = "Email,Phone\nnew@x.co,555\nok@x.co,556\n";
+    let id = app
+        .enqueue_with(
+            "people.csv",
+            csv.as_bytes(),
+            &[("Email", "email"), ("Phone", "phone")],
+            contacts(None),
+        )
+        .await;
+    let q = app.wait_completed(id, LONG).await;
+    assert_eq!(counts(&q), [1, 0, 0, 1], "{q}");
+    match outcomes::line_outcome(&app.db, id, 2).await.unwrap() {
+        Some(LineOutcome::Failed(f)) => {
+            assert!(
+                f.message.contains("unique field other than the email"),
+                "{f:?}"
+            )
+        }
+        other => panic!("line 2: {other:?}"),
+    }
+    assert_eq!(get_i64(&contact(&app, "ok@x.co").await, "import.line"), 3);
+    app.cleanup().await;
+}
