@@ -13,6 +13,8 @@ use super::BoxRead;
 /// decoding; this only moves bytes between buffers).
 pub(super) struct Transcode {
     inner: BoxRead,
+    /// Bytes of the file read so far (shared with whoever shows progress).
+    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
     decoder: encoding_rs::Decoder,
     input: Vec<u8>,
     output: Vec<u8>,
@@ -21,9 +23,14 @@ pub(super) struct Transcode {
 }
 
 impl Transcode {
-    pub(super) fn new(inner: BoxRead, encoding: &'static encoding_rs::Encoding) -> Self {
+    pub(super) fn new(
+        inner: BoxRead,
+        encoding: &'static encoding_rs::Encoding,
+        read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
         Self {
             inner,
+            read,
             decoder: encoding.new_decoder_without_bom_handling(),
             input: vec![0; 32 * 1024],
             output: Vec::with_capacity(64 * 1024),
@@ -132,6 +139,8 @@ impl AsyncRead for Transcode {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {
                     let n = rb.filled().len();
+                    this.read
+                        .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                     let last = n == 0;
                     this.output.clear();
                     this.out_pos = 0;

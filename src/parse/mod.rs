@@ -34,6 +34,8 @@
 //! and record caps.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use csv_async::{AsyncReader, AsyncReaderBuilder, ByteRecord};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -48,7 +50,9 @@ mod sniff;
 use decode::{LoneCr, Transcode};
 use lines::{Scan, Tail, Width};
 pub use sniff::detect_delimiter;
-use sniff::{detect_line_ending, first_line_end, holds_sample, looks_binary, sep_line};
+use sniff::{
+    BINARY_PROBE_BYTES, detect_line_ending, first_line_end, holds_sample, looks_binary, sep_line,
+};
 
 /// Errors of the parse layer.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +137,9 @@ pub struct Records {
     byte_base: u64,
     /// Dialect in use.
     pub dialect: Dialect,
+    /// Bytes of the file read so far, when record offsets are not the
+    /// file's (a transcoded file): progress is told from it.
+    file_bytes_read: Option<Arc<AtomicU64>>,
 }
 
 /// One record, borrowed from the reader until the next call.
@@ -219,6 +226,7 @@ where
     } else {
         (Encoding::Utf8, 0)
     };
+    // UTF-16 text has NUL bytes: it is checked once decoded, below.
     if encoding == Encoding::Utf8 && looks_binary(&head[bom..]) {
         return Err(FileError::NotCsv.into());
     }
@@ -230,17 +238,26 @@ where
             .await
             .map_err(|source| Error::Io { line: 1, source })?;
     }
+    let mut read = None;
     if encoding != Encoding::Utf8 {
         let enc = if encoding == Encoding::Utf16Le {
             encoding_rs::UTF_16LE
         } else {
             encoding_rs::UTF_16BE
         };
-        reader = Box::pin(Transcode::new(reader, enc));
+        read = Some(Arc::new(AtomicU64::new(bom as u64)));
+        reader = Box::pin(Transcode::new(
+            reader,
+            enc,
+            read.clone().unwrap_or_default(),
+        ));
     }
     // Peek again after transcoding: the delimiter is found in text, in the
     // header line, after any blank lines.
     let (blank, mut head, reader) = skip_blank_lines(reader).await?;
+    if encoding != Encoding::Utf8 && looks_binary(&head) {
+        return Err(FileError::NotCsv.into());
+    }
     // An Excel `sep=` line names the delimiter; the header follows it.
     let sep = sep_line(&head);
     if let Some((_, len)) = sep {
@@ -292,6 +309,7 @@ where
     if headers.iter().all(|h| h.trim().is_empty()) {
         return Err(FileError::NoHeader.into());
     }
+    records.file_bytes_read = read;
     Ok((headers, records))
 }
 
@@ -305,6 +323,14 @@ where
 }
 
 impl Records {
+    /// How many bytes of the file have been read, for a transcoded file
+    /// (whose record offsets count decoded bytes); `None` when record
+    /// offsets are the file's own. Runs ahead of the records by what is
+    /// buffered.
+    pub fn file_bytes_read(&self) -> Option<Arc<AtomicU64>> {
+        self.file_bytes_read.clone()
+    }
+
     fn new(reader: BoxRead, dialect: Dialect, start: Start) -> Self {
         // `\n` is the only terminator: a `\r` before it stays in the last
         // field (readers strip it, see `map::Fields`). With csv's default
@@ -328,6 +354,7 @@ impl Records {
             record: ByteRecord::new(),
             oversized: false,
             lone_crs: 0,
+            file_bytes_read: None,
             next_line: start.line.max(1),
             line_base: start.line.saturating_sub(1),
             byte_base: start.byte,
@@ -475,8 +502,9 @@ async fn skip_blank_lines(mut reader: BoxRead) -> Result<(Blank, Vec<u8>, BoxRea
 }
 
 /// Reads up to `limit` bytes, stopping early once a full line (outside
-/// quotes) is in the buffer; returns them and a reader that yields them
-/// again followed by the rest.
+/// quotes) and [`BINARY_PROBE_BYTES`] are in the buffer (so the binary
+/// check sees the same bytes however the storage cuts its reads); returns
+/// them and a reader that yields them again followed by the rest.
 async fn peek(mut reader: BoxRead, limit: usize) -> Result<(Vec<u8>, BoxRead)> {
     let mut buf = Vec::with_capacity(8192);
     let mut chunk = vec![0u8; 8192];
@@ -489,7 +517,7 @@ async fn peek(mut reader: BoxRead, limit: usize) -> Result<(Vec<u8>, BoxRead)> {
             break;
         }
         buf.extend_from_slice(&chunk[..n]);
-        if first_line_end(&buf).is_some() {
+        if buf.len() >= BINARY_PROBE_BYTES && first_line_end(&buf).is_some() {
             break;
         }
     }
@@ -878,11 +906,65 @@ mod tests {
         assert_eq!(code(b"\n\n,,\n1,2,3\n"), "no_header");
         assert_eq!(code(b"PK\x03\x04binary"), "not_csv");
         assert_eq!(code(b"a,b\x00c\n"), "not_csv");
+        // UTF-16 is checked once decoded (its raw bytes are half NULs).
+        let utf16 = |text: &str| {
+            let mut b = vec![0xFF, 0xFE];
+            b.extend(text.encode_utf16().flat_map(u16::to_le_bytes));
+            b
+        };
+        assert_eq!(code(&utf16("a,b\n\u{0}\u{0}\u{1}x\n")), "not_csv");
+        assert!(rt().block_on(read_all(utf16("a,b\n1,2\n"))).is_ok());
         assert_eq!(code(b",,\n1,2,3\n"), "no_header");
         let huge = format!("{},b\n1,2\n", "h".repeat(MAX_HEADER_BYTES + 1));
         match rt().block_on(read_all(huge.into_bytes())) {
             Err(Error::File(e)) => assert!(e.to_string().contains("KiB"), "{e}"),
             other => panic!("expected a file error, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    #[test]
+    fn a_transcoded_file_counts_its_own_bytes_for_progress() {
+        let mut raw = vec![0xFF, 0xFE];
+        raw.extend(
+            "Name,Note\nÅsa,日本\nBo,x\n"
+                .encode_utf16()
+                .flat_map(u16::to_le_bytes),
+        );
+        let size = raw.len() as u64;
+        rt().block_on(async {
+            let (_, mut records) = open(std::io::Cursor::new(raw)).await.unwrap();
+            let read = records.file_bytes_read().expect("a UTF-16 file counts");
+            let mut last_end = 0;
+            while let Some(r) = records.next().await.unwrap() {
+                last_end = r.end_byte;
+            }
+            // Decoded offsets fall short of the file (ASCII halves)...
+            assert!(last_end < size);
+            // ...the count of the file's bytes does not.
+            assert_eq!(read.load(std::sync::atomic::Ordering::Relaxed), size);
+            let (_, utf8) = open(std::io::Cursor::new(b"a\n1\n".to_vec()))
+                .await
+                .unwrap();
+            assert!(utf8.file_bytes_read().is_none());
+        });
+    }
+
+    #[test]
+    fn a_nul_in_the_first_8_kib_is_found_however_the_reads_are_cut() {
+        let mut csv = b"a,b\n".to_vec();
+        csv.extend(std::iter::repeat_n(b'x', 5000));
+        csv.push(0);
+        csv.extend_from_slice(b",y\n");
+        for size in [64, 1000, 8192, csv.len()] {
+            // One read per chunk of `size` bytes, as a slow storage gives.
+            let mut reader: BoxRead = Box::pin(tokio::io::empty());
+            for chunk in csv.chunks(size).rev() {
+                reader = Box::pin(std::io::Cursor::new(chunk.to_vec()).chain(reader));
+            }
+            match rt().block_on(open(reader)) {
+                Err(Error::File(e)) => assert_eq!(e.code(), "not_csv", "reads of {size}"),
+                other => panic!("reads of {size}: {:?}", other.map(|_| ())),
+            }
         }
     }
 

@@ -77,12 +77,19 @@ pub(super) fn holds_sample(buf: &[u8]) -> bool {
 /// ends `\n`, `\r\n`, and a lone `\r` if `lone_cr_ends`; a quote opens a
 /// quoted field only at a field's start; a last line without its end
 /// counts if it is the first, or if `whole`: `buf` is the rest of the
-/// file, not cut by the sample's size), and how often the delimiter stands
-/// between two digits (`5,50`, a decimal comma rather than a separator).
-fn field_counts(buf: &[u8], delimiter: u8, whole: bool, lone_cr_ends: bool) -> (Vec<usize>, usize) {
+/// file, not cut by the sample's size), how often the delimiter stands
+/// between two digits (`5,50`, a decimal comma rather than a separator),
+/// and how many quotes stand inside an unquoted field (a quoted field
+/// opening after some other delimiter: `"Doe, J";"Paris"` split at `,`).
+fn field_counts(
+    buf: &[u8],
+    delimiter: u8,
+    whole: bool,
+    lone_cr_ends: bool,
+) -> (Vec<usize>, usize, usize) {
     let mut counts = Vec::new();
     let (mut fields, mut quoted, mut at_start, mut empty) = (1, false, true, true);
-    let mut between_digits = 0;
+    let (mut between_digits, mut stray_quotes) = (0, 0);
     let mut i = 0;
     while i < buf.len() {
         let b = buf[i];
@@ -101,6 +108,10 @@ fn field_counts(buf: &[u8], delimiter: u8, whole: bool, lone_cr_ends: bool) -> (
         at_start = match b {
             b'"' if at_start => {
                 quoted = true;
+                false
+            }
+            b'"' => {
+                stray_quotes += 1;
                 false
             }
             b'\r' if !lone_cr_ends && buf.get(i) != Some(&b'\n') => false,
@@ -126,16 +137,17 @@ fn field_counts(buf: &[u8], delimiter: u8, whole: bool, lone_cr_ends: bool) -> (
     if !empty && (whole || counts.is_empty()) {
         counts.push(fields);
     }
-    (counts, between_digits)
+    (counts, between_digits, stray_quotes)
 }
 
 /// The delimiter among `,` `;` tab `|` of the header line (`,` when none
 /// splits it), told from the file's `sample`: the one whose rows most
 /// often have as many fields as the header, then the one splitting the
-/// header most, then the one less often between two digits, then the
-/// earlier in that list. So `Deal;Amount (EUR, net)` over `A;5` or `A;5,50`
-/// rows is `;`-separated, and a stray quote inside a field (`Size 5"`)
-/// hides nothing.
+/// header most, then the one leaving fewer quotes inside unquoted fields,
+/// then the one less often between two digits, then the earlier in that
+/// list. So `Deal;Amount (EUR, net)` over `A;5` or `A;5,50` rows is
+/// `;`-separated, so is `"Doe, J";"Paris, FR"`, and a stray quote inside a
+/// field (`Size 5"`) hides nothing.
 pub fn detect_delimiter(head: &[u8]) -> u8 {
     let sample = sample(head);
     DELIMITERS
@@ -144,7 +156,7 @@ pub fn detect_delimiter(head: &[u8]) -> u8 {
         .filter_map(|(i, &d)| {
             // Shorter than its cap, the sample ends at a line break or at
             // the end of the file (see `skip_blank_lines`).
-            let (counts, between_digits) =
+            let (counts, between_digits, stray_quotes) =
                 field_counts(sample, d, sample.len() < SNIFF_BYTES, true);
             let header = *counts.first()?;
             let consistent = counts[1..].iter().filter(|&&n| n == header).count();
@@ -154,6 +166,7 @@ pub fn detect_delimiter(head: &[u8]) -> u8 {
                 header > 1,
                 consistent,
                 header,
+                std::cmp::Reverse(stray_quotes),
                 std::cmp::Reverse(between_digits),
                 std::cmp::Reverse(i),
             );
@@ -174,7 +187,8 @@ pub(super) fn detect_line_ending(head: &[u8], delimiter: u8) -> LineEnding {
     }
     let sample = sample(head);
     let fitting = |lone_cr_ends| {
-        let (counts, _) = field_counts(sample, delimiter, sample.len() < SNIFF_BYTES, lone_cr_ends);
+        let (counts, ..) =
+            field_counts(sample, delimiter, sample.len() < SNIFF_BYTES, lone_cr_ends);
         counts.split_first().map_or(0, |(header, rows)| {
             rows.iter().filter(|&n| n == header).count()
         })
@@ -218,7 +232,11 @@ pub(super) fn sep_line(head: &[u8]) -> Option<(u8, usize)> {
     Some((delimiter, head.len() - rest.len() + end))
 }
 
-/// NUL bytes or a known binary signature in the first bytes.
+/// Bytes [`looks_binary`] inspects.
+pub(super) const BINARY_PROBE_BYTES: usize = 8192;
+
+/// NUL bytes or a known binary signature in the first
+/// [`BINARY_PROBE_BYTES`].
 pub(super) fn looks_binary(head: &[u8]) -> bool {
     const SIGNATURES: [&[u8]; 5] = [
         b"PK\x03\x04",                       // zip, xlsx, ods
@@ -227,7 +245,8 @@ pub(super) fn looks_binary(head: &[u8]) -> bool {
         b"\x89PNG",
         b"\x1F\x8B", // gzip
     ];
-    SIGNATURES.iter().any(|s| head.starts_with(s)) || head.iter().take(8192).any(|&b| b == 0)
+    SIGNATURES.iter().any(|s| head.starts_with(s))
+        || head.iter().take(BINARY_PROBE_BYTES).any(|&b| b == 0)
 }
 
 #[cfg(test)]
@@ -265,6 +284,16 @@ mod tests {
         assert_eq!(detect_delimiter(b"a|b|c\n1,2"), b'|');
         assert_eq!(detect_delimiter(b"single\n"), b',');
         assert_eq!(detect_delimiter(b"a\tb\n"), b'\t');
+    }
+
+    #[test]
+    fn quoted_cells_with_one_comma_each_do_not_make_a_semicolon_file_comma_separated() {
+        // Either delimiter splits every line in two; only `;` leaves no
+        // quote inside an unquoted field.
+        let csv = b"\"Last, First\";\"City, Country\"\n\"Doe, John\";\"Paris, France\"\n";
+        assert_eq!(detect_delimiter(csv), b';');
+        // A stray inch mark counts the same under every delimiter.
+        assert_eq!(detect_delimiter(b"Item,Size\nBolt,5\"\nNut,3\"\n"), b',');
     }
 
     #[test]

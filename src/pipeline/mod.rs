@@ -123,6 +123,7 @@ pub async fn run(svc: &Services, job: ClaimedJob, shutdown: CancellationToken) -
         start_byte: checkpoint.byte,
         started: Instant::now(),
         exact_offsets: false,
+        file_bytes_read: None,
         size: 0,
         object: object_read_before(&job.doc),
         last_save: Instant::now(),
@@ -396,6 +397,7 @@ async fn import_file(
     let reader = svc.storage.open(&spec.csv_key, &info, 0).await?;
     let (headers, records) = parse::open(reader).await?;
     tracker.exact_offsets = records.dialect.encoding.offsets_are_exact();
+    tracker.file_bytes_read = records.file_bytes_read();
     let rules = Rules {
         max_field_chars: settings.import.max_field_chars,
         number_locale: settings.import.number_locale,

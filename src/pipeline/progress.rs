@@ -30,6 +30,9 @@ pub(super) struct Tracker {
     /// Whether byte offsets are the file's (not a transcoded file's): the
     /// time left is told from them.
     pub(super) exact_offsets: bool,
+    /// Bytes of a transcoded file read so far (its record offsets count
+    /// decoded bytes, not the file's): the percent is told from it.
+    pub(super) file_bytes_read: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     pub(super) size: u64,
     /// The object an earlier run read, if one did: a resumed run reads
     /// the same version or none.
@@ -114,7 +117,11 @@ pub(super) async fn commit(
     p.skipped_rows += outcome.skipped.len() as u64;
     p.processed_rows = p.imported_rows + p.updated_rows + p.skipped_rows + p.failed_rows;
     if tracker.size > 0 {
-        p.percent = (end.byte as f64 / tracker.size as f64 * 100.0).min(99.9);
+        let at = match &tracker.file_bytes_read {
+            Some(read) => read.load(std::sync::atomic::Ordering::Relaxed),
+            None => end.byte,
+        };
+        p.percent = (at as f64 / tracker.size as f64 * 100.0).min(99.9);
         p.eta_seconds = tracker
             .exact_offsets
             .then(|| {
