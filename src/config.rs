@@ -358,7 +358,7 @@ pub struct HttpSettings {
 #[derive(Clone)]
 pub struct CrmSettings {
     /// Completion webhook; `None` = off. Its path and query may carry a
-    /// secret, so it is only ever shown through [`mask_url`].
+    /// secret, so it is only ever shown masked (scheme, host and port).
     pub webhook_url: Option<String>,
 }
 
