@@ -221,6 +221,25 @@ impl Final {
     }
 }
 
+/// The server's `TypeMismatch` (e.g. `$inc` on a string).
+const TYPE_MISMATCH: i32 = 14;
+
+/// A whole number stored at `key` of `doc`, whatever its numeric type
+/// (`$inc` on a double stays a double).
+pub fn whole_number(doc: &Document, key: &str) -> Option<i64> {
+    match doc.get(key)? {
+        Bson::Int64(n) => Some(*n),
+        Bson::Int32(n) => Some(i64::from(*n)),
+        Bson::Double(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Some(*f as i64),
+        _ => None,
+    }
+}
+
+/// The claim count of a queue document (the lease's fencing token).
+fn attempts_of(doc: &Document) -> Option<i64> {
+    whole_number(doc, "attempts")
+}
+
 fn after(t: DateTime, d: Duration) -> DateTime {
     DateTime::from_millis(t.timestamp_millis() + d.as_millis() as i64)
 }
@@ -313,19 +332,29 @@ impl Claimer {
             "$min": { "started_at": now },
             "$inc": { "attempts": 1_i64 },
         };
-        let doc = self
-            .queues
-            .find_one_and_update(filter, update)
-            .sort(doc! { "claim_order": 1 })
-            .return_document(ReturnDocument::After)
-            .await?;
+        let claim = || {
+            self.queues
+                .find_one_and_update(filter.clone(), update.clone())
+                .sort(doc! { "claim_order": 1 })
+                .return_document(ReturnDocument::After)
+        };
+        let doc = match claim().await {
+            // A pending document whose `attempts` is not a number (written
+            // by hand or by a dashboard) refuses the `$inc`, and would
+            // refuse every claim while it is the oldest: reset, then claim.
+            Err(e) if crate::db::error_code(&e) == Some(TYPE_MISMATCH) => {
+                let reset = self.reset_invalid_attempts().await?;
+                tracing::warn!(
+                    documents = reset,
+                    "Pending imports with a non-numeric `attempts` reset to 0"
+                );
+                claim().await?
+            }
+            claimed => claimed?,
+        };
         Ok(doc.map(|doc| {
             let queue_id = doc.get_object_id("_id").unwrap_or_default();
-            let attempt = match doc.get("attempts") {
-                Some(Bson::Int64(n)) => *n,
-                Some(Bson::Int32(n)) => i64::from(*n),
-                _ => 1,
-            };
+            let attempt = attempts_of(&doc).unwrap_or(1);
             ClaimedJob {
                 lease: Lease {
                     queues: self.queues.clone(),
@@ -338,6 +367,21 @@ impl Claimer {
                 doc,
             }
         }))
+    }
+
+    /// Sets `attempts` to 0 on pending documents where it is not a number.
+    async fn reset_invalid_attempts(&self) -> Result<u64> {
+        let r = self
+            .queues
+            .update_many(
+                doc! {
+                    "status": JobState::Pending.as_str(),
+                    "attempts": { "$exists": true, "$not": { "$type": "number" } },
+                },
+                doc! { "$set": { "attempts": 0_i64 } },
+            )
+            .await?;
+        Ok(r.modified_count)
     }
 
     /// Moves `processing` imports whose lease expired back to `pending`, so
@@ -358,9 +402,10 @@ impl Claimer {
                 doc! {
                     "$set": {
                         "status": JobState::Pending.as_str(), "in_progress": false, "rescued_at": now,
-                        "progress.eta_seconds": Bson::Null,
                     },
-                    "$unset": { "lease": "" },
+                    // `$unset`, not a `$set` to null: a dashboard's scalar
+                    // `progress` must not make the whole rescue fail.
+                    "$unset": { "lease": "", "progress.eta_seconds": "" },
                 },
             )
             .await?;
@@ -440,9 +485,35 @@ impl Lease {
         &self,
         progress: Progress,
         checkpoint: Checkpoint,
+        advanced: bool,
     ) -> Result<Heartbeat> {
-        self.renew(doc! { "progress": progress.to_doc(), "checkpoint": checkpoint.to_doc() })
-            .await
+        let mut fields = doc! { "progress": progress.to_doc(), "checkpoint": checkpoint.to_doc() };
+        if advanced {
+            // This claim moved the import on: if its lease runs out, the
+            // next claim does not count it (`advanced_then_lost`).
+            fields.insert("advanced_attempt", self.attempt);
+        }
+        self.renew(fields).await
+    }
+
+    /// Counts the claim before this one among those not counted towards
+    /// `scheduler.max_attempts` (it moved the import on, then lost its
+    /// lease), and marks it accounted for.
+    pub async fn not_counting_previous(&self) -> Result<()> {
+        let r = self
+            .queues
+            .update_one(
+                self.guard(),
+                doc! {
+                    "$set": { "released_attempt": self.attempt - 1 },
+                    "$inc": { "progress_releases": 1_i64 },
+                },
+            )
+            .await?;
+        if r.matched_count == 0 {
+            return Err(self.lost());
+        }
+        Ok(())
     }
 
     /// Extends the lease, setting `fields` too, in one guarded update that
@@ -534,6 +605,8 @@ impl Lease {
             "progress": progress.to_doc(),
             "checkpoint": checkpoint.to_doc(),
             "released_at": now,
+            // Its release counted it as it should (`advanced_then_lost`).
+            "released_attempt": self.attempt,
         };
         let mut unset = doc! { "lease": "" };
         match why {

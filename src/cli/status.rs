@@ -102,9 +102,7 @@ impl ImportStatus {
                 out.push_str(&format!("  cause:    {}\n", printable(detail)));
             }
         } else if q.get_str("status") == Ok("pending")
-            && let Some(attempts) = q
-                .get("attempts")
-                .and_then(|a| a.as_i64().or(a.as_i32().map(i64::from)))
+            && let Some(attempts) = crate::claim::whole_number(q, "attempts")
             && let Some(e) = crate::pipeline::last_error(q, attempts)
         {
             // Waiting for its next attempt after trouble.
@@ -138,13 +136,14 @@ impl ImportStatus {
             (Ok(true), Err(_)) => out.push_str("  undo:     requested\n"),
             _ => {}
         }
-        if let Ok(a) = q
-            .get_i64("attempts")
-            .or(q.get_i32("attempts").map(i64::from))
-        {
-            // Releases on shutdown, or after trouble once the run had moved
-            // on, are not counted towards `scheduler.max_attempts`.
-            let counted = crate::pipeline::counted_attempts(q, a);
+        if let Some(a) = crate::claim::whole_number(q, "attempts") {
+            // Releases on shutdown, and claims that moved the import on
+            // before a release or a lost lease, are not counted towards
+            // `scheduler.max_attempts` (the last such loss is accounted
+            // for by the next claim).
+            let pending_loss = q.get_str("status") != Ok("processing")
+                && crate::pipeline::advanced_then_lost(q, a + 1);
+            let counted = crate::pipeline::counted_attempts(q, a) - i64::from(pending_loss);
             if counted == a {
                 out.push_str(&format!("  attempts: {a}\n"));
             } else {

@@ -174,8 +174,8 @@ impl Run<'_> {
                         },
                     };
                     let mut done = joined(done)?;
-                    sink.settle(&mut done).await?;
-                    commit(svc, lease, tracker, stop, &done).await?;
+                    unless_lost(stop, sink.settle(&mut done)).await?;
+                    unless_lost(stop, commit(svc, lease, tracker, stop, &done)).await?;
                 }
                 save(lease, tracker, stop).await?;
                 return Err(reason);

@@ -129,13 +129,19 @@ pub async fn run(svc: &Services, job: ClaimedJob, shutdown: CancellationToken) -
         last_save: Instant::now(),
     };
     let max_attempts = svc.settings.scheduler.max_attempts;
+    // Counted once: the update marks the earlier claim as accounted for
+    // (if it fails, the claim stays counted: the safe side).
+    let mut uncounted = 0;
+    if advanced_then_lost(&job.doc, lease.attempt) && lease.not_counting_previous().await.is_ok() {
+        uncounted = 1;
+    }
     // The spec is read even past the attempts cap: the summary needs it.
     let spec = claim::spec_from_doc(&job.doc);
     let result = match &spec {
         // Cancelled while pending (or between attempts): nothing more is
         // written; what earlier attempts imported is reported.
         _ if job.doc.get_bool("cancel_requested") == Ok(true) => Err(Abort::Cancelled),
-        _ if counted_attempts(&job.doc, lease.attempt) > i64::from(max_attempts) => {
+        _ if counted_attempts(&job.doc, lease.attempt) - uncounted > i64::from(max_attempts) => {
             Err(Abort::File(FileError::TooManyAttempts {
                 attempts: max_attempts,
                 last_error: Some(last_error(&job.doc, lease.attempt - 1).unwrap_or_else(|| {
@@ -159,27 +165,31 @@ pub async fn run(svc: &Services, job: ClaimedJob, shutdown: CancellationToken) -
 /// `last_error` of an earlier attempt says nothing about a later one).
 pub fn last_error(doc: &Document, attempt: i64) -> Option<String> {
     let e = doc.get_document("last_error").ok()?;
-    let of = match e.get("attempt") {
-        Some(bson::Bson::Int64(n)) => *n,
-        Some(bson::Bson::Int32(n)) => i64::from(*n),
-        _ => return None,
-    };
+    let of = claim::whole_number(e, "attempt")?;
     (of == attempt)
         .then(|| e.get_str("message").ok().map(str::to_owned))
         .flatten()
 }
 
 /// Claims that count towards `scheduler.max_attempts`: all but those that
-/// ended in a release on shutdown, or in a release after trouble once the
-/// run had moved the checkpoint on (a long import meeting several outages
-/// is not stuck; one that fails where it stands is).
+/// ended in a release on shutdown, or once the run had moved the
+/// checkpoint on, in a release after trouble or in a lost lease (a long
+/// import meeting several outages is not stuck; one that fails where it
+/// stands is).
 pub fn counted_attempts(doc: &Document, attempt: i64) -> i64 {
-    let n = |key: &str| match doc.get(key) {
-        Some(bson::Bson::Int64(n)) => (*n).max(0),
-        Some(bson::Bson::Int32(n)) => i64::from(*n).max(0),
-        _ => 0,
-    };
+    let n = |key: &str| claim::whole_number(doc, key).unwrap_or(0).max(0);
     attempt - n("shutdown_releases") - n("progress_releases")
+}
+
+/// Whether the claim before `attempt` moved the checkpoint on and then
+/// ended without a release: its lease ran out (an outage that outlasted
+/// the heartbeat, or its daemon died). Such a claim is not counted, as a
+/// release after progress is not (pure).
+pub fn advanced_then_lost(doc: &Document, attempt: i64) -> bool {
+    let previous = attempt - 1;
+    previous >= 1
+        && claim::whole_number(doc, "advanced_attempt") == Some(previous)
+        && claim::whole_number(doc, "released_attempt") != Some(previous)
 }
 
 /// Writes the end of a run: final state, or release, or nothing.
@@ -600,12 +610,28 @@ mod tests {
     #[test]
     fn attempts_count_all_claims_but_clean_releases() {
         assert_eq!(counted_attempts(&doc! {}, 3), 3);
+        // A double (`$inc` on a dashboard's 0.0) counts as its number.
+        assert_eq!(counted_attempts(&doc! { "shutdown_releases": 1.0 }, 3), 2);
         let d = doc! { "shutdown_releases": 1_i64, "progress_releases": 2_i32 };
         assert_eq!(counted_attempts(&d, 6), 3);
         assert_eq!(
             counted_attempts(&doc! { "progress_releases": -4_i64 }, 2),
             2
         );
+    }
+
+    #[test]
+    fn a_claim_that_moved_on_then_lost_its_lease_is_not_counted_once() {
+        // Attempt 3 saved a checkpoint past where it began, then its lease
+        // ran out: claim 4 does not count it.
+        let lost = doc! { "attempts": 4_i64, "advanced_attempt": 3_i64 };
+        assert!(advanced_then_lost(&lost, 4));
+        // Released (the release counted it already), or accounted for.
+        let released = doc! { "advanced_attempt": 3_i64, "released_attempt": 3_i64 };
+        assert!(!advanced_then_lost(&released, 4));
+        // An older claim's progress says nothing about the last one.
+        assert!(!advanced_then_lost(&doc! { "advanced_attempt": 2_i64 }, 4));
+        assert!(!advanced_then_lost(&doc! {}, 1));
     }
 
     #[test]

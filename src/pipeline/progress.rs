@@ -151,7 +151,11 @@ pub(super) async fn save(lease: &Lease, tracker: &mut Tracker, stop: &Stop) -> R
     // hold the run (and its writers) past the point its lease is lost.
     let saved = tokio::time::timeout(
         lease.duration() / 3,
-        lease.save_progress(tracker.progress, tracker.checkpoint),
+        lease.save_progress(
+            tracker.progress,
+            tracker.checkpoint,
+            tracker.checkpoint.line > tracker.start_line,
+        ),
     )
     .await
     .unwrap_or(Err(claim::Error::Timeout));

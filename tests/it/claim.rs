@@ -128,7 +128,7 @@ async fn a_stale_owner_is_fenced_off() {
         first.lease.heartbeat().await.map(|_| ()),
         first
             .lease
-            .save_progress(Default::default(), Default::default())
+            .save_progress(Default::default(), Default::default(), false)
             .await
             .map(|_| ()),
         first

@@ -256,3 +256,73 @@ async fn a_daemon_whose_lease_is_taken_stops_writing_at_once() {
     );
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_attempts_and_progress_written_by_a_dashboard_stop_no_claim_or_rescue() {
+    let mut app = TestApp::new().await;
+    let mut ids = Vec::new();
+    for name in ["null.csv", "text.csv", "double.csv", "scalar-progress.csv"] {
+        ids.push(
+            app.enqueue_csv(name, b"Name\nA\nB\n", &[("Name", "name")])
+                .await,
+        );
+    }
+    let set = |id, fields: bson::Document| {
+        let queues = app.queues();
+        async move {
+            queues
+                .update_one(doc! { "_id": id }, doc! { "$set": fields })
+                .await
+                .unwrap()
+        }
+    };
+    // `$inc` refuses a non-number: the oldest of these would block every
+    // claim of every daemon.
+    set(ids[0], doc! { "attempts": bson::Bson::Null }).await;
+    set(ids[1], doc! { "attempts": "0" }).await;
+    // `$inc` on a double stays a double: still the lease's fencing token.
+    set(ids[2], doc! { "attempts": 2.0 }).await;
+    // A run whose daemon died, under a dashboard's scalar `progress`: the
+    // rescue (one update of every expired lease) must not fail on it.
+    let past = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 60_000);
+    set(
+        ids[3],
+        doc! {
+            "status": "processing", "in_progress": true, "attempts": 1_i64, "progress": 0_i32,
+            "lease": { "owner": "a-dead-daemon", "expires_at": past, "heartbeat_at": past },
+        },
+    )
+    .await;
+    app.spawn_daemon();
+    for (i, id) in ids.iter().enumerate() {
+        let q = app.wait_final(*id, Duration::from_secs(60)).await;
+        assert_eq!(q.get_str("status").unwrap(), "completed", "import {i}: {q}");
+        assert_eq!(get_i64(&q, "progress.imported_rows"), 2, "import {i}: {q}");
+    }
+    assert_eq!(app.count(collections::DEALS, doc! {}).await, 8);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_moved_on_before_its_lease_ran_out_is_not_counted() {
+    let mut app = TestApp::new().await;
+    let id = app
+        .enqueue_csv("x.csv", b"Name\nA\n", &[("Name", "name")])
+        .await;
+    let max = i64::from(app.settings().scheduler.max_attempts);
+    // The last allowed claim saved progress, then lost its lease to an
+    // outage (no release): the next claim is not one too many.
+    app.queues()
+        .update_one(
+            doc! { "_id": id },
+            doc! { "$set": { "attempts": max, "advanced_attempt": max } },
+        )
+        .await
+        .unwrap();
+    app.spawn_daemon();
+    let q = app.wait_final(id, Duration::from_secs(30)).await;
+    assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
+    assert_eq!(get_i64(&q, "progress_releases"), 1);
+    assert_eq!(get_i64(&q, "released_attempt"), max);
+    app.cleanup().await;
+}
