@@ -40,16 +40,24 @@ pub enum Error {
 }
 
 /// Makes a cell inert in spreadsheets: a `'` goes before a formula
-/// character (`=`, `+`, `-`, `@`, tab or CR, after optional spaces or
-/// quotes) at the cell's start, and also after each `;`, tab or line break
+/// character (`=`, `+`, `-`, `@`, their full-width forms, tab or CR, after
+/// optional spaces of any kind or quotes) at the cell's start, and also after each `;`, tab or line break
 /// in the cell. A spreadsheet that splits the report on `;` (Excel in many
 /// locales) or tabs only honours a quote at the start of what it sees as a
 /// cell, so the text after one of those inside a quoted cell can become a
 /// cell of its own there.
 pub fn neutralise(cell: &str) -> Cow<'_, str> {
     fn dangerous(segment: &str) -> bool {
-        let first = segment.trim_start_matches([' ', '"', '\'']).chars().next();
-        matches!(first, Some('=' | '+' | '-' | '@' | '\t' | '\r'))
+        let first = segment
+            .trim_start_matches(|c: char| {
+                matches!(c, '"' | '\'') || (c.is_whitespace() && !matches!(c, '\t' | '\r' | '\n'))
+            })
+            .chars()
+            .next();
+        matches!(
+            first,
+            Some('=' | '+' | '-' | '@' | '\t' | '\r' | '＝' | '＋' | '－' | '＠')
+        )
     }
     let starts = std::iter::once(0).chain(
         cell.match_indices([';', '\t', '\n', '\r'])
@@ -275,7 +283,7 @@ mod tests {
         #[test]
         fn no_split_of_the_report_starts_a_formula(
             rows in proptest::collection::vec(
-                proptest::collection::vec("[a;,\"= +@\\-\n\r\t'é]{0,8}", 1..4), 1..4),
+                proptest::collection::vec("[a;,\"= +@\\-\n\r\t'é＝\u{a0}]{0,8}", 1..4), 1..4),
         ) {
             let rows_ref: Vec<Vec<&str>> =
                 rows.iter().map(|r| r.iter().map(String::as_str).collect()).collect();
@@ -285,9 +293,9 @@ mod tests {
             for delimiter in [b',', b';', b'\t'] {
                 let got = split(&out, delimiter);
                 for cell in got.iter().flatten() {
-                    let first = cell.trim_start_matches([' ', '"']).chars().next();
+                    let first = cell.trim_start_matches([' ', '"', '\u{a0}']).chars().next();
                     proptest::prop_assert!(
-                        !matches!(first, Some('=' | '+' | '-' | '@' | '\t' | '\r')),
+                        !matches!(first, Some('=' | '+' | '-' | '@' | '\t' | '\r' | '＝')),
                         "{:?} split on {:?}", cell, delimiter as char
                     );
                 }
@@ -313,6 +321,11 @@ mod tests {
             "\"=HYPERLINK(x)",
             "'=1",
             "\tx",
+            // Full-width signs, and spaces of other kinds before a sign.
+            "＝1+1",
+            "＠cmd",
+            "\u{a0}=1",
+            "\u{3000}+1",
         ] {
             assert!(neutralise(bad).starts_with('\''), "{bad:?}");
         }

@@ -293,6 +293,9 @@ impl Notifier {
         .when(crate::claim::Error::is_transient)
         .notify(|e, _| warn!(error = %error_chain(e), "Recording the round failed; retrying"));
         tokio::select! {
+            // The result first: a send that completed is not discarded for a
+            // lease deadline that fell due in the same wake-up.
+            biased;
             recorded = record => match recorded {
                 Ok(true) => {
                     info!(channel = channel.field(), state, "Round ended");
@@ -435,6 +438,9 @@ impl Notifier {
                 Err(Error::NoRoundsLeft)
             } else {
                 tokio::select! {
+                    // The result first: a send that completed is not discarded for a
+                    // lease deadline that fell due in the same wake-up.
+                    biased;
                     sent = self.send_undo_summary(queue_id, &doc) => sent,
                     () = self.hold_round(Channel::UndoEmail, queue_id, round) => {
                         warn!("Undo email round lease lost; stopped");
@@ -513,7 +519,10 @@ impl Notifier {
                 Err(Error::NoRoundsLeft)
             } else {
                 tokio::select! {
-                    sent = self.send_summary(queue_id, &doc) => sent,
+                    // The result first: a send that completed is not discarded for a
+                    // lease deadline that fell due in the same wake-up.
+                    biased;
+                    sent = self.send_summary(queue_id, &doc, round) => sent,
                     () = self.hold_round(Channel::Email, queue_id, round) => {
                         // Another daemon may take the round from here on: stop
                         // before it could send a second email.
@@ -553,6 +562,7 @@ impl Notifier {
         &self,
         queue_id: ObjectId,
         q: &Document,
+        round: i64,
     ) -> Result<(&'static str, Document), Error> {
         let db = &self.services.db;
         let settings = &self.services.settings;
@@ -560,6 +570,7 @@ impl Notifier {
         let totals = outcomes::totals(db, queue_id).await?;
         let first_failures = outcomes::failures(db, queue_id, 10).await?;
         let mut fields = Document::new();
+        let mut report_unavailable = false;
 
         let report_url = match (totals.failed, account_id) {
             (0, _) | (_, None) => None,
@@ -574,22 +585,49 @@ impl Notifier {
                             .collect()
                     })
                     .unwrap_or_default();
-                let rows =
-                    write_report(db, &self.services.storage, queue_id, &columns, &key).await?;
-                let url = self
-                    .services
-                    .storage
-                    .presign_get(&key, settings.notify.report_link)
-                    .await?;
-                let expires = DateTime::from_millis(
-                    DateTime::now().timestamp_millis()
-                        + settings.notify.report_link.as_millis() as i64,
-                );
-                fields.insert(
-                    "report",
-                    doc! { "key": &key, "rows": rows as i64, "expires_at": expires },
-                );
-                Some(url)
+                let made = async {
+                    let rows =
+                        write_report(db, &self.services.storage, queue_id, &columns, &key).await?;
+                    let expires = DateTime::from_millis(
+                        DateTime::now().timestamp_millis()
+                            + settings.notify.report_link.as_millis() as i64,
+                    );
+                    let report = doc! { "key": &key, "rows": rows as i64, "expires_at": expires };
+                    // Recorded at once, not with the round's result: the
+                    // object is there whether or not this round's email
+                    // goes out (the dashboard links it, retention deletes
+                    // it by this key).
+                    db.collection::<Document>(collections::QUEUES)
+                        .update_one(
+                            doc! { "_id": queue_id },
+                            doc! { "$set": { "report": &report } },
+                        )
+                        .await?;
+                    let url = self
+                        .services
+                        .storage
+                        .presign_get(&key, settings.notify.report_link)
+                        .await?;
+                    Ok::<_, Error>((url, report))
+                }
+                .await;
+                match made {
+                    Ok((url, report)) => {
+                        fields.insert("report", report);
+                        Some(url)
+                    }
+                    // Rounds are left: this one fails and a later one makes
+                    // the report, then sends. The last one sends without it
+                    // rather than not at all.
+                    Err(e) if round < i64::from(settings.notify.max_rounds) => return Err(e),
+                    Err(e) => {
+                        let e = error_chain(&e);
+                        warn!(error = %e, "The error report could not be made; the summary goes without it");
+                        fields.insert("notify.report_error", e);
+                        report_unavailable = true;
+                        None
+                    }
+                }
             }
         };
 
@@ -669,6 +707,7 @@ impl Notifier {
                 .unwrap_or_default(),
             first_failures,
             report_url,
+            report_unavailable,
             report_link_days: settings.notify.report_link.as_secs() / 86_400,
         };
         let (subject, text, html) = (summary.subject(), summary.text()?, summary.html()?);
@@ -707,6 +746,9 @@ impl Notifier {
                 Some(Err(webhook::Error::NoRoundsLeft))
             } else {
                 tokio::select! {
+                    // The result first: a send that completed is not discarded for a
+                    // lease deadline that fell due in the same wake-up.
+                    biased;
                     posted = self.post_webhook(queue_id, &doc) => posted,
                     () = self.hold_round(Channel::Webhook, queue_id, round) => {
                         warn!("Webhook round lease lost; stopped");

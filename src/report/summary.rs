@@ -48,6 +48,9 @@ pub struct ImportSummary {
     pub first_failures: Vec<RowErrorDoc>,
     /// Presigned link to the error report.
     pub report_url: Option<String>,
+    /// Rows failed but the error report could not be made (storage down
+    /// through every round).
+    pub report_unavailable: bool,
     /// Days the link stays valid.
     pub report_link_days: u64,
 }
@@ -256,6 +259,7 @@ mod tests {
                 message: "\"Value\" is not a number.".into(),
             }],
             report_url: Some("https://s3.example/reports/x?sig=1&b=2".into()),
+            report_unavailable: false,
             report_link_days: 7,
         }
     }

@@ -571,3 +571,63 @@ async fn a_last_round_gone_quiet_ends_failed_without_a_send_and_makes_the_webhoo
     assert_eq!(seen.lock().unwrap().len(), 1);
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_down_through_every_round_still_sends_the_summary_without_its_report() {
+    let smtp = SmtpCatcher::start().await;
+    let mut settings = settings_with_smtp(smtp.port);
+    settings.notify.max_rounds = 2;
+    let mut app = TestApp::with_settings(settings.clone()).await;
+    let daemon = app.spawn_daemon();
+    let (csv, _) = planted_csv();
+    let id = app.enqueue_csv("q4.csv", csv.as_bytes(), &MAPPING).await;
+    app.wait_completed(id, Duration::from_secs(60)).await;
+    assert_eq!(smtp.wait_for(1, Duration::from_secs(30)).await.len(), 1);
+    daemon.shutdown_token().cancel();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The same import's summary again, now with a storage that refuses
+    // every write (a bucket that does not exist).
+    app.queues()
+        .update_one(
+            doc! { "_id": id },
+            doc! { "$set": { "notify": { "state": "pending" } }, "$unset": { "report": "" } },
+        )
+        .await
+        .unwrap();
+    settings.s3.bucket = "no-such-bucket".into();
+    let broken = importd::app::services(settings).await.unwrap();
+    let claimer = Claimer::new(&app.db, "storage-down", Duration::from_secs(60));
+    let n = Notifier::new(broken, claimer).unwrap();
+    // Round 1 of 2: no report, so no email yet; a later round tries again.
+    n.deliver(id).await;
+    let q = app.queue(id).await;
+    let notify = q.get_document("notify").unwrap();
+    assert_eq!(notify.get_str("state").unwrap(), "pending", "{q}");
+    assert_eq!(smtp.messages().len(), 1);
+    // The last round sends without the link rather than not at all.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    n.deliver(id).await;
+    let q = app
+        .wait_queue(id, Duration::from_secs(20), "sent", |q| {
+            q.get_document("notify")
+                .is_ok_and(|n| n.get_str("state") == Ok("sent"))
+        })
+        .await;
+    let notify = q.get_document("notify").unwrap();
+    assert!(notify.get_str("report_error").is_ok(), "{q}");
+    assert!(q.get_document("report").is_err(), "no report recorded: {q}");
+    let mails = smtp.wait_for(2, Duration::from_secs(20)).await;
+    assert_eq!(mails.len(), 2);
+    let without: Vec<_> = mails
+        .iter()
+        .filter(|m| !m.text.contains("errors.csv"))
+        .collect();
+    assert_eq!(without.len(), 1, "{mails:?}");
+    assert!(
+        without[0].text.contains("could not be made"),
+        "{}",
+        without[0].text
+    );
+    assert!(without[0].text.contains("Failed: 5"), "{}", without[0].text);
+    app.cleanup().await;
+}
