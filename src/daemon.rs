@@ -301,6 +301,9 @@ impl Daemon {
                 },
             )?)
             .await?;
+        // Before the first claim or sweep: leases (and the retention
+        // cutoff) are in the server's time.
+        self.sync_clock().await;
         if settings.retention.days.is_some() {
             // A first sweep now, not an interval after the start.
             let d = self.clone();
@@ -316,8 +319,6 @@ impl Daemon {
                 )?)
                 .await?;
         }
-        // Before the first claim: leases are written in the server's time.
-        self.sync_clock().await;
         sched.start().await?;
         info!(owner = self.owner(), tick = %settings.scheduler.tick, "Scheduler started");
         self.inner.shutdown.cancelled().await;

@@ -111,7 +111,18 @@ pub async fn undo(
     loop {
         if let Some(lease) = claimer.claim_undo(Some(id)).await? {
             notes("Undoing...");
-            return Ok(match undo::run(db, &lease, stop).await? {
+            let ended = match undo::run(db, &lease, stop).await {
+                Ok(ended) => ended,
+                Err(e) => {
+                    // Given back as the daemon does: recorded, counted
+                    // towards the undo's attempts, resumed by a later claim.
+                    let _ = lease
+                        .release_after_error(&crate::telemetry::error_chain(&e))
+                        .await;
+                    return Err(e.into());
+                }
+            };
+            return Ok(match ended {
                 UndoEnd::Done(c) => Outcome::Done(c.describe(kind_of(&lease.doc))),
                 UndoEnd::Refused(r) => Outcome::Refused(r),
                 UndoEnd::Released => Outcome::Released,

@@ -394,24 +394,12 @@ pub async fn run(
                     "account_id": account_id,
                     "contact_id": { "$gte": lo, "$lte": hi },
                 };
-                let found: Vec<Document> = (|| async {
-                    deals
-                        .find(filter.clone())
-                        .projection(doc! { "_id": 0, "contact_id": 1 })
-                        .await?
-                        .try_collect()
-                        .await
-                })
-                .retry(retry())
-                .when(crate::db::is_transient)
-                .await?;
-                let mut ids: Vec<ObjectId> = found
-                    .iter()
-                    .filter_map(|d| d.get_object_id("contact_id").ok())
-                    .collect();
-                ids.sort_unstable();
-                ids.dedup();
-                ids
+                // One id per linked contact, however many deals link it.
+                let found = (|| deals.distinct("contact_id", filter.clone()).into_future())
+                    .retry(retry())
+                    .when(crate::db::is_transient)
+                    .await?;
+                found.iter().filter_map(Bson::as_object_id).collect()
             }
         };
         let remove = doc! {
@@ -547,8 +535,9 @@ async fn revert_updates(
         .batch_size(1_000)
         .await?;
     // A resumed run's first window may hold images the run before it put
-    // back after its last save (it saved at least every window).
-    let mut resumed = tally.revert_below.is_some();
+    // back after its last save (it saved at least every window), even
+    // when that run died in its first window, before any save.
+    let mut resumed = tally.revert_below.is_some() || lease.attempt > 1;
     let mut window: Vec<Document> = Vec::with_capacity(REVERT_WINDOW);
     loop {
         window.clear();
