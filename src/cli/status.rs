@@ -141,7 +141,7 @@ impl ImportStatus {
             // before a release or a lost lease, are not counted towards
             // `scheduler.max_attempts` (the last such loss is accounted
             // for by the next claim).
-            let pending_loss = q.get_str("status") != Ok("processing")
+            let pending_loss = q.get_str("status") == Ok("pending")
                 && crate::pipeline::advanced_then_lost(q, a + 1);
             let counted = crate::pipeline::counted_attempts(q, a) - i64::from(pending_loss);
             if counted == a {
