@@ -155,15 +155,19 @@ mod tests {
     use super::*;
     use jsonwebtoken::{DecodingKey, Validation};
 
-    #[test]
-    fn tokens_verify_with_the_secret_and_expire_in_five_minutes() {
-        let secret = SecretString::from("s3cret");
-        let who = Principal {
+    fn principal() -> Principal {
+        Principal {
             uid: "u".into(),
             account_id: "a".into(),
             parent_account: "p".into(),
             client_id: "c".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn tokens_verify_with_the_secret_and_expire_in_five_minutes() {
+        let secret = SecretString::from("s3cret");
+        let who = principal();
         let t = mint(&secret, &who).unwrap();
         let got = jsonwebtoken::decode::<Claims>(
             &t,
@@ -216,12 +220,7 @@ mod tests {
             }
             requests
         });
-        let who = Principal {
-            uid: "u".into(),
-            account_id: "a".into(),
-            parent_account: "p".into(),
-            client_id: "c".into(),
-        };
+        let who = principal();
         let e = post(
             &client().unwrap(),
             &format!("http://{addr}/done"),
@@ -245,12 +244,7 @@ mod tests {
             .unwrap()
             .port();
         let url = format!("http://hook:pa55word@127.0.0.1:{port}/done?token=t0ken");
-        let who = Principal {
-            uid: "u".into(),
-            account_id: "a".into(),
-            parent_account: "p".into(),
-            client_id: "c".into(),
-        };
+        let who = principal();
         let e = post(
             &reqwest::Client::new(),
             &url,

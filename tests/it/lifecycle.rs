@@ -180,24 +180,27 @@ async fn an_import_cancelled_while_pending_writes_nothing_and_tells_the_user() {
     app.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_import_claimed_too_often_fails_with_too_many_attempts() {
-    let mut app = TestApp::new().await;
+/// A one-row import whose claims reached `scheduler.max_attempts`, with
+/// `fields` set as those claims left them.
+async fn claimed_max_times(app: &TestApp, mut fields: bson::Document) -> bson::oid::ObjectId {
     let id = app
         .enqueue_csv("x.csv", b"Name\nA\n", &[("Name", "name")])
         .await;
-    let max = i64::from(app.settings().scheduler.max_attempts);
+    fields.insert("attempts", i64::from(app.settings().scheduler.max_attempts));
     app.queues()
-        .update_one(
-            doc! { "_id": id },
-            doc! { "$set": {
-                "attempts": max,
-                // As the release after the last attempt's trouble left it.
-                "last_error": { "message": "object storage: HTTP 403", "attempt": max },
-            } },
-        )
+        .update_one(doc! { "_id": id }, doc! { "$set": fields })
         .await
         .unwrap();
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_claimed_too_often_fails_with_too_many_attempts() {
+    let mut app = TestApp::new().await;
+    let max = i64::from(app.settings().scheduler.max_attempts);
+    // As the release after the last attempt's trouble left it.
+    let last_error = doc! { "message": "object storage: HTTP 403", "attempt": max };
+    let id = claimed_max_times(&app, doc! { "last_error": last_error }).await;
     app.spawn_daemon();
     let q = app.wait_final(id, Duration::from_secs(30)).await;
     assert_eq!(q.get_str("status").unwrap(), "failed");
@@ -306,19 +309,10 @@ async fn odd_attempts_and_progress_written_by_a_dashboard_stop_no_claim_or_rescu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_that_moved_on_before_its_lease_ran_out_is_not_counted() {
     let mut app = TestApp::new().await;
-    let id = app
-        .enqueue_csv("x.csv", b"Name\nA\n", &[("Name", "name")])
-        .await;
     let max = i64::from(app.settings().scheduler.max_attempts);
     // The last allowed claim saved progress, then lost its lease to an
     // outage (no release): the next claim is not one too many.
-    app.queues()
-        .update_one(
-            doc! { "_id": id },
-            doc! { "$set": { "attempts": max, "advanced_attempt": max } },
-        )
-        .await
-        .unwrap();
+    let id = claimed_max_times(&app, doc! { "advanced_attempt": max }).await;
     app.spawn_daemon();
     let q = app.wait_final(id, Duration::from_secs(30)).await;
     assert_eq!(q.get_str("status").unwrap(), "completed", "{q}");
