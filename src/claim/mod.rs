@@ -235,11 +235,6 @@ pub fn whole_number(doc: &Document, key: &str) -> Option<i64> {
     }
 }
 
-/// The claim count of a queue document (the lease's fencing token).
-fn attempts_of(doc: &Document) -> Option<i64> {
-    whole_number(doc, "attempts")
-}
-
 fn after(t: DateTime, d: Duration) -> DateTime {
     DateTime::from_millis(t.timestamp_millis() + d.as_millis() as i64)
 }
@@ -354,7 +349,7 @@ impl Claimer {
         };
         Ok(doc.map(|doc| {
             let queue_id = doc.get_object_id("_id").unwrap_or_default();
-            let attempt = attempts_of(&doc).unwrap_or(1);
+            let attempt = whole_number(&doc, "attempts").unwrap_or(1);
             ClaimedJob {
                 lease: Lease {
                     queues: self.queues.clone(),
